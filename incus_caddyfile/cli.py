@@ -1,0 +1,210 @@
+"""The command line: options in, one library call, messages out, errors to exit codes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__, pipeline
+from .output import Changed
+from .pipeline import EXIT_CODES_HELP, Report
+from .settings import ENV_PREFIX, Settings, SettingsError, load_file
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _LinesType(click.ParamType):
+    """A string option whose environment variable holds one value per line."""
+
+    name = "line"
+    envvar_list_splitter = "\n"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return str(value).strip() if isinstance(value, str) else value
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--config is eager: its values become click defaults, below flags and env variables."""
+    if value:
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_file(Path(value))}
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
+    return value
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name
+
+
+def settings_options(func: F) -> F:
+    """The options every command that renders shares (settings, in precedence order)."""
+    options = [
+        click.option(
+            "--config", "config_file", type=click.Path(dir_okay=False), envvar=_env("CONFIG"),
+            is_eager=True, expose_value=True, callback=_load_config,
+            help="TOML settings file; keys are the long option names (e.g. caddy-admin).",
+        ),
+        click.option(
+            "--incus", envvar=_env("INCUS"), metavar="PATH",
+            help="Incus unix socket. Default: $INCUS_SOCKET, $INCUS_DIR/unix.socket,"
+            " /var/lib/incus/unix.socket or /run/incus/unix.socket.",
+        ),
+        click.option(
+            "--template", type=click.Path(dir_okay=False, path_type=Path),
+            envvar=_env("TEMPLATE"), help="Your own Jinja template instead of the default.",
+        ),
+        click.option(
+            "--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+            envvar=_env("OUTPUT"), help="Write here (atomically) instead of printing.",
+        ),
+        click.option("--email", envvar=_env("EMAIL"), help="ACME account email (global option)."),
+        click.option(
+            "--caddy-admin", envvar=_env("CADDY_ADMIN"), metavar="ADDR",
+            help="Caddy admin endpoint, host:port or unix//path; rendered as the admin option"
+            " and used to check and reload. Default: localhost:2019.",
+        ),
+        click.option(
+            "--global-option", "global_options", multiple=True, type=_LinesType(),
+            envvar=_env("GLOBAL_OPTION"), metavar="LINE",
+            help="Extra global option line, repeatable, e.g. 'http_port 8080'"
+            " (one per line in the environment variable).",
+        ),
+        click.option(
+            "--wildcard", "wildcards", multiple=True, envvar=_env("WILDCARD"),
+            metavar="*.DOMAIN",
+            help="Serve hosts under this wildcard from one site with one wildcard"
+            " certificate; repeatable.",
+        ),
+        click.option(
+            "--acme-dns", envvar=_env("ACME_DNS"), metavar="'PROVIDER ARGS'",
+            help="acme_dns global option, needed for wildcard certificates.",
+        ),
+        click.option(
+            "--scheme", type=click.Choice(["https", "http"]), default="https",
+            envvar=_env("SCHEME"), show_default=True,
+            help="https: Caddy's automatic HTTPS; http: plain-HTTP sites (behind another"
+            " TLS terminator, or a lab).",
+        ),
+        click.option(
+            "--reload-command", envvar=_env("RELOAD_COMMAND"), metavar="CMD",
+            help="Reload with this command (e.g. 'systemctl reload caddy') instead of the"
+            " admin API.",
+        ),
+        click.option(
+            "--reload/--no-reload", default=True, envvar=_env("RELOAD"), show_default=True,
+            help="Reload Caddy after the file changed.",
+        ),
+        click.option(
+            "--caddy-bin", envvar=_env("CADDY_BIN"), metavar="PATH",
+            help="caddy executable used to check the config when the admin API is not"
+            " reachable. Default: caddy on PATH.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def make_settings(**kwargs: Any) -> Settings:
+    """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
+    config_file = kwargs.pop("config_file", None)
+    try:
+        return Settings(
+            incus=kwargs["incus"],
+            template=Path(kwargs["template"]) if kwargs["template"] else None,
+            output=Path(kwargs["output"]) if kwargs["output"] else None,
+            email=kwargs["email"],
+            caddy_admin=kwargs["caddy_admin"],
+            global_options=tuple(kwargs["global_options"]),
+            wildcards=tuple(kwargs["wildcards"]),
+            acme_dns=kwargs["acme_dns"],
+            scheme=kwargs["scheme"],
+            reload_command=kwargs["reload_command"],
+            reload=kwargs["reload"],
+            caddy_bin=kwargs["caddy_bin"],
+            config_file=Path(config_file) if config_file else None,
+        )
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _say(message: str) -> None:
+    click.echo(f"incus-caddyfile: {message}", err=True)
+
+
+def print_report(report: Report, quiet: bool) -> None:
+    """Messages go to stderr; stdout is only the Caddyfile or the diff."""
+    if report.model is not None:
+        for rejection in report.model.rejections:
+            _say(f"warning: {rejection}")
+        if not quiet:
+            for skip in report.model.skipped:
+                _say(str(skip))
+    for warning in report.warnings:
+        _say(f"warning: {warning}")
+    if report.error is not None:
+        _say(f"error: {report.message}")
+
+
+EXIT_EPILOG = "Exit codes:\n\n\b\n" + EXIT_CODES_HELP
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_EPILOG)
+@click.version_option(__version__, prog_name="incus-caddyfile")
+def main() -> None:
+    """Render a Caddyfile from user.caddyserver.* keys on Incus instances, in all projects.
+
+    \b
+    Example:
+        incus config set web user.caddyserver.http.enable=true
+        incus config set web user.caddyserver.http.matchers.host=web.example.org
+        incus config set web user.caddyserver.http.upstream.port=80
+        incus-caddyfile render > Caddyfile
+        incus-caddyfile render --output /etc/caddy/Caddyfile
+    """
+
+
+@main.command(epilog=EXIT_EPILOG)
+@settings_options
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if the file would change.")
+@click.option("--diff", is_flag=True, help="Write nothing; print a unified diff against --output.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not report skipped (stopped ...) instances.")
+def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
+    """Render the Caddyfile once: print it, or write it and reload Caddy if it changed.
+
+    With --output the file is written atomically, only when its bytes change, after Caddy
+    has checked the new config; then Caddy is reloaded through its admin API (or
+    --reload-command). A config Caddy rejects leaves the old file in place.
+
+    \b
+    Examples:
+        incus-caddyfile render > Caddyfile
+        incus-caddyfile render --output /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
+        incus-caddyfile render -o Caddyfile --check --diff
+        incus-caddyfile render --wildcard '*.example.org' --acme-dns 'cloudflare {env.CF_API_TOKEN}'
+    """
+    settings = make_settings(**kwargs)
+    if (check or diff) and settings.output is None:
+        raise click.UsageError("--check and --diff compare with a file: give --output")
+    report = pipeline.run(settings, check=check, diff=diff)
+    print_report(report, quiet)
+    if settings.output is None and report.error is None and report.text is not None:
+        sys.stdout.write(report.text)
+    if report.diff:
+        sys.stdout.write(report.diff)
+    if report.error is None and settings.output is not None:
+        _say(f"{settings.output}: {_summary(report, check or diff)}")
+    sys.exit(report.return_code(check))
+
+
+def _summary(report: Report, dry_run: bool) -> str:
+    if report.changed is Changed.NO:
+        return "unchanged"
+    if dry_run:
+        return "would change"
+    return "written" + (", Caddy reloaded" if report.reloaded else "")

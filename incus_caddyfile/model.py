@@ -1,0 +1,356 @@
+"""Pure step 2: Incus instances in, validated sites out.
+
+Nothing here does I/O. Every value an instance owner wrote is checked against a strict
+allowlist before it can reach a template, because Caddyfile quoting is not escaping: a newline,
+a brace, `import` or `{env.X}` in a label would change the structure of the generated file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+PREFIX = "user.caddyserver."
+KEY_ENABLE = PREFIX + "http.enable"
+KEY_HOST = PREFIX + "http.matchers.host"
+KEY_PORT = PREFIX + "http.upstream.port"
+KNOWN_KEYS = frozenset({KEY_ENABLE, KEY_HOST, KEY_PORT})
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_SEPARATORS = re.compile(r"[ \t,]+")
+MAX_HOSTNAME = 253
+MAX_SHOWN_VALUE = 80
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One network interface of an instance, with the addresses Incus knows for it."""
+
+    name: str
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Instance:
+    """An Incus instance as the model needs it: only plain data, no client objects."""
+
+    project: str
+    name: str
+    status: str = "Running"
+    type: str = "container"
+    created_at: str = ""
+    location: str = ""
+    config: Mapping[str, str] = field(default_factory=dict)
+    nics: tuple[Nic, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.project}/{self.name}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {k: v for k, v in self.config.items() if k.startswith(PREFIX)}
+
+
+@dataclass(frozen=True, order=True)
+class Upstream:
+    """One backend of a site; ordered by project and instance so restarts do not reorder."""
+
+    project: str
+    instance: str
+    address: str
+    port: int
+
+    @property
+    def dial(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One host and the upstreams that serve it (several means load balancing)."""
+
+    host: str
+    upstreams: tuple[Upstream, ...]
+
+    @property
+    def dials(self) -> list[str]:
+        return [u.dial for u in self.upstreams]
+
+    @property
+    def instances(self) -> list[str]:
+        return [f"{u.project}/{u.instance}" for u in self.upstreams]
+
+    @property
+    def matcher(self) -> str:
+        """A Caddy named-matcher name derived from the host (hosts are LDH, so this is safe)."""
+        return "@" + self.host.replace("*", "wildcard").replace(".", "_")
+
+
+@dataclass(frozen=True)
+class WildcardSite:
+    """A `*.domain` site holding one matcher + handle per routed host under it."""
+
+    domain: str
+    routes: tuple[Site, ...]
+    fallback: Site | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A label value that was refused; the instance's other valid hosts are still routed."""
+
+    project: str
+    instance: str
+    key: str
+    value: str | None  # None: the key is not set
+    reason: str
+
+    def __str__(self) -> str:
+        value = "(not set)" if self.value is None else _show(self.value)
+        return (
+            f"rejected {self.project}/{self.instance}: {self.key}={value}: "
+            f"{self.reason}"
+        )
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An instance that carries labels but is deliberately not routed (stopped, disabled ...)."""
+
+    project: str
+    instance: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.project}/{self.instance}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Model:
+    """Everything the template sees about the fleet, sorted so equal fleets render equal text."""
+
+    sites: tuple[Site, ...]
+    wildcard_sites: tuple[WildcardSite, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
+    skipped: tuple[Skip, ...] = ()
+
+    @property
+    def all_sites(self) -> list[Site]:
+        out = list(self.sites)
+        for w in self.wildcard_sites:
+            out.extend(w.routes)
+            if w.fallback:
+                out.append(w.fallback)
+        return sorted(out, key=lambda s: s.host)
+
+
+class InvalidValue(ValueError):
+    """A label or setting value outside the allowlist; the message is the reason."""
+
+
+def _show(value: str) -> str:
+    """Render an untrusted value for a message: escaped, and cut when very long."""
+    shown = repr(value)
+    if len(shown) > MAX_SHOWN_VALUE:
+        shown = shown[: MAX_SHOWN_VALUE - 3] + "..."
+    return shown
+
+
+def parse_hostname(raw: str) -> str:
+    """One hostname: LDH labels, optionally a single leading `*.`; returned lowercased."""
+    if not raw.isascii():
+        raise InvalidValue("not an ASCII hostname (write internationalised names as xn-- punycode)")
+    host = raw.lower()
+    if len(host) > MAX_HOSTNAME:
+        raise InvalidValue(f"hostname longer than {MAX_HOSTNAME} characters")
+    labels = host.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if not labels:
+            raise InvalidValue("a wildcard needs a domain after '*.'")
+    for label in labels:
+        if label == "*" or "*" in label:
+            raise InvalidValue("'*' is only allowed as the whole first label ('*.example.org')")
+        if not _LABEL.fullmatch(label):
+            raise InvalidValue(
+                "not a hostname: labels are letters, digits and inner hyphens, 1-63 characters,"
+                " separated by single dots"
+            )
+    return host
+
+
+def parse_hosts(raw: str) -> list[str]:
+    """Hostnames separated by spaces or commas. Raises on the first invalid one."""
+    parts = [p for p in _HOST_SEPARATORS.split(raw.strip()) if p]
+    if not parts:
+        raise InvalidValue("no hostname given")
+    return [parse_hostname(p) for p in parts]
+
+
+def parse_port(raw: str) -> int:
+    value = raw.strip()
+    if not _PORT.fullmatch(value) or not 1 <= int(value) <= 65535:
+        raise InvalidValue("not a port number from 1 to 65535")
+    return int(value)
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "false"):
+        return value == "true"
+    raise InvalidValue("must be true or false")
+
+
+def usable_address(raw: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address a proxy can dial: not loopback, link-local, multicast or unspecified."""
+    try:
+        addr = ipaddress.ip_address(raw.split("%")[0])
+    except ValueError:
+        return None
+    if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+        return None
+    return addr
+
+
+def pick_address(instance: Instance) -> str | None:
+    """The first usable IPv4 address, NICs taken in name order so the choice is stable."""
+    for nic in sorted(instance.nics, key=lambda n: n.name):
+        for raw in nic.addresses:
+            addr = usable_address(raw)
+            if addr is not None and addr.version == 4:
+                return str(addr)
+    return None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    host: str
+    upstream: Upstream
+    order: tuple[str, str, str]  # creation time, project, name: who claimed first
+
+
+def _claims_of(inst: Instance) -> tuple[list[_Claim], list[Rejection], Skip | None]:
+    """Validate one instance's labels; return its host claims, rejections, or why it is skipped."""
+    labels = inst.labels
+    rejections: list[Rejection] = []
+
+    def reject(key: str, reason: str) -> None:
+        rejections.append(Rejection(inst.project, inst.name, key, labels.get(key), reason))
+
+    if KEY_ENABLE not in labels:
+        return [], [], Skip(inst.project, inst.name, f"{KEY_ENABLE} is not set")
+    try:
+        if not parse_bool(labels[KEY_ENABLE]):
+            return [], [], Skip(inst.project, inst.name, f"{KEY_ENABLE} is false")
+    except InvalidValue as exc:
+        reject(KEY_ENABLE, str(exc))
+        return [], rejections, None
+
+    for key in sorted(labels):
+        if key not in KNOWN_KEYS:
+            reject(key, "unknown key (ignored; check the spelling)")
+
+    hosts: list[str] = []
+    port: int | None = None
+    if KEY_HOST not in labels:
+        reject(KEY_HOST, "missing: the instance needs at least one hostname")
+    else:
+        try:
+            hosts = parse_hosts(labels[KEY_HOST])
+        except InvalidValue as exc:
+            reject(KEY_HOST, str(exc))
+    if KEY_PORT not in labels:
+        reject(KEY_PORT, "missing: the port the instance serves HTTP on")
+    else:
+        try:
+            port = parse_port(labels[KEY_PORT])
+        except InvalidValue as exc:
+            reject(KEY_PORT, str(exc))
+    if not hosts or port is None:
+        return [], rejections, None
+
+    if inst.status != "Running":
+        return [], rejections, Skip(inst.project, inst.name, f"not running ({inst.status})")
+    address = pick_address(inst)
+    if address is None:
+        return [], rejections, Skip(inst.project, inst.name, "running but has no IPv4 address yet")
+    upstream = Upstream(inst.project, inst.name, address, port)
+    order = (inst.created_at, inst.project, inst.name)
+    claims = [_Claim(h, upstream, order) for h in dict.fromkeys(hosts)]
+    return claims, rejections, None
+
+
+def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
+    """Group claims by host. One project may pool a host; another project's claim is refused."""
+    by_host: dict[str, list[_Claim]] = {}
+    for claim in claims:
+        by_host.setdefault(claim.host, []).append(claim)
+    sites: list[Site] = []
+    rejections: list[Rejection] = []
+    for host in sorted(by_host):
+        group = sorted(by_host[host], key=lambda c: c.order)
+        holder = group[0].upstream
+        kept = [c for c in group if c.upstream.project == holder.project]
+        for c in group:
+            if c.upstream.project != holder.project:
+                rejections.append(
+                    Rejection(
+                        c.upstream.project,
+                        c.upstream.instance,
+                        KEY_HOST,
+                        host,
+                        f"host already claimed by {holder.project}/{holder.instance}"
+                        " (created earlier, in another project)",
+                    )
+                )
+        sites.append(Site(host, tuple(sorted(c.upstream for c in kept))))
+    return sites, rejections
+
+
+def in_wildcard(host: str, domain: str) -> bool:
+    """True when `host` is exactly one label under the wildcard `domain` ('*.example.org')."""
+    suffix = domain[1:]  # ".example.org"
+    return host.endswith(suffix) and "." not in host[: -len(suffix)] and host != suffix[1:]
+
+
+def _group_wildcards(
+    sites: list[Site], wildcards: Iterable[str]
+) -> tuple[list[Site], list[WildcardSite]]:
+    remaining = list(sites)
+    groups: list[WildcardSite] = []
+    for domain in sorted(wildcards):
+        routes = [s for s in remaining if s.host != domain and in_wildcard(s.host, domain)]
+        fallback = next((s for s in remaining if s.host == domain), None)
+        taken = {s.host for s in routes} | ({domain} if fallback else set())
+        remaining = [s for s in remaining if s.host not in taken]
+        groups.append(WildcardSite(domain, tuple(routes), fallback))
+    return remaining, groups
+
+
+def build(instances: Iterable[Instance], wildcards: Iterable[str] = ()) -> Model:
+    """Turn the listing into a model. Invalid values are rejected one by one, never fatal."""
+    claims: list[_Claim] = []
+    rejections: list[Rejection] = []
+    skipped: list[Skip] = []
+    for inst in sorted(instances, key=lambda i: (i.project, i.name)):
+        if not inst.labels:
+            continue
+        inst_claims, inst_rejections, skip = _claims_of(inst)
+        claims.extend(inst_claims)
+        rejections.extend(inst_rejections)
+        if skip is not None:
+            skipped.append(skip)
+    sites, conflicts = _resolve(claims)
+    rejections.extend(conflicts)
+    plain, grouped = _group_wildcards(sites, wildcards)
+    return Model(
+        sites=tuple(plain),
+        wildcard_sites=tuple(grouped),
+        rejections=tuple(sorted(rejections, key=lambda r: (r.project, r.instance, r.key))),
+        skipped=tuple(skipped),
+    )

@@ -1,0 +1,191 @@
+"""One cycle: incus -> model -> render -> write -> reload-if-changed. Results are data.
+
+Order of the write: render, compare with the file on disk (equal bytes: stop, no reload),
+have Caddy check the text, replace the file atomically, reload; if Caddy refuses the reload,
+put the previous file back, so the file on disk is always a config Caddy accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from . import caddy, output
+from .incus import IncusClient, IncusError
+from .model import Instance, Model, build
+from .output import Changed, OutputError
+from .render import TemplateError, render
+from .settings import Settings, default_incus_socket
+
+
+class Status(IntEnum):
+    """The exit-code contract (README "Exit codes"; repeated in --help)."""
+
+    OK = 0  # rendered; written and reloaded if it changed, or already up to date
+    WOULD_CHANGE = 1  # --check: the file on disk differs from what would be written
+    USAGE = 2  # bad option, setting or settings file
+    REJECTED = 3  # rendered and applied, but some instances' labels were rejected
+    INCUS_ERROR = 4  # Incus unreachable or the listing failed: nothing written
+    CADDY_REJECTED = 5  # Caddy refused the config: the previous file was kept
+    RELOAD_FAILED = 6  # the file was written but Caddy could not be reloaded
+    WRITE_FAILED = 7  # the output file could not be written: the previous file is intact
+    TEMPLATE_ERROR = 8  # the template failed to load or render: nothing written
+
+
+EXIT_MEANINGS = {
+    Status.OK: "ok: written (and Caddy reloaded) if it changed, or already up to date",
+    Status.WOULD_CHANGE: "--check: the file would change",
+    Status.USAGE: "usage: bad option, setting or settings file",
+    Status.REJECTED: "done, but some instances' labels were rejected (see stderr)",
+    Status.INCUS_ERROR: "Incus unreachable or the listing failed: nothing written",
+    Status.CADDY_REJECTED: "Caddy rejected the config: the previous file kept",
+    Status.RELOAD_FAILED: "file written, but reloading Caddy failed",
+    Status.WRITE_FAILED: "the output file could not be written: previous file intact",
+    Status.TEMPLATE_ERROR: "the template failed: nothing written",
+}
+EXIT_CODES_HELP = "\n".join(f"  {s.value}  {EXIT_MEANINGS[s]}" for s in Status)
+
+
+@dataclass
+class Report:
+    """What one cycle did. `return_code` is the exit status of the command that ran it."""
+
+    text: str | None = None
+    model: Model | None = None
+    changed: Changed | None = None
+    written: bool = False
+    in_place: bool = False
+    checked_by: str | None = None
+    reloaded: bool = False
+    diff: str | None = None
+    error: Status | None = None
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def fail(self, status: Status, message: str) -> Report:
+        self.error, self.message = status, message
+        return self
+
+    def return_code(self, check: bool = False) -> int:
+        if self.error is not None:
+            return int(self.error)
+        if check and self.changed is Changed.YES:
+            return int(Status.WOULD_CHANGE)
+        if self.model is not None and self.model.rejections:
+            return int(Status.REJECTED)
+        return int(Status.OK)
+
+
+def connect(settings: Settings) -> IncusClient:
+    return IncusClient(settings.incus or default_incus_socket())
+
+
+def collect(settings: Settings, client: IncusClient | None = None) -> list[Instance]:
+    """Step 1. Raises IncusError: a failed or partial listing is never rendered."""
+    return (client or connect(settings)).list_instances()
+
+
+def run(
+    settings: Settings,
+    *,
+    check: bool = False,
+    diff: bool = False,
+    lister: Callable[[Settings], list[Instance]] = collect,
+) -> Report:
+    """The whole cycle, from the Incus listing to a reloaded Caddy."""
+    report = Report()
+    try:
+        instances = lister(settings)
+    except IncusError as exc:
+        return report.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
+    return apply(settings, instances, report, check=check, diff=diff)
+
+
+def apply(
+    settings: Settings,
+    instances: list[Instance],
+    report: Report,
+    *,
+    check: bool = False,
+    diff: bool = False,
+) -> Report:
+    """Steps 2-5 from a listing already made (watch keeps its own cache of instances)."""
+    report.model = build(instances, settings.wildcards)
+    try:
+        report.text = render(report.model, settings)
+    except TemplateError as exc:
+        return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
+    if settings.output is None:
+        return report
+    return _write_and_reload(settings, settings.output, report, check=check, diff=diff)
+
+
+def _write_and_reload(
+    settings: Settings, path: Path, report: Report, *, check: bool, diff: bool
+) -> Report:
+    assert report.text is not None
+    new = report.text.encode()
+    try:
+        current = output.read_current(path)
+    except OutputError as exc:
+        return report.fail(Status.WRITE_FAILED, str(exc))
+    report.changed = output.compare(current, new)
+    if diff:
+        report.diff = output.unified_diff(path, current, new)
+    if check or diff or report.changed is Changed.NO:
+        return report
+
+    try:
+        report.checked_by = caddy.check(report.text, settings.caddy_admin, settings.caddy_bin)
+    except caddy.CaddyRejected as exc:
+        return report.fail(
+            Status.CADDY_REJECTED, f"Caddy rejected the new config, {path} kept as it was: {exc}"
+        )
+    except caddy.CaddyUnreachable as exc:
+        report.warnings.append(f"the new config was not checked by Caddy: {exc}")
+
+    try:
+        report.in_place = output.write_atomic(path, new).in_place
+    except OutputError as exc:
+        return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
+    report.written = True
+    if report.in_place:
+        report.warnings.append(
+            f"{path} could not be replaced by rename (a single-file bind mount?);"
+            " it was rewritten in place"
+        )
+    if settings.reload:
+        _reload(settings, path, current, report)
+    return report
+
+
+def _reload(settings: Settings, path: Path, previous: bytes | None, report: Report) -> None:
+    assert report.text is not None
+    try:
+        if settings.reload_command:
+            caddy.run_reload_command(settings.reload_command)
+        else:
+            caddy.AdminAPI(settings.caddy_admin).load(report.text)
+        report.reloaded = True
+    except caddy.CaddyRejected as exc:
+        _restore(path, previous, report)
+        report.fail(
+            Status.CADDY_REJECTED,
+            f"Caddy rejected the new config and keeps running the old one: {exc}",
+        )
+    except caddy.CaddyError as exc:
+        report.fail(Status.RELOAD_FAILED, f"{path} was written but Caddy was not reloaded: {exc}")
+
+
+def _restore(path: Path, previous: bytes | None, report: Report) -> None:
+    """Put back the file Caddy is still running, so disk and Caddy agree."""
+    try:
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            output.write_atomic(path, previous)
+        report.written = False
+    except (OSError, OutputError) as exc:
+        report.warnings.append(f"could not restore the previous {path}: {exc}")

@@ -1,0 +1,99 @@
+"""Pure step 3: the model and settings in, Caddyfile text out, through a strict Jinja template.
+
+The default template ships inside the package (copied from the top-level templates/ at build
+time); in a source checkout it is read from templates/ directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import __version__
+from .model import Model
+from .settings import Settings
+
+DEFAULT_TEMPLATE = "Caddyfile.j2"
+
+
+class TemplateError(Exception):
+    """The template could not be loaded or rendered; the message names template and line."""
+
+
+def default_template_dir() -> Path:
+    packaged = resources.files("incus_caddyfile") / "templates"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    admin: str | None
+    email: str | None
+    acme_dns: str | None
+    extra: tuple[str, ...]
+
+    @property
+    def any(self) -> bool:
+        return bool(self.admin or self.email or self.acme_dns or self.extra)
+
+
+def context(model: Model, settings: Settings) -> dict[str, Any]:
+    """The template context; documented in the README ("Template context")."""
+    return {
+        "sites": model.sites,
+        "wildcard_sites": model.wildcard_sites,
+        "rejections": model.rejections,
+        "skipped": model.skipped,
+        "options": GlobalOptions(
+            admin=settings.caddy_admin,
+            email=settings.email,
+            acme_dns=settings.acme_dns,
+            extra=settings.global_options,
+        ),
+        "scheme_prefix": "http://" if settings.scheme == "http" else "",
+        "generator": f"incus-caddyfile {__version__}",
+    }
+
+
+def environment(template_dir: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # the output is a Caddyfile, not HTML; values are allowlisted instead
+    )
+
+
+def render(model: Model, settings: Settings) -> str:
+    if settings.template is not None:
+        template_dir, name = settings.template.parent, settings.template.name
+    else:
+        template_dir, name = default_template_dir(), DEFAULT_TEMPLATE
+    try:
+        template = environment(template_dir).get_template(name)
+        return template.render(context(model, settings))
+    except jinja2.TemplateNotFound:
+        raise TemplateError(f"template not found: {template_dir / name}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{exc.filename or name}:{exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"{template_dir / name}:{_error_line(exc, name)}: {exc}") from None
+
+
+def _error_line(exc: Exception, name: str) -> str:
+    """The template line an exception was raised from, found in its traceback."""
+    tb = exc.__traceback__
+    line = "?"
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(name):
+            line = str(tb.tb_lineno)
+        tb = tb.tb_next
+    return line

@@ -1,0 +1,147 @@
+"""Settings: one frozen value built from flags, INCUS_CADDYFILE_* variables and a TOML file.
+
+Precedence (highest first): command-line flag, environment variable, settings file, default.
+The CLI gets that order from click (flags and `envvar`, then `default_map` filled from the
+file); this module defines the value, reads the file and validates what the operator wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .model import InvalidValue, parse_hostname
+
+ENV_PREFIX = "INCUS_CADDYFILE_"
+SCHEMES = ("https", "http")
+
+# TOML key -> click parameter name. TOML keys are the long option names.
+FILE_KEYS = {
+    "incus": "incus",
+    "template": "template",
+    "output": "output",
+    "email": "email",
+    "caddy-admin": "caddy_admin",
+    "global-option": "global_options",
+    "wildcard": "wildcards",
+    "acme-dns": "acme_dns",
+    "scheme": "scheme",
+    "reload-command": "reload_command",
+    "reload": "reload",
+    "caddy-bin": "caddy_bin",
+}
+# Tables the file may hold that are not options (reserved for per-project policy).
+FILE_TABLES = frozenset({"projects"})
+# Global options with a setting of their own: rendering them twice would confuse Caddy or us.
+OWNED_OPTIONS = {"admin": "--caddy-admin", "email": "--email", "acme_dns": "--acme-dns"}
+
+
+class SettingsError(ValueError):
+    """A setting the operator gave is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    incus: str | None = None
+    template: Path | None = None
+    output: Path | None = None
+    email: str | None = None
+    caddy_admin: str | None = None
+    global_options: tuple[str, ...] = ()
+    wildcards: tuple[str, ...] = ()
+    acme_dns: str | None = None
+    scheme: str = "https"
+    reload_command: str | None = None
+    reload: bool = True
+    caddy_bin: str | None = None
+    config_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+_ONE_LINE_UNSAFE = re.compile(r"[\r\n\x00]")
+_ADMIN = re.compile(r"(unix/.+|(tcp/)?[A-Za-z0-9.\-\[\]:]*:[0-9]{1,5}|off)")
+_EMAIL = re.compile(r"[^\s{}\"'`#]+@[^\s{}\"'`#]+")
+
+
+def _one_line(name: str, value: str) -> None:
+    if _ONE_LINE_UNSAFE.search(value) or not value.strip():
+        raise SettingsError(f"{name}: must be one non-empty line, got {value!r}")
+    if value.count("{") != value.count("}"):
+        raise SettingsError(f"{name}: unbalanced braces in {value!r}")
+
+
+def validate(s: Settings) -> None:
+    """Operator settings are trusted but checked, so a typo fails here, not inside Caddy."""
+    if s.email is not None and not _EMAIL.fullmatch(s.email):
+        raise SettingsError(f"--email: not an email address: {s.email!r}")
+    if s.caddy_admin is not None and not _ADMIN.fullmatch(s.caddy_admin):
+        raise SettingsError(
+            f"--caddy-admin: expected host:port, unix//path or off, got {s.caddy_admin!r}"
+        )
+    for option in s.global_options:
+        _one_line("--global-option", option)
+        name = option.split()[0]
+        if name in OWNED_OPTIONS:
+            raise SettingsError(
+                f"--global-option {option!r}: set {name!r} with {OWNED_OPTIONS[name]} instead"
+            )
+    for wildcard in s.wildcards:
+        if not wildcard.startswith("*."):
+            raise SettingsError(f"--wildcard: must start with '*.', got {wildcard!r}")
+        try:
+            parse_hostname(wildcard)
+        except InvalidValue as exc:
+            raise SettingsError(f"--wildcard {wildcard!r}: {exc}") from None
+    if s.acme_dns is not None:
+        _one_line("--acme-dns", s.acme_dns)
+    if s.scheme not in SCHEMES:
+        raise SettingsError(f"--scheme: must be one of {', '.join(SCHEMES)}, got {s.scheme!r}")
+    if s.reload_command is not None and not s.reload_command.strip():
+        raise SettingsError("--reload-command: empty command")
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a settings file into click parameter names. Unknown keys are an error (typos)."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read settings file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in FILE_TABLES:
+            continue
+        if key not in FILE_KEYS:
+            known = ", ".join(sorted(FILE_KEYS))
+            raise SettingsError(f"{path}: unknown setting {key!r} (known: {known})")
+        if key in ("global-option", "wildcard"):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SettingsError(f"{path}: {key} must be a string or a list of strings")
+        elif key == "reload":
+            if not isinstance(value, bool):
+                raise SettingsError(f"{path}: reload must be true or false")
+        elif not isinstance(value, str):
+            raise SettingsError(f"{path}: {key} must be a string")
+        out[FILE_KEYS[key]] = value
+    return out
+
+
+def default_incus_socket(env: dict[str, str] | None = None) -> str:
+    """INCUS_SOCKET, else $INCUS_DIR/unix.socket, else the first of the usual paths that exists."""
+    env = dict(os.environ) if env is None else env
+    if env.get("INCUS_SOCKET"):
+        return env["INCUS_SOCKET"]
+    if env.get("INCUS_DIR"):
+        return str(Path(env["INCUS_DIR"]) / "unix.socket")
+    candidates = ["/var/lib/incus/unix.socket", "/run/incus/unix.socket"]
+    return next((c for c in candidates if Path(c).exists()), candidates[0])

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install what the lab needs on Debian bookworm: Incus from bookworm-backports (the daemon is
+# not in main) and busybox-static for the tiny test image. Idempotent; needs root.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+if [ ! -x /usr/libexec/incus/incusd ] || ! command -v incus >/dev/null || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/dnsmasq ] || ! command -v curl >/dev/null; then
+  if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/backports.list
+  fi
+  apt-get update -qq
+  apt-get install -y -qq -t bookworm-backports --no-install-recommends incus-base incus-client >/dev/null
+  apt-get install -y -qq --no-install-recommends busybox-static dnsmasq-base curl xz-utils iproute2 >/dev/null
+fi
+incus --version

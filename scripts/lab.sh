@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The local Incus lab used by the integration tests, the demo and the benchmarks.
+#   scripts/lab.sh up      install Incus if needed, start incusd, create storage, bridge, image
+#   scripts/lab.sh status  exit 0 when the lab is ready
+#   scripts/lab.sh down    stop incusd (instances and projects created by tests are theirs to remove)
+# The bridge uses 198.18.77.0/24 (RFC 2544 test range), no NAT, no IPv6: nothing leaves the host.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+NET=${INCUS_CADDYFILE_LAB_NETWORK:-icfbr0}
+SUBNET=${INCUS_CADDYFILE_LAB_SUBNET:-198.18.77.1/24}
+IMAGE=${INCUS_CADDYFILE_LAB_IMAGE:-icf-busybox}
+LOG=/var/log/incus/incusd.log
+
+daemon_up() { incus info >/dev/null 2>&1; }
+
+start_daemon() {
+  daemon_up && return 0
+  getent group incus-admin >/dev/null || groupadd --system incus-admin
+  mkdir -p /var/log/incus /var/lib/incus
+  # No systemd here: run the daemon directly, detached from this shell.
+  setsid nohup /usr/libexec/incus/incusd --group incus-admin --logfile "$LOG" >/dev/null 2>&1 < /dev/null &
+  for _ in $(seq 1 100); do daemon_up && return 0; sleep 0.2; done
+  echo "lab: incusd did not answer within 20 s; see $LOG" >&2
+  return 1
+}
+
+build_image() {
+  incus image info "$IMAGE" >/dev/null 2>&1 && return 0
+  local work; work=$(mktemp -d)
+  local root="$work/rootfs"
+  mkdir -p "$root"/{bin,sbin,etc/init.d,proc,sys,dev,tmp,run,www80,www8080,var/run}
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in sh ip ifconfig route udhcpc httpd hostname mount cat echo sleep ls; do
+    ln -s busybox "$root/bin/$applet"
+  done
+  ln -s ../bin/busybox "$root/sbin/init"
+  cat > "$root/etc/inittab" <<'INITTAB'
+::sysinit:/etc/init.d/rcS
+::respawn:/bin/httpd -f -p 80 -h /www80
+::respawn:/bin/httpd -f -p 8080 -h /www8080
+INITTAB
+  cat > "$root/etc/init.d/rcS" <<'RCS'
+#!/bin/sh
+mount -t proc proc /proc 2>/dev/null
+name=$(hostname)
+echo "hello from $name port 80" > /www80/index.html
+echo "hello from $name port 8080" > /www8080/index.html
+ip link set lo up
+ip link set eth0 up
+udhcpc -b -i eth0 -s /etc/udhcpc.script -t 50 -T 1 >/dev/null 2>&1
+RCS
+  cat > "$root/etc/udhcpc.script" <<'UDHCPC'
+#!/bin/sh
+case "$1" in
+  bound|renew) ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" ;;
+  deconfig) ifconfig "$interface" 0.0.0.0 ;;
+esac
+UDHCPC
+  chmod +x "$root/etc/init.d/rcS" "$root/etc/udhcpc.script"
+  echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
+  echo "root:x:0:" > "$root/etc/group"
+  cat > "$work/metadata.yaml" <<META
+architecture: x86_64
+creation_date: $(date +%s)
+properties:
+  description: incus-caddyfile test image (busybox httpd on ports 80 and 8080)
+  os: busybox
+  release: lab
+META
+  tar -C "$root" -cJf "$work/rootfs.tar.xz" .
+  tar -C "$work" -cJf "$work/metadata.tar.xz" metadata.yaml
+  incus image import "$work/metadata.tar.xz" "$work/rootfs.tar.xz" --alias "$IMAGE" >/dev/null
+  rm -rf "$work"
+}
+
+setup() {
+  incus storage show default >/dev/null 2>&1 || incus storage create default dir >/dev/null
+  incus network show "$NET" >/dev/null 2>&1 || \
+    incus network create "$NET" ipv4.address="$SUBNET" ipv4.nat=false ipv6.address=none >/dev/null
+  incus profile device show default | grep -q '^root:' || \
+    incus profile device add default root disk path=/ pool=default >/dev/null
+  incus profile device show default | grep -q '^eth0:' || \
+    incus profile device add default eth0 nic network="$NET" name=eth0 >/dev/null
+  build_image
+}
+
+case "${1:-up}" in
+  up)
+    [ "$(id -u)" = 0 ] && bash "$here/install-deps.sh" >/dev/null
+    start_daemon
+    setup
+    echo "lab: incusd up, network $NET ($SUBNET), image $IMAGE"
+    ;;
+  status)
+    daemon_up && incus image info "$IMAGE" >/dev/null 2>&1 && incus network show "$NET" >/dev/null 2>&1
+    ;;
+  down)
+    pkill -f '/usr/libexec/incus/incusd' || true
+    ;;
+  *) echo "usage: $0 up|status|down" >&2; exit 2 ;;
+esac
