@@ -46,11 +46,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pylxd
+from pylxd import exceptions as pylxd_exc
 
 from incus_caddyfile import model, pipeline, render
 from incus_caddyfile.incus import IncusClient
@@ -76,7 +78,7 @@ class BenchError(Exception):
     """The benchmark cannot go on (setup failed, or (a) and (b) did not do the same work)."""
 
 
-class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+class Terminated(BaseException):
     """SIGTERM arrived; raised so that the `finally` cleanup runs."""
 
 
@@ -99,8 +101,9 @@ class Fleet:
 
     def members(self) -> list[tuple[str, str]]:
         """(project, instance) for every instance, spread round-robin over the projects."""
+        count = len(self.projects)
         return [
-            (self.projects[i % len(self.projects)], f"b{i % len(self.projects)}-{i:03d}-{self.suffix}")
+            (self.projects[i % count], f"b{i % count}-{i:03d}-{self.suffix}")
             for i in range(self.size)
         ]
 
@@ -192,28 +195,30 @@ def launch(project: str, name: str) -> None:
 
 
 def launch_all(members: Sequence[tuple[str, str]], jobs: int) -> None:
-    failures = run_parallel(jobs, [lambda p=p, n=n: launch(p, n) for p, n in members])
+    failures = run_parallel(jobs, [partial(launch, p, n) for p, n in members])
     if failures:
         raise BenchError(f"{len(failures)} launches failed, first: {failures[0]}")
 
 
-def delete_project(endpoint: str, project: str, jobs: int) -> list[str]:
-    """Delete a project of ours and every instance in it. Returns what could not be removed."""
-    try:
-        names = sorted(project_instances(endpoint, project))
-    except pylxd.exceptions.NotFound:
-        return []
-    except Exception as exc:
-        return [f"{project}: cannot list instances: {exc}"]
-    failures = run_parallel(
-        jobs,
-        [lambda n=n: incus("delete", "--force", n, "--project", project) for n in names],
-    )
-    problems = [str(exc) for exc in failures]
-    try:
-        incus("project", "delete", project)
-    except BenchError as exc:
-        problems.append(str(exc))
+def delete_projects(endpoint: str, projects: Sequence[str], jobs: int) -> list[str]:
+    """Delete projects of ours and every instance in them. Returns what could not be removed."""
+    problems: list[str] = []
+    doomed: list[tuple[str, str]] = []
+    for project in projects:
+        try:
+            doomed += [(project, n) for n in sorted(project_instances(endpoint, project))]
+        except pylxd_exc.NotFound:
+            continue
+        except Exception as exc:
+            problems.append(f"{project}: cannot list instances: {exc}")
+    tasks = [partial(incus, "delete", "--force", n, "--project", p) for p, n in doomed]
+    problems += [str(exc) for exc in run_parallel(jobs, tasks)]
+    for project in projects:
+        try:
+            incus("project", "delete", project)
+        except BenchError as exc:
+            if "not found" not in str(exc).lower():
+                problems.append(str(exc))
     return problems
 
 
@@ -224,7 +229,7 @@ def cleanup(endpoint: str, projects: Sequence[str], jobs: int) -> bool:
     print(f"cleanup: deleting projects {', '.join(projects)} and their instances ...", flush=True)
     started = time.perf_counter()
     with signals_ignored():
-        problems = [p for project in projects for p in delete_project(endpoint, project, jobs)]
+        problems = delete_projects(endpoint, projects, jobs)
     if problems:
         print("cleanup: LEFT BEHIND (remove by hand with incus delete --force / "
               "incus project delete):", file=sys.stderr)
@@ -235,11 +240,18 @@ def cleanup(endpoint: str, projects: Sequence[str], jobs: int) -> bool:
     return True
 
 
-def keep(projects: Sequence[str]) -> None:
-    for project in projects:
-        incus("project", "set", project, f"{KEPT_KEY}=true")
+def keep(projects: Sequence[str]) -> bool:
+    """Mark the fleet as kept for --reuse. False (then it is deleted) if that fails."""
+    try:
+        with signals_ignored():
+            for project in projects:
+                incus("project", "set", project, f"{KEPT_KEY}=true")
+    except BenchError as exc:
+        print(f"bench: cannot mark the fleet as kept, deleting it: {exc}", file=sys.stderr)
+        return False
     print(f"kept: {', '.join(projects)} (use --reuse to run on them again; remove with "
           f"`incus delete --force NAME --project P` and `incus project delete P`)")
+    return True
 
 
 def find_kept(endpoint: str, projects: int, size: int) -> Fleet | None:
@@ -263,14 +275,14 @@ def claim(fleet: Fleet) -> None:
 
 def top_up(endpoint: str, fleet: Fleet, jobs: int) -> None:
     """Launch missing instances and start stopped ones of a reused fleet."""
-    present: dict[str, str] = {}
+    present: dict[tuple[str, str], str] = {}
     for project in fleet.projects:
-        present.update({f"{project}/{n}": s for n, s in project_instances(endpoint, project).items()})
-    missing = [(p, n) for p, n in fleet.members() if f"{p}/{n}" not in present]
-    stopped = [(p, n) for p, n in fleet.members() if present.get(f"{p}/{n}") not in (None, "Running")]
+        for name, status in project_instances(endpoint, project).items():
+            present[(project, name)] = status
+    missing = [m for m in fleet.members() if m not in present]
+    stopped = [m for m in fleet.members() if present.get(m) not in (None, "Running")]
     launch_all(missing, jobs)
-    failures = run_parallel(jobs, [lambda p=p, n=n: incus("start", n, "--project", p)
-                                   for p, n in stopped])
+    failures = run_parallel(jobs, [partial(incus, "start", n, "--project", p) for p, n in stopped])
     if failures:
         raise BenchError(f"{len(failures)} starts failed, first: {failures[0]}")
 
@@ -301,14 +313,10 @@ def addressed(endpoint: str, fleet: Fleet) -> set[tuple[str, str]]:
     for raw in get(endpoint, "instances", LISTING):
         if raw.get("project") not in fleet.projects or raw.get("status") != "Running":
             continue
-        ipv4 = pick_ipv4(naive_instance(raw))
+        ipv4 = model.pick_address(naive_instance(raw))
         if ipv4 is not None and ipv4 in leased:
             out.add((raw["project"], raw["name"]))
     return out
-
-
-def pick_ipv4(instance: model.Instance) -> str | None:
-    return model.pick_address(instance)
 
 
 # ---------------------------------------------------------------- the two measured paths
@@ -318,7 +326,7 @@ def pick_ipv4(instance: model.Instance) -> str | None:
 class Render:
     seconds: float
     text: str
-    model: model.Model
+    built: model.Model
 
 
 def run_tool(settings: Settings) -> Render:
@@ -394,8 +402,8 @@ def check_bench_sites(fleet_model: model.Model, fleet: Fleet, what: str) -> None
         upstreams = got[host].upstreams
         if [(u.project, u.instance) for u in upstreams] != [(project, name)]:
             raise BenchError(f"{what}: {host} routed to {got[host].instances}")
-    ours = [r for r in fleet_model.rejections if r.project in fleet.projects]
-    ours += [s for s in fleet_model.skipped if s.project in fleet.projects]  # type: ignore[misc]
+    ours = [str(r) for r in fleet_model.rejections if r.project in fleet.projects]
+    ours += [str(s) for s in fleet_model.skipped if s.project in fleet.projects]
     if ours:
         raise BenchError(f"{what}: bench instances rejected or skipped, e.g. {ours[0]}")
 
@@ -410,12 +418,12 @@ def check_texts(text: str, fleet: Fleet, what: str) -> None:
 def same_work(a: Render, b: Render, fleet: Fleet) -> bool:
     """True when (a) and (b) rendered the same bytes. False when only sites outside the bench
     differ (the rest of this Incus changed between the two listings). Raises otherwise."""
-    check_bench_sites(a.model, fleet, "tool")
-    check_bench_sites(b.model, fleet, "baseline")
+    check_bench_sites(a.built, fleet, "tool")
+    check_bench_sites(b.built, fleet, "baseline")
     check_texts(a.text, fleet, "tool")
     if a.text == b.text:
         return True
-    if bench_sites(a.model, fleet) != bench_sites(b.model, fleet):
+    if bench_sites(a.built, fleet) != bench_sites(b.built, fleet):
         raise BenchError("tool and baseline rendered different bench sites:\n"
                          + first_difference(a.text, b.text))
     return False
@@ -632,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated):
         print("bench: interrupted", file=sys.stderr)
     finally:
-        if args.keep and ok:
-            keep(ours)
+        if args.keep and len(ours) == args.projects and keep(ours):
+            pass
         else:
             ok = cleanup(endpoint, ours, args.jobs) and ok
     return 0 if ok else 1

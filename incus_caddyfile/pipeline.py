@@ -92,12 +92,12 @@ def run(
     *,
     check: bool = False,
     diff: bool = False,
-    lister: Callable[[Settings], list[Instance]] = collect,
+    lister: Callable[[Settings], list[Instance]] | None = None,
 ) -> Report:
     """The whole cycle, from the Incus listing to a reloaded Caddy."""
     report = Report()
     try:
-        instances = lister(settings)
+        instances = (lister or collect)(settings)
     except IncusError as exc:
         return report.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
     return apply(settings, instances, report, check=check, diff=diff)

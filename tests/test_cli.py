@@ -1,0 +1,144 @@
+"""CLI behaviour without Incus: options, settings precedence, messages, exit codes.
+
+The Incus listing is replaced by plain model data here (the integration tests use the real
+daemon); everything after the listing is the real code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from incus_caddyfile import cli, pipeline
+from incus_caddyfile.model import Instance
+from incus_caddyfile.pipeline import Status
+
+from .test_model import inst
+
+FLEET = [inst("web", host="web.example.org")]
+
+
+@pytest.fixture
+def fleet(monkeypatch: pytest.MonkeyPatch) -> list[Instance]:
+    listing = list(FLEET)
+    monkeypatch.setattr(pipeline, "collect", lambda settings: listing)
+    return listing
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli.main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_render_prints_caddyfile_on_stdout_only(fleet: list[Instance]) -> None:
+    code, out, err = invoke("render")
+    assert code == 0
+    assert "web.example.org {" in out
+    assert err == ""
+
+
+def test_rejections_go_to_stderr_with_exit_3(fleet: list[Instance]) -> None:
+    fleet.append(inst("bad", host="bad.example.org", port="http"))
+    code, out, err = invoke("render")
+    assert code == Status.REJECTED == 3
+    assert "bad.example.org" not in out
+    assert "warning: rejected default/bad: user.caddyserver.http.upstream.port='http'" in err
+
+
+def test_incus_unreachable_exits_4_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "Caddyfile"
+    code, stdout, err = invoke("render", "--incus", str(tmp_path / "no.socket"), "-o", str(out))
+    assert code == Status.INCUS_ERROR == 4
+    assert stdout == ""
+    assert "cannot connect to Incus" in err and "nothing was written" in err
+    assert not out.exists()
+
+
+def test_incus_unreachable_when_printing_prints_nothing(tmp_path: Path) -> None:
+    code, stdout, _ = invoke("render", "--incus", str(tmp_path / "no.socket"))
+    assert (code, stdout) == (4, "")
+
+
+def test_flag_beats_env_beats_file_beats_default(fleet: list[Instance], tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text('email = "file@example.org"\nglobal-option = ["http_port 1111"]\n')
+    env = {"INCUS_CADDYFILE_CONFIG": str(config)}
+    _, out, _ = invoke("render", env=env)
+    assert "email file@example.org" in out and "http_port 1111" in out
+    _, out, _ = invoke("render", env={**env, "INCUS_CADDYFILE_EMAIL": "env@example.org"})
+    assert "email env@example.org" in out and "http_port 1111" in out
+    _, out, _ = invoke("render", "--email", "flag@example.org",
+                       env={**env, "INCUS_CADDYFILE_EMAIL": "env@example.org"})
+    assert "email flag@example.org" in out
+
+
+def test_global_option_env_is_one_option_per_line(fleet: list[Instance]) -> None:
+    _, out, _ = invoke("render", env={"INCUS_CADDYFILE_GLOBAL_OPTION": "http_port 8080\ndebug"})
+    assert "\thttp_port 8080\n\tdebug\n" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--global-option", "admin off"], "set 'admin' with --caddy-admin"),
+        (["--global-option", "debug\n}\nimport x"], "must be one non-empty line"),
+        (["--wildcard", "example.org"], "must start with '*.'"),
+        (["--caddy-admin", "not an address"], "expected host:port"),
+        (["--email", "x { y"], "not an email address"),
+        (["--check"], "give --output"),
+    ],
+)
+def test_bad_settings_are_usage_errors(fleet: list[Instance], args: list[str],
+                                       message: str) -> None:
+    code, out, err = invoke("render", *args)
+    assert code == Status.USAGE == 2
+    assert out == ""
+    assert message in err
+
+
+def test_unknown_key_in_settings_file_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text('emial = "x@example.org"\n')
+    code, _, err = invoke("render", "--config", str(config))
+    assert code == 2 and "unknown setting 'emial'" in err
+
+
+def test_template_error_names_template_and_line(fleet: list[Instance], tmp_path: Path) -> None:
+    template = tmp_path / "mine.j2"
+    template.write_text("{% for s in sites %}\n{{ s.nope }}\n{% endfor %}\n")
+    code, out, err = invoke("render", "--template", str(template))
+    assert code == Status.TEMPLATE_ERROR == 8
+    assert out == ""
+    assert f"{template}:2:" in err and "nope" in err
+
+
+def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_path: Path) -> None:
+    template = tmp_path / "list.j2"
+    template.write_text(
+        "{% for s in sites %}{{ s.host }} {{ s.dials|join(',') }} {{ s.instances|join(',') }}"
+        "{% endfor %} {{ options.any }} {{ rejections|length }} {{ skipped|length }}"
+        " {{ wildcard_sites|length }} {{ scheme_prefix }}|{{ generator }}\n"
+    )
+    code, out, _ = invoke("render", "--template", str(template))
+    assert code == 0
+    assert out == "web.example.org 198.18.0.10:80 default/web False 0 0 0 |incus-caddyfile\n"
+
+
+def test_help_lists_exit_codes_and_examples() -> None:
+    for args in (["--help"], ["render", "--help"]):
+        code, out, _ = invoke(*args)
+        assert code == 0
+        assert "Exit codes:" in out and "Example" in out
+        for status in Status:
+            assert f"  {status.value}  " in out
+
+
+def test_module_entry_point_runs() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "incus_caddyfile", "--version"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "incus-caddyfile" in proc.stdout
