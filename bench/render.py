@@ -69,7 +69,8 @@ DOMAIN = "bench.localhost"
 TARGET_RATIO = 0.6
 DHCP_TIMEOUT_S = 120.0
 CLI_TIMEOUT_S = 120.0
-MAX_DISCARDED_ROUNDS = 5
+MAX_DISCARDED_ROUNDS = 5  # or --rounds, if larger
+DISCARD_PAUSE_S = 1.0  # let a neighbour's instance finish starting
 RESULTS = Path(__file__).resolve().parent / "results" / "render.json"
 LISTING = {"recursion": "2", "all-projects": "true"}
 
@@ -433,7 +434,9 @@ def first_difference(a: str, b: str) -> str:
     for i, (la, lb) in enumerate(zip(a.splitlines(), b.splitlines(), strict=False)):
         if la != lb:
             return f"  line {i + 1}:\n    tool:     {la!r}\n    baseline: {lb!r}"
-    return f"  lengths differ: tool {len(a)} chars, baseline {len(b)} chars"
+    longer, name = (a, "tool") if len(a) > len(b) else (b, "baseline")
+    extra = longer.splitlines()[min(len(a.splitlines()), len(b.splitlines())):]
+    return f"  only {name} has more lines, from: {extra[:4]!r}"
 
 
 # ---------------------------------------------------------------- measuring
@@ -451,7 +454,7 @@ def measure(settings: Settings, endpoint: str, fleet: Fleet, rounds: int) -> Sam
     """Interleaved rounds of (a) and (b), alternating which goes first, after a warm-up."""
     same_work(run_tool(settings), run_baseline(settings, endpoint), fleet)  # warm-up, checked
     samples = Samples([], [], [])
-    for attempt in range(rounds + MAX_DISCARDED_ROUNDS):
+    for attempt in range(rounds + max(MAX_DISCARDED_ROUNDS, rounds)):
         if len(samples.tool) == rounds:
             break
         if attempt % 2 == 0:
@@ -460,8 +463,9 @@ def measure(settings: Settings, endpoint: str, fleet: Fleet, rounds: int) -> Sam
             b, a = run_baseline(settings, endpoint), run_tool(settings)
         if not same_work(a, b, fleet):
             samples.discarded += 1
-            print(f"  round {attempt + 1}: texts differ outside the bench sites "
-                  "(concurrent change elsewhere in Incus); discarded")
+            print(f"  round {attempt + 1} discarded: texts differ outside the bench sites "
+                  f"(a concurrent change elsewhere in Incus?):\n{first_difference(a.text, b.text)}")
+            time.sleep(DISCARD_PAUSE_S)
             continue
         samples.tool.append(a.seconds)
         samples.baseline.append(b.seconds)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ADMIN = "localhost:2019"
 TIMEOUT = 10.0
@@ -50,6 +51,14 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"null")
+    except ValueError:
+        raise CaddyError("the admin endpoint did not answer with JSON") from None
+    return data if isinstance(data, dict) else {}
+
+
 def _caddy_message(body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -79,11 +88,12 @@ class AdminAPI:
         host = host.strip("[]") or "localhost"
         return http.client.HTTPConnection(host, int(port), timeout=self.timeout)
 
-    def _post(self, path: str, text: str) -> bytes:
+    def _request(self, method: str, path: str, text: str | None = None) -> bytes:
         conn = self._connection()
+        headers = {"Content-Type": "text/caddyfile"} if text is not None else {}
         try:
             conn.request(
-                "POST", path, body=text.encode(), headers={"Content-Type": "text/caddyfile"}
+                method, path, body=None if text is None else text.encode(), headers=headers
             )
             response = conn.getresponse()
             body = response.read()
@@ -99,13 +109,25 @@ class AdminAPI:
             )
         return body
 
-    def adapt(self, text: str) -> None:
-        """Parse and adapt without applying: is this a Caddyfile Caddy accepts?"""
-        self._post("/adapt", text)
+    def ping(self) -> bool:
+        """True when a Caddy answers on the admin endpoint."""
+        try:
+            self._request("GET", "/config/")
+            return True
+        except CaddyError:
+            return False
+
+    def adapt(self, text: str) -> dict[str, Any]:
+        """Parse and adapt without applying: the JSON config, if Caddy accepts the text."""
+        return _json_object(self._request("POST", "/adapt", text)).get("result") or {}
+
+    def running(self, text: str) -> bool:
+        """True when Caddy already runs exactly this Caddyfile (compared as adapted JSON)."""
+        return self.adapt(text) == _json_object(self._request("GET", "/config/"))
 
     def load(self, text: str) -> None:
         """Apply the config. Caddy keeps its running config if this one fails."""
-        self._post("/load", text)
+        self._request("POST", "/load", text)
 
 
 def find_caddy(explicit: str | None = None) -> str | None:
@@ -157,7 +179,9 @@ def check(text: str, admin: str | None, caddy_bin: str | None) -> str:
     try:
         AdminAPI(admin).adapt(text)
         return "admin API"
-    except CaddyUnreachable:
+    except CaddyRejected:
+        raise
+    except CaddyError:  # unreachable, or something that is not a Caddy admin API answered
         adapt_with_binary(text, caddy_bin)
         return "caddy adapt"
 

@@ -17,7 +17,7 @@ from .settings import ENV_PREFIX, Settings, SettingsError, load_file
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _LinesType(click.ParamType):
+class _LinesType(click.ParamType):  # type: ignore[type-arg]
     """A string option whose environment variable holds one value per line."""
 
     name = "line"
@@ -45,62 +45,95 @@ def settings_options(func: F) -> F:
     """The options every command that renders shares (settings, in precedence order)."""
     options = [
         click.option(
-            "--config", "config_file", type=click.Path(dir_okay=False), envvar=_env("CONFIG"),
-            is_eager=True, expose_value=True, callback=_load_config,
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            envvar=_env("CONFIG"),
+            is_eager=True,
+            expose_value=True,
+            callback=_load_config,
             help="TOML settings file; keys are the long option names (e.g. caddy-admin).",
         ),
         click.option(
-            "--incus", envvar=_env("INCUS"), metavar="PATH",
+            "--incus",
+            envvar=_env("INCUS"),
+            metavar="PATH",
             help="Incus unix socket. Default: $INCUS_SOCKET, $INCUS_DIR/unix.socket,"
             " /var/lib/incus/unix.socket or /run/incus/unix.socket.",
         ),
         click.option(
-            "--template", type=click.Path(dir_okay=False, path_type=Path),
-            envvar=_env("TEMPLATE"), help="Your own Jinja template instead of the default.",
+            "--template",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar=_env("TEMPLATE"),
+            help="Your own Jinja template instead of the default.",
         ),
         click.option(
-            "--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-            envvar=_env("OUTPUT"), help="Write here (atomically) instead of printing.",
+            "--output",
+            "-o",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar=_env("OUTPUT"),
+            help="Write here (atomically) instead of printing.",
         ),
         click.option("--email", envvar=_env("EMAIL"), help="ACME account email (global option)."),
         click.option(
-            "--caddy-admin", envvar=_env("CADDY_ADMIN"), metavar="ADDR",
+            "--caddy-admin",
+            envvar=_env("CADDY_ADMIN"),
+            metavar="ADDR",
             help="Caddy admin endpoint, host:port or unix//path; rendered as the admin option"
             " and used to check and reload. Default: localhost:2019.",
         ),
         click.option(
-            "--global-option", "global_options", multiple=True, type=_LinesType(),
-            envvar=_env("GLOBAL_OPTION"), metavar="LINE",
+            "--global-option",
+            "global_options",
+            multiple=True,
+            type=_LinesType(),
+            envvar=_env("GLOBAL_OPTION"),
+            metavar="LINE",
             help="Extra global option line, repeatable, e.g. 'http_port 8080'"
             " (one per line in the environment variable).",
         ),
         click.option(
-            "--wildcard", "wildcards", multiple=True, envvar=_env("WILDCARD"),
+            "--wildcard",
+            "wildcards",
+            multiple=True,
+            envvar=_env("WILDCARD"),
             metavar="*.DOMAIN",
             help="Serve hosts under this wildcard from one site with one wildcard"
             " certificate; repeatable.",
         ),
         click.option(
-            "--acme-dns", envvar=_env("ACME_DNS"), metavar="'PROVIDER ARGS'",
+            "--acme-dns",
+            envvar=_env("ACME_DNS"),
+            metavar="'PROVIDER ARGS'",
             help="acme_dns global option, needed for wildcard certificates.",
         ),
         click.option(
-            "--scheme", type=click.Choice(["https", "http"]), default="https",
-            envvar=_env("SCHEME"), show_default=True,
+            "--scheme",
+            type=click.Choice(["https", "http"]),
+            default="https",
+            envvar=_env("SCHEME"),
+            show_default=True,
             help="https: Caddy's automatic HTTPS; http: plain-HTTP sites (behind another"
             " TLS terminator, or a lab).",
         ),
         click.option(
-            "--reload-command", envvar=_env("RELOAD_COMMAND"), metavar="CMD",
+            "--reload-command",
+            envvar=_env("RELOAD_COMMAND"),
+            metavar="CMD",
             help="Reload with this command (e.g. 'systemctl reload caddy') instead of the"
             " admin API.",
         ),
         click.option(
-            "--reload/--no-reload", default=True, envvar=_env("RELOAD"), show_default=True,
+            "--reload/--no-reload",
+            default=True,
+            envvar=_env("RELOAD"),
+            show_default=True,
             help="Reload Caddy after the file changed.",
         ),
         click.option(
-            "--caddy-bin", envvar=_env("CADDY_BIN"), metavar="PATH",
+            "--caddy-bin",
+            envvar=_env("CADDY_BIN"),
+            metavar="PATH",
             help="caddy executable used to check the config when the admin API is not"
             " reachable. Default: caddy on PATH.",
         ),
@@ -120,7 +153,7 @@ def make_settings(**kwargs: Any) -> Settings:
             output=Path(kwargs["output"]) if kwargs["output"] else None,
             email=kwargs["email"],
             caddy_admin=kwargs["caddy_admin"],
-            global_options=tuple(kwargs["global_options"]),
+            global_options=tuple(o for o in kwargs["global_options"] if o),  # blank env lines
             wildcards=tuple(kwargs["wildcards"]),
             acme_dns=kwargs["acme_dns"],
             scheme=kwargs["scheme"],
@@ -184,7 +217,7 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
     \b
     Examples:
         incus-caddyfile render > Caddyfile
-        incus-caddyfile render --output /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
+        incus-caddyfile render -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
         incus-caddyfile render -o Caddyfile --check --diff
         incus-caddyfile render --wildcard '*.example.org' --acme-dns 'cloudflare {env.CF_API_TOKEN}'
     """
@@ -203,8 +236,9 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
 
 
 def _summary(report: Report, dry_run: bool) -> str:
+    reloaded = ", Caddy reloaded" if report.reloaded else ""
     if report.changed is Changed.NO:
-        return "unchanged"
+        return "unchanged" + reloaded
     if dry_run:
         return "would change"
-    return "written" + (", Caddy reloaded" if report.reloaded else "")
+    return "written" + reloaded

@@ -10,7 +10,7 @@ costs a state request of its own.
 
 from __future__ import annotations
 
-import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +20,6 @@ import requests
 from pylxd import exceptions as pylxd_exc
 
 from .model import PREFIX, Instance, Nic
-
-log = logging.getLogger(__name__)
 
 
 class IncusError(Exception):
@@ -57,12 +55,27 @@ def _is_candidate(raw: Mapping[str, Any]) -> bool:
     return raw.get("status") == "Running" and any(k.startswith(PREFIX) for k in config)
 
 
+def _check_socket(path: str) -> None:
+    """Say plainly what is wrong with a local socket path (pylxd's message is about URLs)."""
+    if not os.path.exists(path):
+        raise IncusError(
+            f"no Incus socket at {path}: is incusd running? (set --incus or INCUS_SOCKET)"
+        )
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise IncusError(
+            f"no permission to use the Incus socket {path}: run as root or as a member of"
+            " the incus-admin group"
+        )
+
+
 class IncusClient:
     """A narrow client: only the calls this tool makes."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.requests = 0  # API requests made, for benchmarks and the watch log
+        if not endpoint.startswith(("http://", "https://")):
+            _check_socket(endpoint)
         try:
             self._client = pylxd.Client(endpoint=endpoint)
         except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
@@ -155,8 +168,9 @@ class IncusClient:
             type=raw.get("type", ""),
             created_at=raw.get("created_at", ""),
             location=raw.get("location", ""),
-            config={k: v for k, v in (raw.get("expanded_config") or {}).items()
-                    if k.startswith(PREFIX)},
+            config={
+                k: v for k, v in (raw.get("expanded_config") or {}).items() if k.startswith(PREFIX)
+            },
             nics=tuple(nics),
         )
 
@@ -164,6 +178,7 @@ class IncusClient:
         by_ifname = self.state_addresses(project, name)
         nics = [Nic(r.device, tuple(by_ifname.pop(r.interface, []))) for r in refs]
         # Interfaces Incus did not create (e.g. configured inside the instance) come last.
-        nics += [Nic(f"~{ifname}", tuple(a)) for ifname, a in sorted(by_ifname.items())
-                 if ifname != "lo"]
+        nics += [
+            Nic(f"~{ifname}", tuple(a)) for ifname, a in sorted(by_ifname.items()) if ifname != "lo"
+        ]
         return nics

@@ -102,20 +102,24 @@ class WildcardSite:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A label value that was refused; the instance's other valid hosts are still routed."""
+    """A label value that was refused, with the reason.
+
+    A bad enable, host or port value keeps the whole instance out; a host lost to another
+    project only costs that host. `ignored` marks a value that was skipped over (an unknown
+    key) while the instance is still routed.
+    """
 
     project: str
     instance: str
     key: str
     value: str | None  # None: the key is not set
     reason: str
+    ignored: bool = False
 
     def __str__(self) -> str:
         value = "(not set)" if self.value is None else _show(self.value)
-        return (
-            f"rejected {self.project}/{self.instance}: {self.key}={value}: "
-            f"{self.reason}"
-        )
+        verb = "ignored" if self.ignored else "rejected"
+        return f"{verb} {self.project}/{self.instance}: {self.key}={value}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -233,20 +237,38 @@ def pick_address(instance: Instance) -> str | None:
     return None
 
 
+_TIMESTAMP = re.compile(r"(?P<base>[^.Z+]*)(?:\.(?P<frac>[0-9]+))?")
+
+
+def creation_key(timestamp: str) -> tuple[str, int]:
+    """Incus creation times (UTC, 0-9 fraction digits) in an order that compares correctly."""
+    m = _TIMESTAMP.match(timestamp)
+    assert m is not None  # the pattern matches any string
+    return m["base"], int((m["frac"] or "0").ljust(9, "0")[:9])
+
+
 @dataclass(frozen=True)
 class _Claim:
     host: str
-    upstream: Upstream
-    order: tuple[str, str, str]  # creation time, project, name: who claimed first
+    project: str
+    instance: str
+    order: tuple[tuple[str, int], str, str]  # creation time, project, name: who claimed first
+    upstream: Upstream | None  # None: valid labels, but not routable now (stopped, no address)
 
 
 def _claims_of(inst: Instance) -> tuple[list[_Claim], list[Rejection], Skip | None]:
-    """Validate one instance's labels; return its host claims, rejections, or why it is skipped."""
+    """Validate one instance's labels; return its host claims, rejections, or why it is skipped.
+
+    A stopped instance with valid labels still claims its hosts (without an upstream), so that
+    another project cannot take a host over while its holder is down.
+    """
     labels = inst.labels
     rejections: list[Rejection] = []
 
-    def reject(key: str, reason: str) -> None:
-        rejections.append(Rejection(inst.project, inst.name, key, labels.get(key), reason))
+    def reject(key: str, reason: str, ignored: bool = False) -> None:
+        rejections.append(
+            Rejection(inst.project, inst.name, key, labels.get(key), reason, ignored=ignored)
+        )
 
     if KEY_ENABLE not in labels:
         return [], [], Skip(inst.project, inst.name, f"{KEY_ENABLE} is not set")
@@ -259,7 +281,7 @@ def _claims_of(inst: Instance) -> tuple[list[_Claim], list[Rejection], Skip | No
 
     for key in sorted(labels):
         if key not in KNOWN_KEYS:
-            reject(key, "unknown key (ignored; check the spelling)")
+            reject(key, "unknown key, check the spelling", ignored=True)
 
     hosts: list[str] = []
     port: int | None = None
@@ -280,19 +302,26 @@ def _claims_of(inst: Instance) -> tuple[list[_Claim], list[Rejection], Skip | No
     if not hosts or port is None:
         return [], rejections, None
 
-    if inst.status != "Running":
-        return [], rejections, Skip(inst.project, inst.name, f"not running ({inst.status})")
+    upstream: Upstream | None = None
+    skip: Skip | None = None
     address = pick_address(inst)
-    if address is None:
-        return [], rejections, Skip(inst.project, inst.name, "running but has no IPv4 address yet")
-    upstream = Upstream(inst.project, inst.name, address, port)
-    order = (inst.created_at, inst.project, inst.name)
-    claims = [_Claim(h, upstream, order) for h in dict.fromkeys(hosts)]
-    return claims, rejections, None
+    if inst.status != "Running":
+        skip = Skip(inst.project, inst.name, f"not running ({inst.status})")
+    elif address is None:
+        skip = Skip(inst.project, inst.name, "running but has no IPv4 address yet")
+    else:
+        upstream = Upstream(inst.project, inst.name, address, port)
+    order = (creation_key(inst.created_at), inst.project, inst.name)
+    claims = [_Claim(h, inst.project, inst.name, order, upstream) for h in dict.fromkeys(hosts)]
+    return claims, rejections, skip
 
 
 def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
-    """Group claims by host. One project may pool a host; another project's claim is refused."""
+    """Group claims by host. One project may pool a host; another project's claim is refused.
+
+    The holder is the project of the earliest claim, running or not; a host whose holder has
+    no running upstream gets no site (it is not handed to the next project).
+    """
     by_host: dict[str, list[_Claim]] = {}
     for claim in claims:
         by_host.setdefault(claim.host, []).append(claim)
@@ -300,21 +329,24 @@ def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
     rejections: list[Rejection] = []
     for host in sorted(by_host):
         group = sorted(by_host[host], key=lambda c: c.order)
-        holder = group[0].upstream
-        kept = [c for c in group if c.upstream.project == holder.project]
+        holder = group[0]
         for c in group:
-            if c.upstream.project != holder.project:
+            if c.project != holder.project:
                 rejections.append(
                     Rejection(
-                        c.upstream.project,
-                        c.upstream.instance,
+                        c.project,
+                        c.instance,
                         KEY_HOST,
                         host,
                         f"host already claimed by {holder.project}/{holder.instance}"
                         " (created earlier, in another project)",
                     )
                 )
-        sites.append(Site(host, tuple(sorted(c.upstream for c in kept))))
+        upstreams = sorted(
+            c.upstream for c in group if c.project == holder.project and c.upstream is not None
+        )
+        if upstreams:
+            sites.append(Site(host, tuple(upstreams)))
     return sites, rejections
 
 

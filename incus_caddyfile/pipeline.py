@@ -73,7 +73,7 @@ class Report:
             return int(self.error)
         if check and self.changed is Changed.YES:
             return int(Status.WOULD_CHANGE)
-        if self.model is not None and self.model.rejections:
+        if self.model is not None and any(not r.ignored for r in self.model.rejections):
             return int(Status.REJECTED)
         return int(Status.OK)
 
@@ -134,7 +134,11 @@ def _write_and_reload(
     report.changed = output.compare(current, new)
     if diff:
         report.diff = output.unified_diff(path, current, new)
-    if check or diff or report.changed is Changed.NO:
+    if check or diff:
+        return report
+    if report.changed is Changed.NO:
+        if settings.reload and not settings.reload_command:
+            _reload_if_stale(settings, report)
         return report
 
     try:
@@ -177,6 +181,24 @@ def _reload(settings: Settings, path: Path, previous: bytes | None, report: Repo
         )
     except caddy.CaddyError as exc:
         report.fail(Status.RELOAD_FAILED, f"{path} was written but Caddy was not reloaded: {exc}")
+
+
+def _reload_if_stale(settings: Settings, report: Report) -> None:
+    """The file is current, but is Caddy? (A reload that failed last time, or a Caddy started
+    with another config.) Reload only then; if no Caddy answers there is nothing to do."""
+    assert report.text is not None
+    try:
+        admin = caddy.AdminAPI(settings.caddy_admin)
+        if admin.running(report.text):
+            return
+        admin.load(report.text)
+    except caddy.CaddyRejected as exc:
+        report.fail(Status.CADDY_REJECTED, f"Caddy rejected the current file: {exc}")
+        return
+    except caddy.CaddyError:
+        return
+    report.reloaded = True
+    report.warnings.append("Caddy was not running the current file; reloaded it")
 
 
 def _restore(path: Path, previous: bytes | None, report: Report) -> None:

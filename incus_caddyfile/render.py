@@ -43,12 +43,14 @@ class GlobalOptions:
 
 
 def context(model: Model, settings: Settings) -> dict[str, Any]:
-    """The template context; documented in the README ("Template context")."""
+    """The template context; documented in the README ("Template context").
+
+    Only allowlisted data goes in: rejected values and skip reasons are reported on stderr,
+    never handed to a template that might print them into the Caddyfile.
+    """
     return {
         "sites": model.sites,
         "wildcard_sites": model.wildcard_sites,
-        "rejections": model.rejections,
-        "skipped": model.skipped,
         "options": GlobalOptions(
             admin=settings.caddy_admin,
             email=settings.email,

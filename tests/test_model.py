@@ -80,9 +80,7 @@ def test_several_hosts_separated_by_spaces_or_commas() -> None:
 
 
 def test_same_host_in_one_project_is_load_balanced_in_stable_order() -> None:
-    model = build(
-        [inst("web2", address="198.18.0.2"), inst("web1", address="198.18.0.9")]
-    )
+    model = build([inst("web2", address="198.18.0.2"), inst("web1", address="198.18.0.9")])
     [site] = model.sites
     assert site.instances == ["default/web1", "default/web2"]
     assert site.dials == ["198.18.0.9:80", "198.18.0.2:80"]
@@ -268,3 +266,29 @@ def test_wildcard_matcher_cannot_collide_with_a_host() -> None:
         [inst("a", host="*.example.org"), inst("b", host="wildcard.example.org", project="p")]
     )
     assert len({s.matcher for s in model.sites}) == 2
+
+
+def test_stopped_holder_keeps_its_host_from_other_projects() -> None:
+    holder = inst("old", project="a", status="Stopped", created_at="2025-01-01T00:00:00Z")
+    hijack = inst("new", project="b", created_at="2026-01-01T00:00:00Z")
+    model = build([holder, hijack])
+    assert model.sites == ()  # not handed over while the holder is down
+    [rejection] = model.rejections
+    assert (rejection.project, rejection.instance) == ("b", "new")
+    assert "a/old" in rejection.reason
+
+
+def test_creation_order_compares_fractions_of_a_second() -> None:
+    earlier = inst("x", project="b", created_at="2026-01-01T00:00:01Z", address="198.18.0.1")
+    later = inst("y", project="a", created_at="2026-01-01T00:00:01.5Z", address="198.18.0.2")
+    assert build([later, earlier]).sites[0].instances == ["b/x"]
+    a = inst("x", project="b", created_at="2026-01-01T00:00:01.39582204Z")
+    b = inst("y", project="a", created_at="2026-01-01T00:00:01.4Z")
+    assert build([b, a]).sites[0].instances == ["b/x"]
+
+
+def test_unknown_key_is_ignored_not_rejected() -> None:
+    model = build([inst("a", **{"user.caddyserver.http.upstream.prot": "80"})])
+    [notice] = model.rejections
+    assert notice.ignored
+    assert str(notice).startswith("ignored default/a: user.caddyserver.http.upstream.prot='80'")

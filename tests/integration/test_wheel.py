@@ -17,8 +17,9 @@ pytestmark = pytest.mark.integration
 
 
 def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -36,9 +37,12 @@ def test_wheel_in_fresh_venv_renders(lab: Lab, tmp_path: Path) -> None:
     # Dependencies come from the test environment; the package itself only from the wheel.
     [venv_site] = (venv / "lib").glob("python3*/site-packages")
     (venv_site / "zz-test-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    where = run(venv / "bin" / "python", "-c",
-                "import incus_caddyfile.render as r; print(r.__file__, r.default_template_dir())",
-                cwd=tmp_path).stdout
+    where = run(
+        venv / "bin" / "python",
+        "-c",
+        "import incus_caddyfile.render as r; print(r.__file__, r.default_template_dir())",
+        cwd=tmp_path,
+    ).stdout
     assert where.startswith(str(venv_site)), where
 
     project = lab.project()

@@ -1,0 +1,99 @@
+"""Ways to reach Caddy: admin over a unix socket, an operator's reload command, Caddy down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import LABELS, Caddy, Lab, labels, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def launch_one(lab: Lab, tag: str) -> tuple[str, str]:
+    project = lab.project()
+    name = f"{tag}-{project[-4:]}"
+    lab.launch(project, name, labels(f"{name}.localhost"))
+    lab.address(project, name)
+    return project, name
+
+
+def test_reload_through_admin_unix_socket(lab: Lab, caddy_unix: Caddy, tmp_path: Path) -> None:
+    project, name = launch_one(lab, "unix")
+    out = tmp_path / "Caddyfile"
+    assert run_cli("render", "-o", out, "--no-reload", *caddy_unix.render_args).returncode == 0
+    assert f"admin {caddy_unix.admin}\n" in out.read_text()
+    caddy_unix.start(out)
+    assert "port 80" in caddy_unix.wait_body(f"{name}.localhost", "port 80")
+
+    lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
+    result = run_cli("render", "-o", out, *caddy_unix.render_args)
+
+    assert result.returncode == 0, result.stderr
+    assert "Caddy reloaded" in result.stderr
+    assert "port 8080" in caddy_unix.wait_body(f"{name}.localhost", "port 8080", timeout=5)
+
+
+def test_reload_command(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
+    project, name = launch_one(lab, "cmd")
+    out = tmp_path / "Caddyfile"
+    assert run_cli("render", "-o", out, "--no-reload", *caddy.render_args).returncode == 0
+    caddy.start(out)
+    lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
+    command = f"{caddy.exe} reload --config {out} --adapter caddyfile --address {caddy.admin}"
+
+    result = run_cli("render", "-o", out, *caddy.render_args, "--reload-command", command)
+
+    assert result.returncode == 0, result.stderr
+    assert "port 8080" in caddy.wait_body(f"{name}.localhost", "port 8080", timeout=5)
+    failing = run_cli(
+        "render",
+        "-o",
+        out,
+        *caddy.render_args,
+        "--email",
+        "a@example.org",
+        "--reload-command",
+        "false",
+    )
+    assert failing.returncode == 6
+    assert "reload command 'false' failed" in failing.stderr
+
+
+def test_caddy_down_checks_with_the_executable(lab: Lab, tmp_path: Path) -> None:
+    """No admin endpoint: `caddy adapt` checks the text; the file is written, reload fails."""
+    project, name = launch_one(lab, "down")
+    out = tmp_path / "Caddyfile"
+    dead = ["--scheme", "http", "--caddy-admin", "127.0.0.1:9"]
+
+    rejected = run_cli("render", "-o", out, *dead, "--global-option", "no_such_option")
+    assert rejected.returncode == 5
+    assert "unrecognized global option: no_such_option" in rejected.stderr
+    assert not out.exists()
+
+    result = run_cli("render", "-o", out, *dead)
+    assert result.returncode == 6
+    assert "was written but Caddy was not reloaded" in result.stderr
+    assert f"{name}.localhost" in out.read_text()
+
+
+def test_unchanged_file_but_stale_caddy_is_reloaded(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
+    """A reload that failed (Caddy down) is made good by the next run, though the file is
+    unchanged: Caddy's running config is compared with the file's."""
+    project, name = launch_one(lab, "stale")
+    out = tmp_path / "Caddyfile"
+    first = run_cli("render", "-o", out, *caddy.render_args)  # no Caddy yet: reload fails
+    assert first.returncode == 6, first.stderr
+    stale = tmp_path / "stale.Caddyfile"
+    stale.write_text(f"{{\n\tadmin {caddy.admin}\n\thttp_port {caddy.http_port}\n}}\n")
+    caddy.start(stale)
+    assert "hello" not in caddy.get(f"{name}.localhost")[1]
+
+    result = run_cli("render", "-o", out, *caddy.render_args)
+
+    assert result.returncode == 0, result.stderr
+    assert "unchanged, Caddy reloaded" in result.stderr
+    assert "hello from" in caddy.wait_body(f"{name}.localhost", "hello from", timeout=5)
+    again = run_cli("render", "-o", out, *caddy.render_args)
+    assert "unchanged\n" in again.stderr and caddy.load_count() == 1
