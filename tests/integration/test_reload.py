@@ -63,7 +63,7 @@ def test_reload_command(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
 
 def test_caddy_down_checks_with_the_executable(lab: Lab, tmp_path: Path) -> None:
     """No admin endpoint: `caddy adapt` checks the text; the file is written, reload fails."""
-    project, name = launch_one(lab, "down")
+    _project, name = launch_one(lab, "down")
     out = tmp_path / "Caddyfile"
     dead = ["--scheme", "http", "--caddy-admin", "127.0.0.1:9"]
 
@@ -81,7 +81,7 @@ def test_caddy_down_checks_with_the_executable(lab: Lab, tmp_path: Path) -> None
 def test_unchanged_file_but_stale_caddy_is_reloaded(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
     """A reload that failed (Caddy down) is made good by the next run, though the file is
     unchanged: Caddy's running config is compared with the file's."""
-    project, name = launch_one(lab, "stale")
+    _project, name = launch_one(lab, "stale")
     out = tmp_path / "Caddyfile"
     first = run_cli("render", "-o", out, *caddy.render_args)  # no Caddy yet: reload fails
     assert first.returncode == 6, first.stderr
