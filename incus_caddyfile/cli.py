@@ -242,3 +242,121 @@ def _summary(report: Report, dry_run: bool) -> str:
     if dry_run:
         return "would change"
     return "written" + reloaded
+
+
+def _parse_debounce(
+    _ctx: click.Context, _param: click.Parameter, value: str
+) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value.split(":"))
+    except ValueError:
+        raise click.BadParameter("expected MIN:MAX in seconds, e.g. 0.05:0.5") from None
+    if not 0 <= low <= high:
+        raise click.BadParameter("needs 0 <= MIN <= MAX")
+    return low, high
+
+
+def _plain_default(param: click.Parameter) -> Any:
+    """A parameter's own default (click marks "no default" with a sentinel object)."""
+    default = param.default
+    if default is None or isinstance(default, str | bool | int | float | tuple | list):
+        return default
+    return () if getattr(param, "multiple", False) else None
+
+
+def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[], Settings]:
+    """Re-read the settings file on change, keeping what came from flags and the environment."""
+    sources = click.core.ParameterSource
+    from_file = {
+        name
+        for name in kwargs
+        if ctx.get_parameter_source(name) in (sources.DEFAULT_MAP, sources.DEFAULT)
+    }
+    params = {p.name: p for p in ctx.command.params if p.name}
+
+    def load() -> Settings:
+        values = dict(kwargs)
+        config = values.get("config_file")
+        file_values = load_file(Path(config)) if config else {}
+        for name in from_file:
+            values[name] = file_values.get(name, _plain_default(params[name]))
+        return make_settings(**values)
+
+    return load
+
+
+@main.command(epilog=EXIT_EPILOG)
+@settings_options
+@click.option(
+    "--debounce",
+    default="0.05:0.5",
+    envvar=_env("DEBOUNCE"),
+    show_default=True,
+    callback=_parse_debounce,
+    metavar="MIN:MAX",
+    help="Seconds of quiet to wait after an event, and the most to wait in a burst.",
+)
+@click.option(
+    "--resync-interval",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    envvar=_env("RESYNC_INTERVAL"),
+    metavar="SECONDS",
+    help="Full re-listing of Incus as a safety net, besides events.",
+)
+@click.option(
+    "--address-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar=_env("ADDRESS_TIMEOUT"),
+    metavar="SECONDS",
+    help="How long to poll (from 50 ms, backing off) for a started instance's address.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar=_env("LOG_FORMAT"),
+    help="One line per cycle on stderr; json for machines.",
+)
+def watch(
+    debounce: tuple[float, float],
+    resync_interval: float,
+    address_timeout: float,
+    log_format: str,
+    **kwargs: Any,
+) -> None:
+    """Keep --output true to Incus: render at start, then on every relevant Incus event.
+
+    Follows instance, profile and project lifecycle events in all projects; polls a started
+    instance for its address instead of sleeping; reconnects when Incus restarts (keeping the
+    last good file meanwhile); retries a failed reload until Caddy is back; re-renders when
+    the template or the settings file changes. SIGHUP forces a full resync; SIGTERM and
+    SIGINT stop it with status 0.
+
+    \b
+    Examples:
+        incus-caddyfile watch -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
+        incus-caddyfile watch --config /etc/incus-caddyfile.toml --log-format json
+    """
+    from .watch import Watcher, WatchOptions
+
+    ctx = click.get_current_context()
+    load = _settings_loader(ctx, kwargs)
+    try:
+        settings = load()
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    if settings.output is None:
+        raise click.UsageError("watch needs --output (the Caddyfile to keep up to date)")
+    options = WatchOptions(
+        debounce_min=debounce[0],
+        debounce_max=debounce[1],
+        resync_interval=resync_interval,
+        address_timeout=address_timeout,
+        log_format=log_format,
+    )
+    sys.exit(Watcher(load, options).run())

@@ -10,14 +10,19 @@ costs a state request of its own.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pylxd
 import requests
 from pylxd import exceptions as pylxd_exc
+from pylxd.client import EventType
+from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
 from .model import PREFIX, Instance, Nic
 
@@ -134,6 +139,27 @@ class IncusClient:
             for ifname, iface in network.items()
         }
 
+    def instance(self, project: str, name: str) -> Instance | None:
+        """One instance, refreshed on its own (a few requests, whatever the fleet size).
+
+        None when it no longer exists. Raises IncusError when Incus cannot answer.
+        """
+        try:
+            raw = self._get(f"instances/{name}", {"project": project})
+        except pylxd_exc.NotFound:
+            return None
+        if not isinstance(raw, dict):
+            raise IncusError(f"Incus returned an unexpected answer for {project}/{name}")
+        raw.setdefault("project", project)
+        candidates = [raw] if _is_candidate(raw) else []
+        return self._to_instance(raw, self._lease_maps(candidates))
+
+    def events(
+        self, on_event: Callable[[dict[str, Any]], None], on_close: Callable[[], None]
+    ) -> EventStream:
+        """Lifecycle events of all projects, delivered on a thread of their own."""
+        return EventStream(self._client, on_event, on_close)
+
     def list_instances(self) -> list[Instance]:
         """The fleet as plain model data. Raises IncusError rather than return a partial list."""
         raws = self.list_raw()
@@ -182,3 +208,61 @@ class IncusClient:
             Nic(f"~{ifname}", tuple(a)) for ifname, a in sorted(by_ifname.items()) if ifname != "lo"
         ]
         return nics
+
+
+class EventStream:
+    """`GET /1.0/events?type=lifecycle&all-projects=true` over pylxd's websocket client.
+
+    Events are only passed on (they are triggers, not data); when the stream ends for any
+    reason `on_close` is called once, and the caller decides when to reconnect.
+    """
+
+    def __init__(
+        self,
+        client: pylxd.Client,
+        on_event: Callable[[dict[str, Any]], None],
+        on_close: Callable[[], None],
+    ) -> None:
+        stream = self
+        self._closed_once = threading.Lock()
+
+        class _Socket(_PylxdWebsocket):  # type: ignore[misc]
+            def received_message(self, message: Any) -> None:
+                try:
+                    data = json.loads(message.data.decode("utf-8"))
+                except ValueError:
+                    return
+                if isinstance(data, dict):
+                    on_event(data)
+
+            def closed(self, code: int, reason: Any = None) -> None:
+                stream._notify_close()
+
+        self._on_close = on_close
+        # pylxd builds the URL without all-projects; the query is ours to extend.
+        self._socket = client.events(websocket_client=_Socket, event_types={EventType.Lifecycle})
+        self._socket.resource += "&all-projects=true"
+        self._thread: threading.Thread | None = None
+
+    def _notify_close(self) -> None:
+        if self._closed_once.acquire(blocking=False):
+            self._on_close()
+
+    def start(self) -> None:
+        """Connect (raises IncusError when that fails) and read events on a daemon thread."""
+        try:
+            self._socket.connect()
+        except Exception as exc:  # ws4py raises plain socket and handshake errors
+            raise IncusError(f"cannot open the Incus event stream: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name="incus-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._socket.run()
+        finally:
+            self._notify_close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # already gone: nothing to close
+            self._socket.close()

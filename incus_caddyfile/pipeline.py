@@ -110,8 +110,13 @@ def apply(
     *,
     check: bool = False,
     diff: bool = False,
+    verify_running: bool = True,
 ) -> Report:
-    """Steps 2-5 from a listing already made (watch keeps its own cache of instances)."""
+    """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
+
+    verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
+    reload if not). watch turns it off while it knows its last reload succeeded.
+    """
     report.model = build(instances, settings.wildcards)
     try:
         report.text = render(report.model, settings)
@@ -119,11 +124,19 @@ def apply(
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
     if settings.output is None:
         return report
-    return _write_and_reload(settings, settings.output, report, check=check, diff=diff)
+    return _write_and_reload(
+        settings, settings.output, report, check=check, diff=diff, verify_running=verify_running
+    )
 
 
 def _write_and_reload(
-    settings: Settings, path: Path, report: Report, *, check: bool, diff: bool
+    settings: Settings,
+    path: Path,
+    report: Report,
+    *,
+    check: bool,
+    diff: bool,
+    verify_running: bool,
 ) -> Report:
     assert report.text is not None
     new = report.text.encode()
@@ -137,7 +150,7 @@ def _write_and_reload(
     if check or diff:
         return report
     if report.changed is Changed.NO:
-        if settings.reload and not settings.reload_command:
+        if verify_running and settings.reload and not settings.reload_command:
             _reload_if_stale(settings, report)
         return report
 
@@ -185,7 +198,8 @@ def _reload(settings: Settings, path: Path, previous: bytes | None, report: Repo
 
 def _reload_if_stale(settings: Settings, report: Report) -> None:
     """The file is current, but is Caddy? (A reload that failed last time, or a Caddy started
-    with another config.) Reload only then; if no Caddy answers there is nothing to do."""
+    with another config.) Reload only then. No answer is a failed reload: Caddy is not known
+    to run the file, and watch retries until it does."""
     assert report.text is not None
     try:
         admin = caddy.AdminAPI(settings.caddy_admin)
@@ -195,7 +209,10 @@ def _reload_if_stale(settings: Settings, report: Report) -> None:
     except caddy.CaddyRejected as exc:
         report.fail(Status.CADDY_REJECTED, f"Caddy rejected the current file: {exc}")
         return
-    except caddy.CaddyError:
+    except caddy.CaddyError as exc:
+        report.fail(
+            Status.RELOAD_FAILED, f"the file is current but Caddy could not be reached: {exc}"
+        )
         return
     report.reloaded = True
     report.warnings.append("Caddy was not running the current file; reloaded it")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local Incus lab used by the integration tests, the demo and the benchmarks.
 #   scripts/lab.sh up      install Incus if needed, start incusd, create storage, bridge, image
+#   scripts/lab.sh start   start incusd only (after it was stopped or killed)
 #   scripts/lab.sh status  exit 0 when the lab is ready
 #   scripts/lab.sh down    stop incusd (instances and projects created by tests are theirs to remove)
 # The bridge uses 198.18.77.0/24 (RFC 2544 test range), no NAT, no IPv6: nothing leaves the host.
@@ -91,11 +92,14 @@ case "${1:-up}" in
     setup
     echo "lab: incusd up, network $NET ($SUBNET), image $IMAGE"
     ;;
+  start)
+    start_daemon
+    ;;
   status)
     daemon_up && incus image info "$IMAGE" >/dev/null 2>&1 && incus network show "$NET" >/dev/null 2>&1
     ;;
   down)
     pkill -f '/usr/libexec/incus/incusd' || true
     ;;
-  *) echo "usage: $0 up|status|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|start|status|down" >&2; exit 2 ;;
 esac

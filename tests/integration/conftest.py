@@ -6,6 +6,7 @@ a reachable Incus the tests skip, except when CI=true, where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -304,3 +306,81 @@ def labels(host: str, port: int | str = 80, enable: str = "true") -> dict[str, s
         LABELS + "matchers.host": host,
         LABELS + "upstream.port": str(port),
     }
+
+
+class WatchProcess:
+    """`incus-caddyfile watch --log-format json` as a real process, its log lines collected."""
+
+    def __init__(self, output: Path, *args: str | Path) -> None:
+        self.output = output
+        self.records: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "incus_caddyfile",
+                "watch",
+                "-o",
+                str(output),
+                "--log-format",
+                "json",
+                *map(str, args),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.raw.append(line)
+            with contextlib.suppress(ValueError):  # a traceback would be plain text
+                self.records.append(json.loads(line))
+
+    def cycles(self) -> list[dict[str, Any]]:
+        return [r for r in list(self.records) if r.get("event") == "cycle"]
+
+    def wait_cycles(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        wait_for(lambda: len(self.cycles()) >= count, timeout, interval=0.05)
+        cycles = self.cycles()
+        assert len(cycles) >= count, f"expected {count} cycles, log: {''.join(self.raw)}"
+        return cycles
+
+    def wait_log(self, needle: str, timeout: float = 15) -> None:
+        found = wait_for(lambda: any(needle in line for line in list(self.raw)), timeout)
+        assert found, f"{needle!r} not logged: {''.join(self.raw)}"
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def start_watch() -> Iterator[Callable[..., WatchProcess]]:
+    started: list[WatchProcess] = []
+
+    def start(output: Path, *args: str | Path) -> WatchProcess:
+        w = WatchProcess(output, *args)
+        started.append(w)
+        return w
+
+    try:
+        yield start
+    finally:
+        for w in started:
+            w.stop()

@@ -1,0 +1,180 @@
+"""watch against real incusd and real Caddy: routes follow Incus, and survive what goes wrong."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import LABELS, ROOT, Caddy, Lab, WatchProcess, incus, labels, wait_for
+
+pytestmark = pytest.mark.integration
+
+StartWatch = Callable[..., WatchProcess]
+
+
+def stub_caddyfile(caddy: Caddy, path: Path) -> Path:
+    """A Caddy config with no sites yet, on the test's admin endpoint and port."""
+    path.write_text(f"{{\n\tadmin {caddy.admin}\n\thttp_port {caddy.http_port}\n}}\n")
+    return path
+
+
+def gone(caddy: Caddy, host: str, timeout: float = 10) -> bool:
+    """True once Caddy stops proxying the host (bounded)."""
+    return bool(wait_for(lambda: "hello" not in caddy.get(host)[1], timeout, interval=0.1))
+
+
+@pytest.fixture
+def running(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> tuple[Lab, Caddy, WatchProcess, str]:
+    caddy.start(stub_caddyfile(caddy, tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    watch.wait_cycles(1)
+    return lab, caddy, watch, project
+
+
+def test_routes_follow_start_change_stop_rename_delete(
+    running: tuple[Lab, Caddy, WatchProcess, str],
+) -> None:
+    lab, caddy, watch, project = running
+    name = f"w-{project[-4:]}"
+    host = f"{name}.localhost"
+
+    lab.launch(project, name, labels(host, 80))
+    assert "hello from" in caddy.wait_body(host, "port 80")
+
+    lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
+    assert "port 8080" in caddy.wait_body(host, "port 8080")
+
+    incus("stop", "--force", name, "--project", project)
+    assert gone(caddy, host)
+
+    incus("rename", name, f"{name}-b", "--project", project)
+    incus("start", f"{name}-b", "--project", project)
+    assert f"hello from {name}-b" in caddy.wait_body(host, f"{name}-b")
+
+    incus("delete", "--force", f"{name}-b", "--project", project)
+    assert gone(caddy, host)
+    assert host not in watch.output.read_text()
+
+
+def test_profile_change_adds_and_removes_the_keys(
+    running: tuple[Lab, Caddy, WatchProcess, str],
+) -> None:
+    lab, caddy, _watch, project = running
+    name = f"p-{project[-4:]}"
+    host = f"{name}.localhost"
+    incus("profile", "create", "caddy-web", "--project", project)
+    lab.launch(project, name, {f"{LABELS}matchers.host": host}, profiles=("default", "caddy-web"))
+    lab.address(project, name)
+    assert "hello" not in caddy.get(host)[1]
+
+    incus(
+        "profile",
+        "set",
+        "caddy-web",
+        f"{LABELS}enable=true",
+        f"{LABELS}upstream.port=80",
+        "--project",
+        project,
+    )
+    assert "hello from" in caddy.wait_body(host, "hello from")
+
+    incus("profile", "unset", "caddy-web", f"{LABELS}enable", "--project", project)
+    assert gone(caddy, host)
+
+
+def test_instance_in_another_project_and_noise(
+    running: tuple[Lab, Caddy, WatchProcess, str],
+) -> None:
+    lab, caddy, watch, _project = running
+    other = lab.project()
+    name = f"o-{other[-4:]}"
+    host = f"{name}.localhost"
+    lab.launch(other, name, labels(host))
+    assert "hello from" in caddy.wait_body(host, "hello from")
+    wait_for(lambda: False, 1.0)  # let the address poll and the debounce settle
+    before = len(watch.cycles())
+    loads = caddy.load_count()
+
+    for _ in range(5):  # noise: exec, file pull, metadata: no cycle, no reload
+        incus("exec", name, "--project", other, "--", "sh", "-c", ":")
+        incus("file", "pull", f"{name}/etc/inittab", "-", "--project", other)
+    incus("launch", "icf-busybox", f"u-{other[-4:]}", "--project", other)  # unlabelled
+    wait_for(lambda: False, 1.0)
+
+    cycles = watch.cycles()[before:]
+    assert all("instance-exec" not in " ".join(c["triggers"]) for c in cycles)
+    assert not any(c["written"] or c["reloaded"] for c in cycles), cycles
+    assert caddy.load_count() == loads
+
+
+def test_sighup_resyncs_and_sigterm_exits_0(running: tuple[Lab, Caddy, WatchProcess, str]) -> None:
+    _lab, _caddy, watch, _project = running
+    before = len(watch.cycles())
+    watch.signal(signal.SIGHUP)
+    cycles = watch.wait_cycles(before + 1)
+    assert "signal" in cycles[-1]["triggers"]
+    assert watch.stop() == 0
+
+
+def test_template_change_rerenders(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> None:
+    template = tmp_path / "mine.j2"
+    template.write_text((ROOT / "templates" / "Caddyfile.j2").read_text())
+    caddy.start(stub_caddyfile(caddy, tmp_path / "stub.Caddyfile"))
+    out = tmp_path / "Caddyfile"
+    watch = start_watch(out, *caddy.render_args, "--template", template)
+    watch.wait_cycles(1)
+
+    template.write_text(template.read_text() + "# operator was here\n")
+
+    assert wait_for(lambda: "# operator was here" in out.read_text(), 10)
+    assert "file" in " ".join(watch.cycles()[-1]["triggers"])
+
+
+def test_incusd_restart_keeps_routes_and_resyncs(
+    running: tuple[Lab, Caddy, WatchProcess, str],
+) -> None:
+    lab, caddy, watch, project = running
+    name = f"r-{project[-4:]}"
+    host = f"{name}.localhost"
+    lab.launch(project, name, labels(host, 80))
+    assert "port 80" in caddy.wait_body(host, "port 80")
+    good = watch.output.read_bytes()
+
+    subprocess.run(["pkill", "-KILL", "-f", "/usr/libexec/incus/incusd"], check=False)
+    try:
+        watch.wait_log("keeping the last good Caddyfile")
+        for _ in range(5):  # served from the last good config while Incus is down
+            assert "port 80" in caddy.get(host)[1]
+        assert watch.output.read_bytes() == good
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "lab.sh"), "start"], check=True, timeout=120)
+    watch.wait_log("reconnected to Incus", timeout=30)
+    lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
+    assert "port 8080" in caddy.wait_body(host, "port 8080", timeout=15)
+
+
+def test_caddy_down_then_back_gets_the_current_config(
+    running: tuple[Lab, Caddy, WatchProcess, str], tmp_path: Path
+) -> None:
+    lab, caddy, watch, project = running
+    name = f"c-{project[-4:]}"
+    host = f"{name}.localhost"
+    lab.launch(project, name, labels(host, 80))
+    assert "port 80" in caddy.wait_body(host, "port 80")
+
+    caddy.stop()
+    lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
+    watch.wait_log("Caddy was not reloaded")
+    assert ":8080" in watch.output.read_text()  # the file is the latest good render
+
+    caddy.start(stub_caddyfile(caddy, tmp_path / "stub2.Caddyfile"))  # started stale
+    assert "port 8080" in caddy.wait_body(host, "port 8080", timeout=40)

@@ -1,0 +1,155 @@
+"""Pure parts of watch: event classification, debounce (with an injected clock), backoff."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from incus_caddyfile.model import build
+from incus_caddyfile.watch import Backoff, Debouncer, Log, Trigger, classify, site_changes
+
+from .test_model import inst
+
+
+def event(action: str, source: str = "/1.0/instances/web?project=shop", **meta: object) -> dict:
+    return {
+        "type": "lifecycle",
+        "project": "shop",
+        "metadata": {"action": action, "source": source, **meta},
+    }
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        "created",
+        "started",
+        "stopped",
+        "shutdown",
+        "restarted",
+        "paused",
+        "resumed",
+        "updated",
+        "deleted",
+        "restored",
+        "ready",
+    ],
+)
+def test_instance_lifecycle_events_refresh_that_instance(action: str) -> None:
+    assert classify(event(f"instance-{action}")) == Trigger(f"instance-{action}", "shop", "web")
+
+
+def test_rename_carries_the_old_name() -> None:
+    trigger = classify(
+        event("instance-renamed", "/1.0/instances/new?project=shop", context={"old_name": "old"})
+    )
+    assert trigger == Trigger("instance-renamed", "shop", "new", "old")
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        "profile-updated",
+        "profile-renamed",
+        "profile-deleted",
+        "project-created",
+        "project-updated",
+        "project-deleted",
+    ],
+)
+def test_profile_and_project_events_resync_everything(action: str) -> None:
+    trigger = classify(event(action, "/1.0/profiles/caddy-web?project=shop"))
+    assert trigger is not None and trigger.full
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        "instance-exec",
+        "instance-file-pushed",
+        "instance-file-retrieved",
+        "instance-console",
+        "instance-log-retrieved",
+        "instance-snapshot-created",
+        "instance-backup-created",
+        "instance-metadata-updated",
+        "image-created",
+        "storage-volume-created",
+        "",
+    ],
+)
+def test_noise_triggers_nothing(action: str) -> None:
+    assert classify(event(action)) is None
+
+
+def test_non_lifecycle_messages_are_ignored() -> None:
+    assert classify({"type": "logging", "metadata": {"action": "instance-started"}}) is None
+
+
+def test_project_defaults_from_the_source_query() -> None:
+    msg = event("instance-started", "/1.0/instances/web?project=p2")
+    del msg["project"]
+    assert classify(msg) == Trigger("instance-started", "p2", "web")
+    msg = event("instance-started", "/1.0/instances/web")
+    del msg["project"]
+    assert classify(msg) == Trigger("instance-started", "default", "web")
+
+
+def test_debounce_waits_for_quiet() -> None:
+    d = Debouncer(0.05, 0.5)
+    assert d.deadline() is None and not d.due(100.0)
+    d.note(100.0)
+    assert not d.due(100.04)
+    assert d.due(100.05)
+
+
+def test_debounce_is_extended_by_each_event_up_to_max() -> None:
+    d = Debouncer(0.05, 0.5)
+    t = 10.0
+    d.note(t)
+    fired_at = None
+    for step in range(1, 100):  # an event every 40 ms: never 50 ms of quiet
+        now = t + step * 0.04
+        if d.due(now):
+            fired_at = now
+            break
+        d.note(now)
+    assert fired_at is not None and fired_at == pytest.approx(t + 0.52)
+    assert d.deadline() == pytest.approx(t + 0.5)
+    d.reset()
+    assert d.deadline() is None
+
+
+def test_debounce_rejects_bad_bounds() -> None:
+    with pytest.raises(ValueError):
+        Debouncer(1.0, 0.5)
+
+
+def test_backoff_doubles_to_a_cap_and_resets() -> None:
+    b = Backoff(0.5, 3.0)
+    assert [b.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    b.reset()
+    assert b.next() == 0.5
+
+
+def test_site_changes() -> None:
+    before = build([inst("a", host="a.example.org"), inst("b", host="b.example.org")])
+    after = build([inst("a", host="a.example.org", port="81"), inst("c", host="c.example.org")])
+    assert site_changes(before, after) == {
+        "added": ["c.example.org"],
+        "removed": ["b.example.org"],
+        "changed": ["a.example.org"],
+    }
+    assert site_changes(None, before)["added"] == ["a.example.org", "b.example.org"]
+
+
+def test_json_log_is_one_object_per_line() -> None:
+    out = io.StringIO()
+    Log("json", out)("cycle", "sites +1", added=["a"])
+    record = json.loads(out.getvalue())
+    assert record["event"] == "cycle" and record["added"] == ["a"]
+    out = io.StringIO()
+    Log("text", out)("cycle", "sites +1")
+    assert out.getvalue() == "incus-caddyfile: sites +1\n"
