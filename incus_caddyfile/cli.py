@@ -289,12 +289,13 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
 @settings_options
 @click.option(
     "--debounce",
-    default="0.05:0.5",
+    default="0.05:2",
     envvar=_env("DEBOUNCE"),
     show_default=True,
     callback=_parse_debounce,
     metavar="MIN:MAX",
-    help="Seconds of quiet to wait after an event, and the most to wait in a burst.",
+    help="Seconds of quiet to wait after an event; MAX: the longest wait, and the least"
+    " time between two reloads in a burst.",
 )
 @click.option(
     "--resync-interval",

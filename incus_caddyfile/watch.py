@@ -101,8 +101,14 @@ def classify(event: dict[str, Any]) -> Trigger | None:
 
 
 class Debouncer:
-    """Collect a burst: fire `min_wait` after the last trigger, but at most `max_wait` after
-    the first, so a steady stream of events still gets cycles. Time is passed in (testable)."""
+    """When to run the next cycle after triggers. Time is passed in, so it is testable.
+
+    - `min_wait`: quiet after the last trigger, so simultaneous events make one cycle.
+    - `max_wait`: no trigger waits longer than this after the first one of a burst (a steady
+      stream still gets cycles), and two cycles that changed the file (so reloaded Caddy)
+      are at least this far apart. An isolated change is applied after `min_wait`; a burst
+      of changes costs one reload per `max_wait`.
+    """
 
     def __init__(self, min_wait: float, max_wait: float) -> None:
         if not 0 <= min_wait <= max_wait:
@@ -110,6 +116,7 @@ class Debouncer:
         self.min_wait, self.max_wait = min_wait, max_wait
         self.first: float | None = None
         self.last: float | None = None
+        self.hold_until = float("-inf")  # set by a cycle that changed the file
 
     def note(self, now: float) -> None:
         if self.first is None:
@@ -119,14 +126,17 @@ class Debouncer:
     def deadline(self) -> float | None:
         if self.first is None or self.last is None:
             return None
-        return min(self.last + self.min_wait, self.first + self.max_wait)
+        return max(min(self.last + self.min_wait, self.first + self.max_wait), self.hold_until)
 
     def due(self, now: float) -> bool:
         deadline = self.deadline()
         return deadline is not None and now >= deadline
 
-    def reset(self) -> None:
+    def fired(self, now: float, changed: bool) -> None:
+        """A cycle ran; if it changed the file, hold the next one back for `max_wait`."""
         self.first = self.last = None
+        if changed:
+            self.hold_until = now + self.max_wait
 
 
 class Backoff:
@@ -148,7 +158,7 @@ class Backoff:
 @dataclass(frozen=True)
 class WatchOptions:
     debounce_min: float = 0.05
-    debounce_max: float = 0.5
+    debounce_max: float = 2.0
     resync_interval: float = 300.0
     address_timeout: float = 30.0
     address_poll_first: float = 0.05
@@ -354,8 +364,7 @@ class Watcher:
             s.verify_caddy = True
             self._want(Trigger("reload-retry"), now)
         if self.debounce.due(self.clock()):
-            self.debounce.reset()
-            self._cycle()
+            self.debounce.fired(self.clock(), changed=self._cycle())
 
     def _due_polls(self, now: float) -> None:
         """Instances waiting for an address: refresh each when its backoff says so."""
@@ -451,10 +460,11 @@ class Watcher:
         s.dirty.clear()
         return True
 
-    def _cycle(self) -> None:
+    def _cycle(self) -> bool:
+        """Refresh, render, write, reload. True when the file was written or Caddy reloaded."""
         s = self.state
         if not s.connected or self.client is None:
-            return  # keep the last good file; the reconnect will resync
+            return False  # keep the last good file; the reconnect will resync
         triggers, s.triggers = s.triggers, []
         if any(t.kind == "file" for t in triggers):
             self._reload_settings()
@@ -462,13 +472,14 @@ class Watcher:
         requests_before = self.client.requests
         if not self._refresh():
             s.triggers = triggers + s.triggers  # not lost: they still explain the next cycle
-            return
+            return False
         assert s.cache is not None
         report = pipeline.apply(
             self.settings, list(s.cache.values()), Report(), verify_running=s.verify_caddy
         )
         self.cycles += 1
         self._after(report, triggers, started, self.client.requests - requests_before)
+        return report.written or report.reloaded
 
     def _after(
         self, report: Report, triggers: list[Trigger], started: float, requests: int

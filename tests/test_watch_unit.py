@@ -118,8 +118,44 @@ def test_debounce_is_extended_by_each_event_up_to_max() -> None:
         d.note(now)
     assert fired_at is not None and fired_at == pytest.approx(t + 0.52)
     assert d.deadline() == pytest.approx(t + 0.5)
-    d.reset()
+    d.fired(fired_at, changed=False)
     assert d.deadline() is None
+
+
+def test_after_a_change_the_next_cycle_waits_max() -> None:
+    d = Debouncer(0.05, 2.0)
+    d.note(0.0)
+    assert d.deadline() == pytest.approx(0.05)
+    d.fired(0.05, changed=True)  # reloaded Caddy
+    d.note(0.3)  # the next change of a burst
+    assert d.deadline() == pytest.approx(2.05)
+    assert not d.due(2.0) and d.due(2.05)
+    d.fired(2.05, changed=False)  # nothing changed: no hold
+    d.note(2.1)
+    assert d.deadline() == pytest.approx(2.15)
+
+
+def test_a_burst_of_30_changes_costs_one_reload_per_max() -> None:
+    """30 changes 100 ms apart (3 s), each cycle reloading: 2 reloads, not 30."""
+    d = Debouncer(0.05, 2.0)
+    events = [i * 0.1 for i in range(30)]
+    reloads = 0
+    now = 0.0
+    while now < 10:
+        if events and events[0] <= now:
+            d.note(events.pop(0))
+        if d.due(now):
+            d.fired(now, changed=True)
+            reloads += 1
+        now = round(now + 0.01, 2)
+    assert reloads == 3  # at 0.05 s, at 2.05 s, and the tail at 4.05 s
+
+
+def test_an_isolated_change_after_a_quiet_spell_is_fast() -> None:
+    d = Debouncer(0.05, 2.0)
+    d.fired(0.0, changed=True)
+    d.note(5.0)
+    assert d.deadline() == pytest.approx(5.05)
 
 
 def test_debounce_rejects_bad_bounds() -> None:
