@@ -12,7 +12,7 @@ import click
 from . import __version__, pipeline
 from .output import Changed
 from .pipeline import EXIT_CODES_HELP, Report
-from .settings import ENV_PREFIX, Settings, SettingsError, load_file
+from .settings import ENV_PREFIX, Settings, SettingsError, load_file, load_policy
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -161,6 +161,7 @@ def make_settings(**kwargs: Any) -> Settings:
             reload=kwargs["reload"],
             caddy_bin=kwargs["caddy_bin"],
             config_file=Path(config_file) if config_file else None,
+            policy=load_policy(Path(config_file) if config_file else None),
         )
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None

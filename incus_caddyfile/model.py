@@ -7,6 +7,7 @@ a brace, `import` or `{env.X}` in a label would change the structure of the gene
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -237,6 +238,64 @@ def pick_address(instance: Instance) -> str | None:
     return None
 
 
+def _parent(host: str) -> str:
+    """`shop.example.org` -> `example.org`; the domain a one-label wildcard would cover."""
+    return host.split(".", 1)[1] if "." in host else ""
+
+
+def _covers(pattern: str, host: str) -> bool:
+    """Every name `host` can serve is allowed by `pattern` ('*.e' = anything below e)."""
+    if not pattern.startswith("*."):
+        return host == pattern
+    below = pattern[2:]
+    domain = host[2:] if host.startswith("*.") else host
+    return (host.startswith("*.") and domain == below) or domain.endswith("." + below)
+
+
+def _touches(pattern: str, host: str) -> bool:
+    """Some name `host` can serve is in `pattern` (a wildcard host serves one label)."""
+    if _covers(pattern, host):
+        return True
+    if host.startswith("*.") and not pattern.startswith("*."):
+        return _parent(pattern) == host[2:]
+    return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which projects count, and which hosts each may claim (the settings' [projects]).
+
+    A project with a `domains` list may claim only hosts those patterns cover; the patterns
+    of every listed project are reserved for it, so no other project can claim into them.
+    `"*"` gives the list for projects not named. No list at all: anything not reserved.
+    """
+
+    include: tuple[str, ...] = ()  # glob patterns of project names; empty: every project
+    exclude: tuple[str, ...] = ()
+    domains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (project, patterns)
+
+    def considers(self, project: str) -> bool:
+        included = not self.include or any(fnmatch.fnmatchcase(project, p) for p in self.include)
+        return included and not any(fnmatch.fnmatchcase(project, p) for p in self.exclude)
+
+    def patterns(self, project: str) -> tuple[str, ...] | None:
+        table = dict(self.domains)
+        return table.get(project, table.get("*"))
+
+    def refuses(self, project: str, host: str) -> str | None:
+        """Why `project` may not claim `host`, or None when it may."""
+        own = self.patterns(project)
+        if own is not None and not any(_covers(p, host) for p in own):
+            allowed = ", ".join(own) or "nothing"
+            return f"project {project} may only claim hosts under: {allowed} (settings file)"
+        if project in dict(self.domains):
+            return None  # its own explicit list covers the host
+        for other, patterns in self.domains:
+            if other not in (project, "*") and any(_touches(p, host) for p in patterns):
+                return f"reserved for project {other} by the settings file"
+        return None
+
+
 _TIMESTAMP = re.compile(r"(?P<base>[^.Z+]*)(?:\.(?P<frac>[0-9]+))?")
 
 
@@ -316,35 +375,47 @@ def _claims_of(inst: Instance) -> tuple[list[_Claim], list[Rejection], Skip | No
     return claims, rejections, skip
 
 
-def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
-    """Group claims by host. One project may pool a host; another project's claim is refused.
+def _overlapping(host: str) -> list[str]:
+    """Hosts whose sites would serve some of the same names: itself, and a wildcard and an
+    exact host one label below it (Caddy's `*.` matches exactly one label)."""
+    if host.startswith("*."):
+        return [host]  # exact hosts under it are found through their own wildcard key
+    return [host, "*." + _parent(host)] if _parent(host) else [host]
 
-    The holder is the project of the earliest claim, running or not; a host whose holder has
-    no running upstream gets no site (it is not handed to the next project).
+
+def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
+    """Decide who holds each host. Claims are taken oldest first; a claim that overlaps a
+    kept claim from another project (the same host, or a wildcard and a host under it) is
+    refused, naming the holder. One project may pool a host (load balancing) and may hold
+    both a wildcard and hosts under it. A stopped holder still holds: its host gets no site
+    rather than going to another project.
     """
-    by_host: dict[str, list[_Claim]] = {}
-    for claim in claims:
-        by_host.setdefault(claim.host, []).append(claim)
-    sites: list[Site] = []
+    kept: dict[str, list[_Claim]] = {}
     rejections: list[Rejection] = []
-    for host in sorted(by_host):
-        group = sorted(by_host[host], key=lambda c: c.order)
-        holder = group[0]
-        for c in group:
-            if c.project != holder.project:
-                rejections.append(
-                    Rejection(
-                        c.project,
-                        c.instance,
-                        KEY_HOST,
-                        host,
-                        f"host already claimed by {holder.project}/{holder.instance}"
-                        " (created earlier, in another project)",
-                    )
+    children: dict[str, list[_Claim]] = {}  # "*.d" -> kept exact claims one label under d
+    for claim in sorted(claims, key=lambda c: (c.order, c.host)):
+        rivals = [k for h in _overlapping(claim.host) for k in kept.get(h, [])]
+        rivals += children.get(claim.host, [])
+        holder = next((r for r in rivals if r.project != claim.project), None)
+        if holder is not None:
+            what = "host" if holder.host == claim.host else f"overlapping {holder.host}"
+            rejections.append(
+                Rejection(
+                    claim.project,
+                    claim.instance,
+                    KEY_HOST,
+                    claim.host,
+                    f"{what} already claimed by {holder.project}/{holder.instance}"
+                    " (created earlier, in another project)",
                 )
-        upstreams = sorted(
-            c.upstream for c in group if c.project == holder.project and c.upstream is not None
-        )
+            )
+            continue
+        kept.setdefault(claim.host, []).append(claim)
+        if not claim.host.startswith("*.") and _parent(claim.host):
+            children.setdefault("*." + _parent(claim.host), []).append(claim)
+    sites = []
+    for host in sorted(kept):
+        upstreams = sorted(c.upstream for c in kept[host] if c.upstream is not None)
         if upstreams:
             sites.append(Site(host, tuple(upstreams)))
     return sites, rejections
@@ -370,15 +441,34 @@ def _group_wildcards(
     return remaining, groups
 
 
-def build(instances: Iterable[Instance], wildcards: Iterable[str] = ()) -> Model:
+def _allowed(claims: list[_Claim], policy: Policy) -> tuple[list[_Claim], list[Rejection]]:
+    kept, refused = [], []
+    for claim in claims:
+        reason = policy.refuses(claim.project, claim.host)
+        if reason is None:
+            kept.append(claim)
+        else:
+            refused.append(Rejection(claim.project, claim.instance, KEY_HOST, claim.host, reason))
+    return kept, refused
+
+
+def build(
+    instances: Iterable[Instance], wildcards: Iterable[str] = (), policy: Policy | None = None
+) -> Model:
     """Turn the listing into a model. Invalid values are rejected one by one, never fatal."""
+    policy = policy or Policy()
     claims: list[_Claim] = []
     rejections: list[Rejection] = []
     skipped: list[Skip] = []
     for inst in sorted(instances, key=lambda i: (i.project, i.name)):
         if not inst.labels:
             continue
+        if not policy.considers(inst.project):
+            skipped.append(Skip(inst.project, inst.name, "project not included by the settings"))
+            continue
         inst_claims, inst_rejections, skip = _claims_of(inst)
+        inst_claims, refused = _allowed(inst_claims, policy)
+        rejections.extend(refused)
         claims.extend(inst_claims)
         rejections.extend(inst_rejections)
         if skip is not None:

@@ -117,7 +117,7 @@ def apply(
     verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
     reload if not). watch turns it off while it knows its last reload succeeded.
     """
-    report.model = build(instances, settings.wildcards)
+    report.model = build(instances, settings.wildcards, settings.policy)
     try:
         report.text = render(report.model, settings)
     except TemplateError as exc:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model import InvalidValue, parse_hostname
+from .model import InvalidValue, Policy, parse_hostname
 
 ENV_PREFIX = "INCUS_CADDYFILE_"
 SCHEMES = ("https", "http")
@@ -59,6 +59,7 @@ class Settings:
     reload: bool = True
     caddy_bin: str | None = None
     config_file: Path | None = None
+    policy: Policy = field(default_factory=Policy)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -106,15 +107,52 @@ def validate(s: Settings) -> None:
         raise SettingsError("--reload-command: empty command")
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """Read a settings file into click parameter names. Unknown keys are an error (typos)."""
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read settings file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _strings(path: Path, where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SettingsError(f"{path}: {where} must be a list of strings")
+    return tuple(value)
+
+
+def load_policy(path: Path | None) -> Policy:
+    """The [projects] table: include/exclude globs, and per-project domain patterns."""
+    if path is None:
+        return Policy()
+    table = _read_toml(path).get("projects", {})
+    if not isinstance(table, dict):
+        raise SettingsError(f"{path}: [projects] must be a table")
+    include = _strings(path, "projects.include", table.get("include", []))
+    exclude = _strings(path, "projects.exclude", table.get("exclude", []))
+    domains = []
+    for project, entry in sorted(table.items()):
+        if project in ("include", "exclude"):
+            continue
+        where = f"[projects.{project}]"
+        if not isinstance(entry, dict) or set(entry) - {"domains"}:
+            raise SettingsError(f"{path}: {where} may only hold `domains = [...]`")
+        patterns = _strings(path, f"{where} domains", entry.get("domains", []))
+        for pattern in patterns:
+            try:
+                parse_hostname(pattern)
+            except InvalidValue as exc:
+                raise SettingsError(f"{path}: {where} domains: {pattern!r}: {exc}") from None
+        domains.append((project, tuple(p.lower() for p in patterns)))
+    return Policy(include=include, exclude=exclude, domains=tuple(domains))
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a settings file into click parameter names. Unknown keys are an error (typos)."""
+    data = _read_toml(path)
+    load_policy(path)  # fail early (as a usage error) on a bad [projects] table
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in FILE_TABLES:

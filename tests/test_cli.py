@@ -153,3 +153,37 @@ def test_module_entry_point_runs() -> None:
         check=False,
     )
     assert proc.returncode == 0 and "incus-caddyfile" in proc.stdout
+
+
+def test_project_policy_from_settings_file(fleet: list[Instance], tmp_path: Path) -> None:
+    fleet[:] = [
+        inst("shop", project="tenant-a", host="shop.a.example.org"),
+        inst("squat", project="tenant-b", host="www.a.example.org", address="198.18.0.20"),
+        inst("hidden", project="staging", host="staging.example.org", address="198.18.0.21"),
+    ]
+    config = tmp_path / "s.toml"
+    config.write_text(
+        '[projects]\nexclude = ["staging"]\n\n[projects.tenant-a]\ndomains = ["*.a.example.org"]\n'
+    )
+    code, out, err = invoke("render", "--config", str(config))
+    assert code == Status.REJECTED
+    assert "shop.a.example.org {" in out
+    assert "www.a.example.org" not in out and "staging" not in out
+    assert "rejected tenant-b/squat: user.caddyserver.http.matchers.host='www.a.example.org':" in err
+    assert "reserved for project tenant-a by the settings file" in err
+    assert "skipped staging/hidden: project not included by the settings" in err
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[projects.a]\ndomains = ["x y"]\n', "[projects.a] domains: 'x y'"),
+        ('[projects.a]\ndomain = ["a.org"]\n', "may only hold `domains"),
+        ("[projects]\ninclude = 'a'\n", "projects.include must be a list"),
+    ],
+)
+def test_bad_policy_is_a_usage_error(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text(toml)
+    code, _, err = invoke("render", "--config", str(config))
+    assert code == 2 and message in err

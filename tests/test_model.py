@@ -11,6 +11,7 @@ from incus_caddyfile.model import (
     Instance,
     InvalidValue,
     Nic,
+    Policy,
     build,
     in_wildcard,
     parse_hostname,
@@ -262,9 +263,7 @@ def test_matcher_names_are_unique_per_host() -> None:
 
 
 def test_wildcard_matcher_cannot_collide_with_a_host() -> None:
-    model = build(
-        [inst("a", host="*.example.org"), inst("b", host="wildcard.example.org", project="p")]
-    )
+    model = build([inst("a", host="*.example.org"), inst("b", host="wildcard.example.org")])
     assert len({s.matcher for s in model.sites}) == 2
 
 
@@ -292,3 +291,122 @@ def test_unknown_key_is_ignored_not_rejected() -> None:
     [notice] = model.rejections
     assert notice.ignored
     assert str(notice).startswith("ignored default/a: user.caddyserver.http.upstream.prot='80'")
+
+
+def test_wildcard_and_host_under_it_in_other_projects_earliest_wins() -> None:
+    wild = inst(
+        "wild",
+        project="a",
+        host="*.example.org",
+        created_at="2025-01-01T00:00:00Z",
+        address="198.18.0.1",
+    )
+    exact = inst(
+        "shop",
+        project="b",
+        host="shop.example.org",
+        created_at="2026-01-01T00:00:00Z",
+        address="198.18.0.2",
+    )
+    deeper = inst(
+        "deep",
+        project="b",
+        host="x.shop.example.org",
+        created_at="2026-01-01T00:00:00Z",
+        address="198.18.0.3",
+    )
+    model = build([exact, wild, deeper])
+    assert [s.host for s in model.sites] == ["*.example.org", "x.shop.example.org"]
+    [rejection] = model.rejections
+    assert rejection.instance == "shop"
+    assert rejection.reason.startswith("overlapping *.example.org already claimed by a/wild")
+    # the other way round: the exact host came first, the later wildcard is refused
+    exact_first = inst(
+        "shop", project="b", host="shop.example.org", created_at="2024-01-01T00:00:00Z"
+    )
+    model = build([exact_first, wild])
+    assert [s.host for s in model.sites] == ["shop.example.org"]
+    assert model.rejections[0].instance == "wild"
+
+
+def test_one_project_may_hold_a_wildcard_and_hosts_under_it() -> None:
+    model = build([inst("wild", host="*.example.org"), inst("shop", host="shop.example.org")])
+    assert [s.host for s in model.sites] == ["*.example.org", "shop.example.org"]
+    assert model.rejections == ()
+
+
+POLICY = Policy(
+    domains=(
+        ("tenant-a", ("*.a.example.org", "a.example.com")),
+        ("tenant-b", ("*.b.example.org",)),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("project", "host", "allowed"),
+    [
+        ("tenant-a", "shop.a.example.org", True),
+        ("tenant-a", "x.y.a.example.org", True),
+        ("tenant-a", "*.a.example.org", True),
+        ("tenant-a", "*.x.a.example.org", True),
+        ("tenant-a", "a.example.com", True),
+        ("tenant-a", "a.example.org", False),  # the apex is not below itself
+        ("tenant-a", "www.a.example.com", False),
+        ("tenant-a", "shop.b.example.org", False),
+        ("tenant-a", "*.example.org", False),
+        ("tenant-b", "a.example.com", False),
+        ("other", "anything.example.net", True),  # unlisted: anything not reserved
+        ("other", "shop.a.example.org", False),  # reserved for tenant-a
+        ("other", "a.example.com", False),
+        ("other", "*.b.example.org", False),
+        ("other", "*.example.com", False),  # would serve a.example.com
+        ("other", "*.example.org", True),  # one label: serves a.example.org, not below it
+    ],
+)
+def test_domain_policy(project: str, host: str, allowed: bool) -> None:
+    assert (POLICY.refuses(project, host) is None) == allowed
+
+
+def test_policy_rejections_name_the_rule_and_keep_allowed_hosts() -> None:
+    model = build(
+        [inst("web", project="tenant-a", host="shop.a.example.org evil.b.example.org")],
+        policy=POLICY,
+    )
+    assert [s.host for s in model.sites] == ["shop.a.example.org"]
+    [rejection] = model.rejections
+    assert rejection.value == "evil.b.example.org"
+    assert "may only claim hosts under: *.a.example.org, a.example.com" in rejection.reason
+
+
+def test_a_refused_claim_does_not_block_an_allowed_one() -> None:
+    squatter = inst(
+        "sq",
+        project="tenant-b",
+        host="shop.a.example.org",
+        created_at="2020-01-01T00:00:00Z",
+        address="198.18.0.1",
+    )
+    owner = inst("web", project="tenant-a", host="shop.a.example.org", address="198.18.0.2")
+    model = build([squatter, owner], policy=POLICY)
+    assert model.sites[0].instances == ["tenant-a/web"]
+
+
+def test_default_list_for_unnamed_projects_still_respects_reservations() -> None:
+    policy = Policy(domains=(("*", ("*.example.org",)), ("tenant-a", ("*.a.example.org",))))
+    assert policy.refuses("x", "shop.example.org") is None
+    assert policy.refuses("x", "shop.example.net") is not None
+    assert "reserved for project tenant-a" in (policy.refuses("x", "s.a.example.org") or "")
+
+
+def test_include_and_exclude_projects() -> None:
+    policy = Policy(include=("tenant-*", "default"), exclude=("tenant-old",))
+    fleet = [
+        inst("a", project="tenant-1", host="a.example.org"),
+        inst("b", project="tenant-old", host="b.example.org"),
+        inst("c", project="staging", host="c.example.org"),
+        inst("d", project="default", host="d.example.org"),
+    ]
+    model = build(fleet, policy=policy)
+    assert [s.host for s in model.sites] == ["a.example.org", "d.example.org"]
+    assert {s.project for s in model.skipped} == {"tenant-old", "staging"}
