@@ -23,6 +23,8 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 _HOST_SEPARATORS = re.compile(r"[ \t,]+")
 MAX_HOSTNAME = 253
+# Bare words Caddy reads as directives where a site address would stand.
+CADDYFILE_KEYWORDS = frozenset({"import"})
 MAX_SHOWN_VALUE = 80
 
 
@@ -178,6 +180,8 @@ def parse_hostname(raw: str) -> str:
         labels = labels[1:]
         if not labels:
             raise InvalidValue("a wildcard needs a domain after '*.'")
+    if host in CADDYFILE_KEYWORDS:
+        raise InvalidValue("a Caddyfile keyword, not usable as a site address")
     for label in labels:
         if label == "*" or "*" in label:
             raise InvalidValue("'*' is only allowed as the whole first label ('*.example.org')")
