@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import glob
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 NEW_FILE_MODE = 0o644
+STALE_TEMP_AGE = 60.0  # seconds; a temp file this old was left by a killed writer
 
 
 class Changed(Enum):
@@ -84,9 +87,23 @@ def _write_in_place(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def remove_stale_temps(path: Path, now: float | None = None) -> list[Path]:
+    """Delete temp files of ours that a killed writer left next to `path` (old ones only,
+    so a concurrent writer's fresh temp file is left alone)."""
+    now = time.time() if now is None else now
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - candidate.stat().st_mtime > STALE_TEMP_AGE:
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
 def write_atomic(path: Path, data: bytes) -> Written:
     """Replace `path` with `data` so a reader sees the old or the new file, never a mix."""
     directory = path.parent if str(path.parent) else Path(".")
+    remove_stale_temps(path)
     tmp_name: str | None = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)

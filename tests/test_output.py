@@ -80,3 +80,17 @@ def test_bind_mounted_file_falls_back_to_in_place_write(
     assert bind_mounted_file.read_bytes() == b"new content\n"
     assert (tmp_path / "host-Caddyfile").read_bytes() == b"new content\n"  # seen on the host
     assert leftovers(bind_mounted_file.parent) == []
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "Caddyfile"
+    stale = tmp_path / ".Caddyfile.abc123.tmp"
+    fresh = tmp_path / ".Caddyfile.def456.tmp"
+    other = tmp_path / ".other.abc.tmp"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    os.utime(other, (0, 0))
+    write_atomic(target, b"new\n")
+    assert not stale.exists()
+    assert fresh.exists() and other.exists()  # young, or not ours

