@@ -81,6 +81,7 @@ from fleet import (
 
 from incus_caddyfile import model
 from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.incus import EventStream, IncusClient, IncusError
 from incus_caddyfile.settings import default_incus_socket
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,6 +403,38 @@ def has_trigger(trigger: str, cycle: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------- 1. latency
 
 
+class Events:
+    """Incus lifecycle events as this script sees them (the same stream watch reads), with
+    the wall-clock time each arrived: to tell how much of a latency is the event's."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.seen: list[tuple[float, str, str]] = []  # (time.time(), action, source path)
+        self._lock = threading.Lock()
+        try:
+            self.stream: EventStream = IncusClient(endpoint).events(self._on_event, lambda: None)
+            self.stream.start()
+        except IncusError as exc:
+            raise BenchError(f"cannot follow Incus events: {exc}") from None
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        meta = event.get("metadata") or {}
+        source = str(meta.get("source") or "").split("?")[0]
+        with self._lock:
+            self.seen.append((time.time(), str(meta.get("action") or ""), source))
+
+    def first(self, action: str, name: str, since: float) -> float | None:
+        """Wall time of the first `action` event for instance `name` at or after `since`."""
+        path = f"/1.0/instances/{name}"
+        with self._lock:
+            return next((at for at, act, src in self.seen
+                         if at >= since and act == action and src == path), None)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+
+
 @dataclass
 class Target:
     project: str
@@ -502,12 +535,13 @@ class Prober:
             self._slots.release()
 
 
-def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target) -> dict[str, Any]:
+def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target, fleet: Fleet,
+                  events: Events) -> dict[str, Any]:
     """Start the target, time its address and its first 200 through Caddy, stop it again."""
     starter = project_client(endpoint, target.project)
     state_api = project_client(endpoint, target.project).api.instances[target.name]
     after = len(watch.cycles())
-    called = time.monotonic()
+    called, called_wall = time.monotonic(), time.time()
     set_state(starter, target.name, "start")
     t0, t0_wall = time.monotonic(), time.time()
     address, stop = AddressPoll(), threading.Event()
@@ -519,15 +553,19 @@ def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target) -> 
     poller.join(timeout=ROUND_TIMEOUT_S)
     cycles = [c.data for c in watch.cycles()[after:]]
     stop_target(starter, caddy, watch, target)
+    mine = [c for c in cycles if mentions(c, target)]
+    event = events.first("instance-started", target.name, called_wall)
     return {
         "start_call_ms": ms(t0 - called),
+        "event_ms": None if event is None else ms(event - t0_wall),
         "t_addr": address.seen,
         "t_200": prober.first,
         "probes": prober.sent,
         "state_requests": address.requests,
         "state_request_ms": ms(address.request_s / address.requests) if address.requests else None,
         "state_errors": address.errors[:3],
-        "cycles": [cycle_summary(c, t0_wall) for c in cycles if mentions(c, target)],
+        "disturbed": others(cycles, fleet) > 0,
+        "cycles": [cycle_summary(c, t0_wall) for c in mine],
     }
 
 
@@ -539,9 +577,12 @@ def mentions(cycle: dict[str, Any], target: Target) -> bool:
 
 
 def cycle_summary(cycle: dict[str, Any], t0_wall: float) -> dict[str, Any]:
-    """A cycle relative to t0 (`at_ms`: when watch logged it, i.e. after Caddy's reload)."""
+    """A cycle relative to t0: `at_ms` when watch logged it (after Caddy's reload), `from_ms`
+    when it began (before its Incus requests)."""
+    end = float(cycle.get("ts", 0)) - t0_wall
     return {
-        "at_ms": round((float(cycle.get("ts", 0)) - t0_wall) * 1000, 1),
+        "from_ms": round(end * 1000 - float(cycle.get("duration_ms") or 0), 1),
+        "at_ms": round(end * 1000, 1),
         "triggers": cycle.get("triggers"),
         "added": len(cycle.get("added") or []),
         "removed": len(cycle.get("removed") or []),
@@ -561,19 +602,22 @@ def stop_target(client: Any, caddy: Caddy, watch: Watch, target: Target) -> None
 
 
 def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
-                    rounds: int) -> dict[str, Any]:
+                    fleet: Fleet, rounds: int) -> dict[str, Any]:
     samples = []
-    for i in range(rounds):
-        sample = latency_round(endpoint, caddy, watch, target)
-        samples.append(sample)
-        print(f"  start {i + 1:2}/{rounds}: addr {fmt(sample['t_addr'])}, "
-              f"200 {fmt(sample['t_200'])} after t0", flush=True)
+    events = Events(endpoint)
+    try:
+        for i in range(rounds):
+            samples.append(latency_round(endpoint, caddy, watch, target, fleet, events))
+            print(f"  start {i + 1:2}/{rounds}: {round_line(samples[-1])}", flush=True)
+    finally:
+        events.close()
     t_addr = [s["t_addr"] for s in samples]
     t_200 = [s["t_200"] for s in samples]
     added = [None if a is None or b is None else b - a for a, b in zip(t_addr, t_200, strict=True)]
     figures = {
         "rounds": rounds,
         "timeouts": sum(1 for v in added if v is None),
+        "disturbed_rounds": sum(1 for s in samples if s["disturbed"]),
         "t_200_minus_t0": stats_ms(t_200),
         "t_addr_minus_t0": stats_ms(t_addr),
         "t_200_minus_t_addr": stats_ms(added),
@@ -586,51 +630,81 @@ def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
 
 
 def fmt(seconds: float | None) -> str:
-    return "timeout" if seconds is None else f"{seconds * 1000:7.1f} ms"
+    return "timeout" if seconds is None else f"{seconds * 1000:6.0f} ms"
+
+
+def round_line(s: dict[str, Any]) -> str:
+    """One latency round: times after t0 (the start call's return)."""
+    route = next((c for c in s["cycles"] if c["added"]), None)
+    cycle = "no routing cycle" if route is None else (
+        f"routing cycle {route['from_ms']:.0f}..{route['at_ms']:.0f} ms "
+        f"({len(route['triggers'] or [])} triggers)")
+    event = "?" if s["event_ms"] is None else f"{s['event_ms']:.0f} ms"
+    return (f"call {s['start_call_ms']:.0f} ms; event {event}; addr {fmt(s['t_addr'])}; "
+            f"{cycle}; 200 {fmt(s['t_200'])}{'  DISTURBED' if s['disturbed'] else ''}")
 
 
 # ---------------------------------------------------------------- 3. noise and burst
 
 
-def noise_commands(fleet: Fleet) -> list[tuple[str, list[str]]]:
-    """(kind, incus arguments) for NOISE_PLAN's events, spread over the fleet."""
+def noise_commands(fleet: Fleet) -> dict[str, list[list[str]]]:
+    """Window name -> incus arguments of NOISE_PLAN's events, spread over the fleet."""
     members = fleet.members()
-    out: list[tuple[str, list[str]]] = []
-    for i in range(NOISE_PLAN["exec"]):
-        project, name = members[i % len(members)]
-        out.append(("exec", ["exec", name, "--project", project, "--", "sh", "-c", ":"]))
-    for i in range(NOISE_PLAN["file-pull"]):
-        project, name = members[(i + 7) % len(members)]
-        out.append(("file-pull", ["file", "pull", f"{name}/etc/inittab", "-", "--project",
-                                  project]))
-    for verb in ("create", "delete"):
-        for i in range(NOISE_PLAN[f"snapshot-{verb}"]):
-            project, name = members[(i + 13) % len(members)]
-            out.append((f"snapshot-{verb}", ["snapshot", verb, name, "icfw-noise", "--project",
-                                             project]))
-    return out
+
+    def member(i: int) -> tuple[str, str]:
+        return members[i % len(members)]
+
+    execs = [["exec", n, "--project", p, "--", "sh", "-c", ":"]
+             for p, n in map(member, range(NOISE_PLAN["exec"]))]
+    pulls = [["file", "pull", f"{n}/etc/inittab", "-", "--project", p]
+             for p, n in map(member, range(7, 7 + NOISE_PLAN["file-pull"]))]
+    snapshots = [["snapshot", verb, n, "icfw-noise", "--project", p]
+                 for verb in ("create", "delete")
+                 for p, n in map(member, range(13, 13 + NOISE_PLAN[f"snapshot-{verb}"]))]
+    return {"exec+file-pull": execs + pulls, "snapshots": snapshots}
+
+
+def noise_window(caddy: Caddy, watch: Watch, fleet: Fleet,
+                 commands: Sequence[list[str]]) -> dict[str, Any]:
+    """Run the commands one after the other; the cycles and reloads until watch settles."""
+    watch.settle()
+    cycles_before, loads_before = len(watch.cycles()), caddy.loads()
+    started, started_wall = time.monotonic(), time.time()
+    for args in commands:
+        incus(*args)
+    took = time.monotonic() - started
+    watch.settle(quiet=HOLD_S + 0.5)  # a cycle they caused would have run by now
+    cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    return {
+        "events": len(commands),
+        "took_s": round(took, 2),
+        "cycles": len(cycles),
+        "reloads": caddy.loads() - loads_before,
+        "cycles_with_other_triggers": others(cycles, fleet),
+        "cycle_log": [cycle_summary(c, started_wall) for c in cycles],
+    }
 
 
 def measure_noise(caddy: Caddy, watch: Watch, fleet: Fleet) -> dict[str, Any]:
-    watch.settle()
-    cycles_before, loads_before = len(watch.cycles()), caddy.loads()
-    started = time.monotonic()
-    commands = noise_commands(fleet)
-    for _kind, args in commands:
-        incus(*args)
-    took = time.monotonic() - started
-    time.sleep(HOLD_S + 0.5)  # a cycle they caused would have run by now
-    cycles = [c.data for c in watch.cycles()[cycles_before:]]
-    reloads = caddy.loads() - loads_before
+    windows = {name: noise_window(caddy, watch, fleet, commands)
+               for name, commands in noise_commands(fleet).items()}
+    cycles = sum(w["cycles"] for w in windows.values())
+    reloads = sum(w["reloads"] for w in windows.values())
     return {
-        "events": len(commands),
+        "events": sum(w["events"] for w in windows.values()),
         "plan": NOISE_PLAN,
-        "took_s": round(took, 2),
-        "cycles": len(cycles),
-        "cycle_triggers": [c.get("triggers") for c in cycles],
+        "cycles": cycles,
         "reloads": reloads,
-        "target_met": reloads == 0 and not cycles,
+        "windows": windows,
+        "target_met": cycles == 0 and reloads == 0,
     }
+
+
+def others(cycles: Sequence[dict[str, Any]], fleet: Fleet) -> int:
+    """Cycles with a trigger that is not an event of this benchmark's projects (another user
+    of this Incus, or watch's own timer): a sign that a figure was disturbed."""
+    ours = f"{PROJECT_PREFIX}{fleet.suffix}-p"
+    return sum(1 for c in cycles if any(ours not in t for t in c.get("triggers") or []))
 
 
 def burst_members(fleet: Fleet, count: int) -> list[tuple[str, str]]:
@@ -713,6 +787,7 @@ def measure_burst(endpoint: str, caddy: Caddy, watch: Watch, fleet: Fleet,
         "reloads_until_all_routed": reloads_until_routed,  # from watch's log
         "reloads_after_settling": reloads,  # from Caddy's log
         "served_after_settling": served,
+        "cycles_with_other_triggers": others(cycles, fleet),
         "cycles": [cycle_summary(c, started_wall) for c in cycles],
         "target_met": reloads <= BURST_MAX_RELOADS,
     }
@@ -734,7 +809,7 @@ def reloads_until(cycles: Sequence[dict[str, Any]], hosts: set[str]) -> int | No
 # ---------------------------------------------------------------- 4. idle
 
 
-def measure_idle(watch: Watch, seconds: float) -> dict[str, Any]:
+def measure_idle(watch: Watch, fleet: Fleet, seconds: float) -> dict[str, Any]:
     watch.settle()
     cycles_before = len(watch.cycles())
     rss_first, cpu_first = proc_figures(watch.pid)
@@ -758,6 +833,7 @@ def measure_idle(watch: Watch, seconds: float) -> dict[str, Any]:
         "cpu_ms": round(cpu_last - cpu_first, 1),
         "cpu_ms_total_since_start": round(cpu_last, 1),
         "cycles": len(cycles),
+        "cycles_with_other_triggers": others(cycles, fleet),
         "cycle_triggers": [c.get("triggers") for c in cycles],
     }
 
@@ -782,7 +858,8 @@ def report(f: dict[str, Any]) -> None:
 
 
 def report_latency(lat: dict[str, Any]) -> None:
-    print(f"\n1. latency, {lat['rounds']} starts of the target ({lat['timeouts']} timeouts)")
+    print(f"\n1. latency, {lat['rounds']} starts of the target ({lat['timeouts']} timeouts)"
+          f"{disturbed(lat['disturbed_rounds'], 'rounds had cycles')}")
     print(f"   {'':30}{'p50':>10}{'p95':>10}{'max':>10}")
     rows = [("t_200 - t0", "t_200_minus_t0"), ("t_addr - t0 (floor)", "t_addr_minus_t0"),
             ("t_200 - t_addr (watch)", "t_200_minus_t_addr")]
@@ -807,15 +884,24 @@ def report_requests(req: dict[str, Any]) -> None:
 
 def report_noise_burst(noise: dict[str, Any], burst: dict[str, Any]) -> None:
     plan = ", ".join(f"{v} {k}" for k, v in noise["plan"].items())
-    print(f"\n3. noise: {noise['events']} events ({plan}) in {noise['took_s']} s -> "
-          f"{noise['cycles']} cycles, {noise['reloads']} reloads "
-          f"(target 0 and 0): {verdict(noise['target_met'])}")
+    print(f"\n3. noise: {noise['events']} events ({plan}) -> {noise['cycles']} cycles, "
+          f"{noise['reloads']} reloads (target 0 and 0): {verdict(noise['target_met'])}")
+    for name, w in noise["windows"].items():
+        print(f"   {name:15} {w['events']:3} events in {w['took_s']:5.2f} s: {w['cycles']} "
+              f"cycles, {w['reloads']} reloads{disturbed(w['cycles_with_other_triggers'])}")
     print(f"   burst: {burst['instances']} starts by {burst['method']}")
     print(f"   the starts took {burst['burst_s']} s; all routed in the file "
-          f"{burst['all_routed_after_s']} s after the first; reloads until then "
-          f"{burst['reloads_until_all_routed']}, after settling {burst['reloads_after_settling']}"
-          f" (target <= {BURST_MAX_RELOADS}): {verdict(burst['target_met'])}; "
-          f"{burst['served_after_settling']}/{burst['instances']} served through Caddy")
+          f"{burst['all_routed_after_s']} s after the first call; reloads: "
+          f"{burst['reloads_after_settling']} by Caddy's log ("
+          f"{burst['reloads_until_all_routed']} until all were routed, by watch's log); target "
+          f"<= {BURST_MAX_RELOADS}: {verdict(burst['target_met'])}; "
+          f"{burst['served_after_settling']}/{burst['instances']} served through Caddy"
+          f"{disturbed(burst['cycles_with_other_triggers'])}")
+
+
+def disturbed(count: int, what: str = "cycles") -> str:
+    """A warning when other Incus users (or watch's timer) caused cycles meanwhile."""
+    return f" [DISTURBED: {count} {what} with triggers from elsewhere]" if count else ""
 
 
 def report_idle(idle: dict[str, Any]) -> None:
@@ -823,7 +909,7 @@ def report_idle(idle: dict[str, Any]) -> None:
           f"MiB at start, {idle['rss_kib_end'] / 1024:.1f} MiB at end (max "
           f"{idle['rss_kib_max'] / 1024:.1f}); CPU {idle['cpu_ms']} ms "
           f"({idle['cpu_ms'] / 10 / idle['seconds']:.2f}% of one CPU); "
-          f"{idle['cycles']} cycles in the window")
+          f"{idle['cycles']} cycles in the window{disturbed(idle['cycles_with_other_triggers'])}")
 
 
 def write_json(path: Path, figures: dict[str, Any]) -> None:
@@ -923,11 +1009,11 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     print("noise events ...", flush=True)
     noise = measure_noise(run.caddy, run.watch, fleet)
     print(f"latency: {args.rounds} starts of {target.project}/{target.name} ...", flush=True)
-    latency = measure_latency(run.endpoint, run.caddy, run.watch, target, args.rounds)
+    latency = measure_latency(run.endpoint, run.caddy, run.watch, target, fleet, args.rounds)
     print(f"burst: {args.burst} starts at once ...", flush=True)
     burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, args.burst)
     print(f"idle: {args.idle:.0f} s ...", flush=True)
-    idle = measure_idle(run.watch, args.idle)
+    idle = measure_idle(run.watch, fleet, args.idle)
     values = {size: [r["incus_requests"] for r in rows] for size, rows in
               ((small.size, requests_small), (fleet.size, requests_big))}
     flat = [v for vs in values.values() for v in vs]

@@ -185,7 +185,7 @@ def test_sigkill_during_render_leaves_old_or_new_file(routed: str, tmp_path: Pat
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
         )
-        wait_for(lambda p=proc: p.poll() is not None, rng.uniform(0.1, 0.9), interval=0.005)
+        wait_for(lambda p=proc: p.poll() is not None, rng.uniform(0.05, 0.45), interval=0.005)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
