@@ -35,6 +35,7 @@ lint: install
 
 bench: install lab
 	$(PY) bench/render.py
+	$(PY) bench/watch.py
 
 demo: install lab
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh

@@ -164,9 +164,21 @@ def adapt_with_binary(text: str, caddy_bin: str | None = None) -> None:
 
 
 def _last_error_line(stderr: str, tmpdir: str) -> str:
-    """Caddy prints logs then the error; keep the error, without our temp path in it."""
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    """Caddy logs (as JSON lines) and then errors; keep the last error, without our temp path."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     message = lines[-1] if lines else "caddy adapt failed"
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") == "error":
+                message = str(entry.get("error") or entry.get("msg") or message)
+                break
+        else:
+            message = line
+            break
     return message.removeprefix("Error: ").replace(tmpdir + os.sep, "")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +12,10 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__, pipeline
+from .incus import IncusError
+from .model import RouteRow
 from .output import Changed
-from .pipeline import EXIT_CODES_HELP, Report
+from .pipeline import EXIT_CODES_HELP, Report, Status
 from .settings import ENV_PREFIX, Settings, SettingsError, load_file, load_policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,128 +45,133 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name
 
 
-def settings_options(func: F) -> F:
-    """The options every command that renders shares (settings, in precedence order)."""
-    options = [
-        click.option(
-            "--config",
-            "config_file",
-            type=click.Path(dir_okay=False),
-            envvar=_env("CONFIG"),
-            is_eager=True,
-            expose_value=True,
-            callback=_load_config,
-            help="TOML settings file; keys are the long option names (e.g. caddy-admin).",
-        ),
-        click.option(
-            "--incus",
-            envvar=_env("INCUS"),
-            metavar="PATH",
-            help="Incus unix socket. Default: $INCUS_SOCKET, $INCUS_DIR/unix.socket,"
-            " /var/lib/incus/unix.socket or /run/incus/unix.socket.",
-        ),
-        click.option(
-            "--template",
-            type=click.Path(dir_okay=False, path_type=Path),
-            envvar=_env("TEMPLATE"),
-            help="Your own Jinja template instead of the default.",
-        ),
-        click.option(
-            "--output",
-            "-o",
-            type=click.Path(dir_okay=False, path_type=Path),
-            envvar=_env("OUTPUT"),
-            help="Write here (atomically) instead of printing.",
-        ),
-        click.option("--email", envvar=_env("EMAIL"), help="ACME account email (global option)."),
-        click.option(
-            "--caddy-admin",
-            envvar=_env("CADDY_ADMIN"),
-            metavar="ADDR",
-            help="Caddy admin endpoint, host:port or unix//path; rendered as the admin option"
-            " and used to check and reload. Default: localhost:2019.",
-        ),
-        click.option(
-            "--global-option",
-            "global_options",
-            multiple=True,
-            type=_LinesType(),
-            envvar=_env("GLOBAL_OPTION"),
-            metavar="LINE",
-            help="Extra global option line, repeatable, e.g. 'http_port 8080'"
-            " (one per line in the environment variable).",
-        ),
-        click.option(
-            "--wildcard",
-            "wildcards",
-            multiple=True,
-            envvar=_env("WILDCARD"),
-            metavar="*.DOMAIN",
-            help="Serve hosts under this wildcard from one site with one wildcard"
-            " certificate; repeatable.",
-        ),
-        click.option(
-            "--acme-dns",
-            envvar=_env("ACME_DNS"),
-            metavar="'PROVIDER ARGS'",
-            help="acme_dns global option, needed for wildcard certificates.",
-        ),
-        click.option(
-            "--scheme",
-            type=click.Choice(["https", "http"]),
-            default="https",
-            envvar=_env("SCHEME"),
-            show_default=True,
-            help="https: Caddy's automatic HTTPS; http: plain-HTTP sites (behind another"
-            " TLS terminator, or a lab).",
-        ),
-        click.option(
-            "--reload-command",
-            envvar=_env("RELOAD_COMMAND"),
-            metavar="CMD",
-            help="Reload with this command (e.g. 'systemctl reload caddy') instead of the"
-            " admin API.",
-        ),
-        click.option(
-            "--reload/--no-reload",
-            default=True,
-            envvar=_env("RELOAD"),
-            show_default=True,
-            help="Reload Caddy after the file changed.",
-        ),
-        click.option(
-            "--caddy-bin",
-            envvar=_env("CADDY_BIN"),
-            metavar="PATH",
-            help="caddy executable used to check the config when the admin API is not"
-            " reachable. Default: caddy on PATH.",
-        ),
-    ]
+def _apply(func: F, options: list[Callable[[Any], Any]]) -> F:
     for option in reversed(options):
         func = option(func)
     return func
 
 
+def source_options(func: F) -> F:
+    """Where the fleet comes from: the settings file (policy) and the Incus socket."""
+    return _apply(func, SOURCE_OPTIONS)
+
+
+def settings_options(func: F) -> F:
+    """The options every command that renders shares (settings, in precedence order)."""
+    return _apply(func, SOURCE_OPTIONS + RENDER_OPTIONS)
+
+
+SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        envvar=_env("CONFIG"),
+        is_eager=True,
+        expose_value=True,
+        callback=_load_config,
+        help="TOML settings file; keys are the long option names (e.g. caddy-admin).",
+    ),
+    click.option(
+        "--incus",
+        envvar=_env("INCUS"),
+        metavar="PATH",
+        help="Incus unix socket. Default: $INCUS_SOCKET, $INCUS_DIR/unix.socket,"
+        " /var/lib/incus/unix.socket or /run/incus/unix.socket.",
+    ),
+]
+RENDER_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option(
+        "--template",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("TEMPLATE"),
+        help="Your own Jinja template instead of the default.",
+    ),
+    click.option(
+        "--output",
+        "-o",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("OUTPUT"),
+        help="Write here (atomically) instead of printing.",
+    ),
+    click.option("--email", envvar=_env("EMAIL"), help="ACME account email (global option)."),
+    click.option(
+        "--caddy-admin",
+        envvar=_env("CADDY_ADMIN"),
+        metavar="ADDR",
+        help="Caddy admin endpoint, host:port or unix//path; rendered as the admin option"
+        " and used to check and reload. Default: localhost:2019.",
+    ),
+    click.option(
+        "--global-option",
+        "global_options",
+        multiple=True,
+        type=_LinesType(),
+        envvar=_env("GLOBAL_OPTION"),
+        metavar="LINE",
+        help="Extra global option line, repeatable, e.g. 'http_port 8080'"
+        " (one per line in the environment variable).",
+    ),
+    click.option(
+        "--wildcard",
+        "wildcards",
+        multiple=True,
+        envvar=_env("WILDCARD"),
+        metavar="*.DOMAIN",
+        help="Serve hosts under this wildcard from one site with one wildcard"
+        " certificate; repeatable.",
+    ),
+    click.option(
+        "--acme-dns",
+        envvar=_env("ACME_DNS"),
+        metavar="'PROVIDER ARGS'",
+        help="acme_dns global option, needed for wildcard certificates.",
+    ),
+    click.option(
+        "--scheme",
+        type=click.Choice(["https", "http"]),
+        default="https",
+        envvar=_env("SCHEME"),
+        show_default=True,
+        help="https: Caddy's automatic HTTPS; http: plain-HTTP sites (behind another"
+        " TLS terminator, or a lab).",
+    ),
+    click.option(
+        "--reload-command",
+        envvar=_env("RELOAD_COMMAND"),
+        metavar="CMD",
+        help="Reload with this command (e.g. 'systemctl reload caddy') instead of the admin API.",
+    ),
+    click.option(
+        "--reload/--no-reload",
+        default=True,
+        envvar=_env("RELOAD"),
+        show_default=True,
+        help="Reload Caddy after the file changed.",
+    ),
+    click.option(
+        "--caddy-bin",
+        envvar=_env("CADDY_BIN"),
+        metavar="PATH",
+        help="caddy executable used to check the config when the admin API is not"
+        " reachable. Default: caddy on PATH.",
+    ),
+]
+
+
 def make_settings(**kwargs: Any) -> Settings:
     """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
-    config_file = kwargs.pop("config_file", None)
+    config = Path(kwargs.pop("config_file")) if kwargs.get("config_file") else None
+    values = {k: v for k, v in kwargs.items() if v is not None}
+    for name in ("template", "output"):
+        if name in values:
+            values[name] = Path(values[name])
+    if "global_options" in values:
+        values["global_options"] = tuple(o for o in values["global_options"] if o)  # blank lines
+    if "wildcards" in values:
+        values["wildcards"] = tuple(values["wildcards"])
     try:
-        return Settings(
-            incus=kwargs["incus"],
-            template=Path(kwargs["template"]) if kwargs["template"] else None,
-            output=Path(kwargs["output"]) if kwargs["output"] else None,
-            email=kwargs["email"],
-            caddy_admin=kwargs["caddy_admin"],
-            global_options=tuple(o for o in kwargs["global_options"] if o),  # blank env lines
-            wildcards=tuple(kwargs["wildcards"]),
-            acme_dns=kwargs["acme_dns"],
-            scheme=kwargs["scheme"],
-            reload_command=kwargs["reload_command"],
-            reload=kwargs["reload"],
-            caddy_bin=kwargs["caddy_bin"],
-            config_file=Path(config_file) if config_file else None,
-            policy=load_policy(Path(config_file) if config_file else None),
-        )
+        return Settings(**values, config_file=config, policy=load_policy(config))
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -362,3 +371,81 @@ def watch(
         log_format=log_format,
     )
     sys.exit(Watcher(load, options).run())
+
+
+@main.command(epilog=EXIT_EPILOG)
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
+def routes(as_json: bool, **kwargs: Any) -> None:
+    """Show every instance with user.caddyserver.* keys: routed, or exactly why not.
+
+    Columns: project, instance, state, cluster member, hosts, upstream, and the verdict with
+    its reasons. Settings (policy, wildcards) apply as they do for render.
+
+    \b
+    Examples:
+        incus-caddyfile routes
+        incus-caddyfile routes --json | jq '.[] | select(.state != "routed")'
+    """
+    settings = make_settings(**kwargs)
+    try:
+        rows = pipeline.routes(settings)
+    except IncusError as exc:
+        _say(f"error: {exc}")
+        sys.exit(int(Status.INCUS_ERROR))
+    if as_json:
+        click.echo(json.dumps([_row_json(r) for r in rows], indent=2))
+    else:
+        click.echo(format_routes(rows), nl=False)
+
+
+def _row_json(row: RouteRow) -> dict[str, Any]:
+    return {**dataclasses.asdict(row), "state": row.state}
+
+
+def format_routes(rows: list[RouteRow]) -> str:
+    """A plain table; reasons go on indented lines under their instance."""
+    header = ("PROJECT", "INSTANCE", "STATUS", "LOCATION", "ROUTE", "HOSTS", "UPSTREAM")
+    table = [header] + [
+        (
+            r.project,
+            r.instance,
+            r.status,
+            r.location or "-",
+            r.state,
+            " ".join(r.hosts) or "-",
+            r.upstream or "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
+    out = []
+    for n, line in enumerate(table):
+        cells = [c.ljust(w) for c, w in zip(line, widths, strict=False)] + [line[-1]]
+        out.append("  ".join(cells).rstrip())
+        if n:
+            out.extend(f"    {reason}" for reason in rows[n - 1].reasons)
+    return "\n".join(out) + "\n"
+
+
+@main.command(epilog="Exit codes: 0 every check passed, 1 a check failed, 2 usage.")
+@settings_options
+def doctor(**kwargs: Any) -> None:
+    """Check everything a render needs; print a one-line fix for each failed check.
+
+    Checks: Incus reachable, permission to list all projects, Caddy's admin endpoint, the
+    template renders, Caddy accepts the result, the output path is writable.
+
+    \b
+    Example:
+        incus-caddyfile doctor -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
+    """
+    from . import doctor as checks
+
+    failed = False
+    for check in checks.run(make_settings(**kwargs)):
+        click.echo(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+        if not check.ok:
+            failed = True
+            click.echo(f"      fix: {check.fix}")
+    sys.exit(1 if failed else 0)

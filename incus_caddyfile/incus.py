@@ -139,6 +139,18 @@ class IncusClient:
             for ifname, iface in network.items()
         }
 
+    def server_version(self) -> str:
+        env = (self._client.host_info or {}).get("environment") or {}
+        return str(env.get("server_version") or "?")
+
+    def projects(self) -> list[str]:
+        """Names of the projects this client may see (one request)."""
+        try:
+            urls = self._get("projects", {})
+        except pylxd_exc.NotFound as exc:
+            raise IncusError(f"Incus project listing failed: {exc}") from None
+        return sorted(str(u).rsplit("/", 1)[-1] for u in urls or [])
+
     def instance(self, project: str, name: str) -> Instance | None:
         """One instance, refreshed on its own (a few requests, whatever the fleet size).
 

@@ -486,3 +486,75 @@ def build(
         rejections=tuple(sorted(rejections, key=lambda r: (r.project, r.instance, r.key))),
         skipped=tuple(skipped),
     )
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """One labelled instance, as `incus-caddyfile routes` shows it."""
+
+    project: str
+    instance: str
+    status: str
+    location: str
+    hosts: tuple[str, ...]  # the valid hosts it asks for
+    upstream: str | None  # address:port, when it has one
+    routed: tuple[str, ...]  # hosts Caddy sends to it
+    reasons: tuple[str, ...]  # why (some) hosts are not routed, or what was ignored
+
+    @property
+    def state(self) -> str:
+        if self.routed and len(self.routed) == len(self.hosts):
+            return "routed"
+        return "partly routed" if self.routed else "not routed"
+
+
+def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
+    """Per instance: what it asks for, what it got, and why not (from the model's verdicts)."""
+    routed: dict[tuple[str, str], list[str]] = {}
+    dials: dict[tuple[str, str], str] = {}
+    for site in model.all_sites:
+        for u in site.upstreams:
+            routed.setdefault((u.project, u.instance), []).append(site.host)
+            dials[(u.project, u.instance)] = u.dial
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for r in model.rejections:
+        value = "(not set)" if r.value is None else _show(r.value)
+        prefix = "ignored" if r.ignored else "rejected"
+        reasons.setdefault((r.project, r.instance), []).append(
+            f"{prefix} {r.key}={value}: {r.reason}"
+        )
+    for sk in model.skipped:
+        reasons.setdefault((sk.project, sk.instance), []).append(sk.reason)
+    rows = []
+    for inst in sorted(instances, key=lambda i: (i.project, i.name)):
+        if not inst.labels:
+            continue
+        key = (inst.project, inst.name)
+        try:
+            hosts = tuple(parse_hosts(inst.labels.get(KEY_HOST, "")))
+        except InvalidValue:
+            hosts = ()
+        upstream = dials.get(key) or _would_dial(inst)
+        rows.append(
+            RouteRow(
+                project=inst.project,
+                instance=inst.name,
+                status=inst.status,
+                location=inst.location,
+                hosts=hosts,
+                upstream=upstream,
+                routed=tuple(sorted(routed.get(key, []))),
+                reasons=tuple(reasons.get(key, [])),
+            )
+        )
+    return rows
+
+
+def _would_dial(inst: Instance) -> str | None:
+    """address:port of a running instance that is not routed, when both are known."""
+    address = pick_address(inst) if inst.status == "Running" else None
+    try:
+        port = parse_port(inst.labels.get(KEY_PORT, ""))
+    except InvalidValue:
+        return None
+    return Upstream(inst.project, inst.name, address, port).dial if address else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import caddy, output
 from .incus import IncusClient, IncusError
-from .model import Instance, Model, build
+from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .render import TemplateError, render
 from .settings import Settings, default_incus_socket
@@ -228,3 +228,9 @@ def _restore(path: Path, previous: bytes | None, report: Report) -> None:
         report.written = False
     except (OSError, OutputError) as exc:
         report.warnings.append(f"could not restore the previous {path}: {exc}")
+
+
+def routes(settings: Settings) -> list[RouteRow]:
+    """Every labelled instance with its verdict (for `routes`). Raises IncusError."""
+    instances = collect(settings)
+    return explain(instances, build(instances, settings.wildcards, settings.policy))

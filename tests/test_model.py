@@ -13,6 +13,7 @@ from incus_caddyfile.model import (
     Nic,
     Policy,
     build,
+    explain,
     in_wildcard,
     parse_hostname,
     parse_hosts,
@@ -407,3 +408,32 @@ def test_include_and_exclude_projects() -> None:
     model = build(fleet, policy=policy)
     assert [s.host for s in model.sites] == ["a.example.org", "d.example.org"]
     assert {s.project for s in model.skipped} == {"tenant-old", "staging"}
+
+
+def test_explain_gives_each_labelled_instance_its_verdict() -> None:
+    fleet = [
+        inst("web", host="web.example.org", address="198.18.0.1"),
+        inst("down", host="down.example.org", status="Stopped"),
+        inst("bad", host="bad.example.org", port="http"),
+        inst(
+            "late",
+            project="other",
+            host="web.example.org shop.example.org",
+            created_at="2027-01-01T00:00:00Z",
+            address="198.18.0.4",
+        ),
+        Instance("default", "plain", config={"user.other": "x"}),
+    ]
+    rows = {r.instance: r for r in explain(fleet, build(fleet))}
+    assert set(rows) == {"web", "down", "bad", "late"}
+    assert (rows["web"].state, rows["web"].upstream, rows["web"].routed) == (
+        "routed",
+        "198.18.0.1:80",
+        ("web.example.org",),
+    )
+    assert rows["down"].state == "not routed"
+    assert rows["down"].reasons == ("not running (Stopped)",)
+    assert rows["bad"].reasons[0].startswith(f"rejected {KEY_PORT}='http'")
+    assert rows["late"].state == "partly routed"
+    assert rows["late"].routed == ("shop.example.org",)
+    assert "already claimed by default/web" in rows["late"].reasons[0]
