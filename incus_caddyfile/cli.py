@@ -150,6 +150,21 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         help="Reload Caddy after the file changed.",
     ),
     click.option(
+        "--snippets",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("SNIPPETS"),
+        metavar="FILE",
+        help="Caddyfile of your snippets `(name) { ... }`; imported, and instances may name"
+        " them in user.caddyserver.http.import.",
+    ),
+    click.option(
+        "--sites-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=_env("SITES_DIR"),
+        metavar="DIR",
+        help="Directory of your own hand-written site files, imported at the end.",
+    ),
+    click.option(
         "--caddy-bin",
         envvar=_env("CADDY_BIN"),
         metavar="PATH",
@@ -163,7 +178,7 @@ def make_settings(**kwargs: Any) -> Settings:
     """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
     config = Path(kwargs.pop("config_file")) if kwargs.get("config_file") else None
     values = {k: v for k, v in kwargs.items() if v is not None}
-    for name in ("template", "output"):
+    for name in ("template", "output", "snippets", "sites_dir"):
         if name in values:
             values[name] = Path(values[name])
     if "global_options" in values:

@@ -24,7 +24,8 @@ from pylxd import exceptions as pylxd_exc
 from pylxd.client import EventType
 from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
-from .model import PREFIX, Instance, Nic
+from .labels import PREFIX, reach_of
+from .model import Instance, Nic, pick_address
 
 
 class IncusError(Exception):
@@ -196,8 +197,8 @@ class IncusClient:
             refs = _nics(raw)
             for ref in refs:
                 found = lease_maps.get((project, ref.network or ""), {}).get(ref.hwaddr, [])
-                nics.append(Nic(ref.device, tuple(found)))
-            if not any(n.addresses for n in nics):
+                nics.append(Nic(ref.device, tuple(found), ref.network or ""))
+            if self._needs_state(raw, nics):
                 nics = self._nics_from_state(project, raw["name"], refs)
         return Instance(
             project=project,
@@ -212,9 +213,19 @@ class IncusClient:
             nics=tuple(nics),
         )
 
+    @staticmethod
+    def _needs_state(raw: Mapping[str, Any], nics: list[Nic]) -> bool:
+        """Leases cover IPv4 on managed bridges; anything else needs the live state."""
+        config = raw.get("expanded_config") or {}
+        reach = reach_of({k: v for k, v in config.items() if k.startswith(PREFIX)})
+        if reach is None:
+            return not any(n.addresses for n in nics)
+        probe = Instance(project="", name="", nics=tuple(nics))
+        return pick_address(probe, reach.network, reach.family) is None
+
     def _nics_from_state(self, project: str, name: str, refs: list[_NicRef]) -> list[Nic]:
         by_ifname = self.state_addresses(project, name)
-        nics = [Nic(r.device, tuple(by_ifname.pop(r.interface, []))) for r in refs]
+        nics = [Nic(r.device, tuple(by_ifname.pop(r.interface, [])), r.network or "") for r in refs]
         # Interfaces Incus did not create (e.g. configured inside the instance) come last.
         nics += [
             Nic(f"~{ifname}", tuple(a)) for ifname, a in sorted(by_ifname.items()) if ifname != "lo"

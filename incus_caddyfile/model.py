@@ -1,31 +1,39 @@
 """Pure step 2: Incus instances in, validated sites out.
 
-Nothing here does I/O. Every value an instance owner wrote is checked against a strict
-allowlist before it can reach a template, because Caddyfile quoting is not escaping: a newline,
-a brace, `import` or `{env.X}` in a label would change the structure of the generated file.
+Nothing here does I/O. Label values are parsed by `labels` (the allowlists); this module
+decides who holds which host (policy, conflicts between projects), pools instances into
+routes and sorts everything, so that equal fleets render equal bytes.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-PREFIX = "user.caddyserver."
-KEY_ENABLE = PREFIX + "http.enable"
-KEY_HOST = PREFIX + "http.matchers.host"
-KEY_PORT = PREFIX + "http.upstream.port"
-KNOWN_KEYS = frozenset({KEY_ENABLE, KEY_HOST, KEY_PORT})
+from . import labels as lb
+from .labels import (  # re-exported: the model's vocabulary
+    KEY_ENABLE,
+    KEY_HOST,
+    KEY_PORT,
+    PREFIX,
+    InvalidValue,
+    RouteOptions,
+    parse_bool,
+    parse_hostname,
+    parse_hosts,
+    parse_port,
+    show,
+    usable_address,
+)
+from .policy import Policy, parent_domain
 
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_PORT = re.compile(r"[0-9]{1,5}")
-_HOST_SEPARATORS = re.compile(r"[ \t,]+")
-MAX_HOSTNAME = 253
-# Bare words Caddy reads as directives where a site address would stand.
-CADDYFILE_KEYWORDS = frozenset({"import"})
-MAX_SHOWN_VALUE = 80
+__all__ = [
+    "KEY_ENABLE", "KEY_HOST", "KEY_PORT", "PREFIX", "Instance", "InvalidValue", "Model", "Nic",
+    "Policy", "Rejection", "Route", "RouteOptions", "RouteRow", "Site", "Skip", "Upstream",
+    "WildcardSite", "build", "explain", "parse_bool", "parse_hostname", "parse_hosts",
+    "parse_port", "pick_address",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class Nic:
 
     name: str
     addresses: tuple[str, ...] = ()
+    network: str = ""  # the Incus network it is attached to, when known
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Instance:
     location: str = ""
     config: Mapping[str, str] = field(default_factory=dict)
     nics: tuple[Nic, ...] = ()
+    ready: bool | None = None  # its port accepted a connection (None: not probed)
 
     @property
     def ref(self) -> str:
@@ -60,25 +70,37 @@ class Instance:
 
 @dataclass(frozen=True, order=True)
 class Upstream:
-    """One backend of a site; ordered by project and instance so restarts do not reorder."""
+    """One backend; ordered by project and instance so restarts do not reorder a pool."""
 
     project: str
     instance: str
     address: str
     port: int
+    scheme: str = "http"
 
     @property
     def dial(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{host}:{self.port}"
 
+    @property
+    def url(self) -> str:
+        """What reverse_proxy takes: `addr:port`, or `https://` / `h2c://` in front."""
+        return self.dial if self.scheme == "http" else f"{self.scheme}://{self.dial}"
+
 
 @dataclass(frozen=True)
-class Site:
-    """One host and the upstreams that serve it (several means load balancing)."""
+class Route:
+    """A path prefix (None: the whole host) of a site, and the pool that serves it."""
 
-    host: str
+    path: str | None
     upstreams: tuple[Upstream, ...]
+    options: RouteOptions = field(default_factory=RouteOptions)
+    fallback: bool = False  # with no upstream up: answer 503 with a short page
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.url for u in self.upstreams]
 
     @property
     def dials(self) -> list[str]:
@@ -87,6 +109,42 @@ class Site:
     @property
     def instances(self) -> list[str]:
         return [f"{u.project}/{u.instance}" for u in self.upstreams]
+
+    @property
+    def matcher(self) -> str:
+        """A named-matcher name for the path (paths hold only [A-Za-z0-9._~/-])."""
+        return "@path" + re.sub(r"[^A-Za-z0-9_-]", "_", self.path or "")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One host and its routes: longest path prefix first, the whole host last."""
+
+    host: str
+    routes: tuple[Route, ...]
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return tuple(u for r in self.routes for u in r.upstreams)
+
+    @property
+    def dials(self) -> list[str]:
+        return [u.dial for u in self.upstreams]
+
+    @property
+    def instances(self) -> list[str]:
+        return list(dict.fromkeys(f"{u.project}/{u.instance}" for u in self.upstreams))
+
+    @property
+    def simple(self) -> Route | None:
+        """The one plain route when the site needs no `handle` blocks."""
+        if len(self.routes) == 1 and self.routes[0].path is None:
+            return self.routes[0]
+        return None
+
+    @property
+    def has_default(self) -> bool:
+        return any(r.path is None for r in self.routes)
 
     @property
     def matcher(self) -> str:
@@ -99,17 +157,17 @@ class WildcardSite:
     """A `*.domain` site holding one matcher + handle per routed host under it."""
 
     domain: str
-    routes: tuple[Site, ...]
-    fallback: Site | None = None
+    sites: tuple[Site, ...]
+    catch_all: Site | None = None  # a label host equal to the wildcard itself
 
 
 @dataclass(frozen=True)
 class Rejection:
     """A label value that was refused, with the reason.
 
-    A bad enable, host or port value keeps the whole instance out; a host lost to another
-    project only costs that host. `ignored` marks a value that was skipped over (an unknown
-    key) while the instance is still routed.
+    An invalid value keeps the whole instance out; a host lost to another project or to the
+    policy only costs that host. `ignored` marks a value that was skipped over (an unknown
+    key, a pool option that differs from the pool's) while the instance is still routed.
     """
 
     project: str
@@ -120,7 +178,7 @@ class Rejection:
     ignored: bool = False
 
     def __str__(self) -> str:
-        value = "(not set)" if self.value is None else _show(self.value)
+        value = "(not set)" if self.value is None else show(self.value)
         verb = "ignored" if self.ignored else "rejected"
         return f"{verb} {self.project}/{self.instance}: {self.key}={value}: {self.reason}"
 
@@ -150,154 +208,28 @@ class Model:
     def all_sites(self) -> list[Site]:
         out = list(self.sites)
         for w in self.wildcard_sites:
-            out.extend(w.routes)
-            if w.fallback:
-                out.append(w.fallback)
+            out.extend(w.sites)
+            if w.catch_all:
+                out.append(w.catch_all)
         return sorted(out, key=lambda s: s.host)
 
 
-class InvalidValue(ValueError):
-    """A label or setting value outside the allowlist; the message is the reason."""
-
-
-def _show(value: str) -> str:
-    """Render an untrusted value for a message: escaped, and cut when very long."""
-    shown = repr(value)
-    if len(shown) > MAX_SHOWN_VALUE:
-        shown = shown[: MAX_SHOWN_VALUE - 3] + "..."
-    return shown
-
-
-def parse_hostname(raw: str) -> str:
-    """One hostname: LDH labels, optionally a single leading `*.`; returned lowercased."""
-    if not raw.isascii():
-        raise InvalidValue("not an ASCII hostname (write internationalised names as xn-- punycode)")
-    host = raw.lower()
-    if len(host) > MAX_HOSTNAME:
-        raise InvalidValue(f"hostname longer than {MAX_HOSTNAME} characters")
-    labels = host.split(".")
-    if labels[0] == "*":
-        labels = labels[1:]
-        if not labels:
-            raise InvalidValue("a wildcard needs a domain after '*.'")
-    if host in CADDYFILE_KEYWORDS:
-        raise InvalidValue("a Caddyfile keyword, not usable as a site address")
-    for label in labels:
-        if label == "*" or "*" in label:
-            raise InvalidValue("'*' is only allowed as the whole first label ('*.example.org')")
-        if not _LABEL.fullmatch(label):
-            raise InvalidValue(
-                "not a hostname: labels are letters, digits and inner hyphens, 1-63 characters,"
-                " separated by single dots"
-            )
-    return host
-
-
-def parse_hosts(raw: str) -> list[str]:
-    """Hostnames separated by spaces or commas. Raises on the first invalid one."""
-    parts = [p for p in _HOST_SEPARATORS.split(raw.strip()) if p]
-    if not parts:
-        raise InvalidValue("no hostname given")
-    hosts = []
-    for part in parts:
-        try:
-            hosts.append(parse_hostname(part))
-        except InvalidValue as exc:
-            raise InvalidValue(f"{_show(part)}: {exc}") from None
-    return hosts
-
-
-def parse_port(raw: str) -> int:
-    value = raw.strip()
-    if not _PORT.fullmatch(value) or not 1 <= int(value) <= 65535:
-        raise InvalidValue("not a port number from 1 to 65535")
-    return int(value)
-
-
-def parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("true", "false"):
-        return value == "true"
-    raise InvalidValue("must be true or false")
-
-
-def usable_address(raw: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address a proxy can dial: not loopback, link-local, multicast or unspecified."""
-    try:
-        addr = ipaddress.ip_address(raw.split("%")[0])
-    except ValueError:
-        return None
-    if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:
-        return None
-    return addr
-
-
-def pick_address(instance: Instance) -> str | None:
-    """The first usable IPv4 address, NICs taken in name order so the choice is stable."""
-    for nic in sorted(instance.nics, key=lambda n: n.name):
-        for raw in nic.addresses:
-            addr = usable_address(raw)
-            if addr is not None and addr.version == 4:
+def pick_address(
+    instance: Instance, network: str | None = None, family: str = "ipv4"
+) -> str | None:
+    """The first usable address of the family, NICs taken in name order so the choice is
+    stable; `network` keeps only the NIC of that name or on that Incus network. `any`
+    prefers IPv4."""
+    nics = sorted(instance.nics, key=lambda n: n.name)
+    if network is not None:
+        nics = [n for n in nics if network in (n.name, n.network)]
+    found = [a for n in nics for raw in n.addresses if (a := usable_address(raw)) is not None]
+    versions = {"ipv4": (4,), "ipv6": (6,), "any": (4, 6)}[family]
+    for version in versions:
+        for addr in found:
+            if addr.version == version:
                 return str(addr)
     return None
-
-
-def _parent(host: str) -> str:
-    """`shop.example.org` -> `example.org`; the domain a one-label wildcard would cover."""
-    return host.split(".", 1)[1] if "." in host else ""
-
-
-def _covers(pattern: str, host: str) -> bool:
-    """Every name `host` can serve is allowed by `pattern` ('*.e' = anything below e)."""
-    if not pattern.startswith("*."):
-        return host == pattern
-    below = pattern[2:]
-    domain = host[2:] if host.startswith("*.") else host
-    return (host.startswith("*.") and domain == below) or domain.endswith("." + below)
-
-
-def _touches(pattern: str, host: str) -> bool:
-    """Some name `host` can serve is in `pattern` (a wildcard host serves one label)."""
-    if _covers(pattern, host):
-        return True
-    if host.startswith("*.") and not pattern.startswith("*."):
-        return _parent(pattern) == host[2:]
-    return False
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Which projects count, and which hosts each may claim (the settings' [projects]).
-
-    A project with a `domains` list may claim only hosts those patterns cover; the patterns
-    of every listed project are reserved for it, so no other project can claim into them.
-    `"*"` gives the list for projects not named. No list at all: anything not reserved.
-    """
-
-    include: tuple[str, ...] = ()  # glob patterns of project names; empty: every project
-    exclude: tuple[str, ...] = ()
-    domains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (project, patterns)
-
-    def considers(self, project: str) -> bool:
-        included = not self.include or any(fnmatch.fnmatchcase(project, p) for p in self.include)
-        return included and not any(fnmatch.fnmatchcase(project, p) for p in self.exclude)
-
-    def patterns(self, project: str) -> tuple[str, ...] | None:
-        table = dict(self.domains)
-        return table.get(project, table.get("*"))
-
-    def refuses(self, project: str, host: str) -> str | None:
-        """Why `project` may not claim `host`, or None when it may."""
-        own = self.patterns(project)
-        if own is not None and not any(_covers(p, host) for p in own):
-            allowed = ", ".join(own) or "nothing"
-            return f"project {project} may only claim hosts under: {allowed} (settings file)"
-        if project in dict(self.domains):
-            return None  # its own explicit list covers the host
-        for other, patterns in self.domains:
-            if other not in (project, "*") and any(_touches(p, host) for p in patterns):
-                return f"reserved for project {other} by the settings file"
-        return None
 
 
 _TIMESTAMP = re.compile(r"(?P<base>[^.Z+]*)(?:\.(?P<frac>[0-9]+))?")
@@ -316,66 +248,62 @@ class _Claim:
     project: str
     instance: str
     order: tuple[tuple[str, int], str, str]  # creation time, project, name: who claimed first
-    upstream: Upstream | None  # None: valid labels, but not routable now (stopped, no address)
+    path: str | None
+    options: RouteOptions
+    fallback: bool
+    upstream: Upstream | None  # None: valid labels, but not routable now (stopped ...)
 
 
-def _claims_of(inst: Instance) -> tuple[list[_Claim], list[Rejection], Skip | None]:
+def _unroutable(inst: Instance, wanted: lb.Labels, address: str | None) -> str | None:
+    """Why an instance with valid labels gets no upstream right now, if it does not."""
+    if inst.status != "Running":
+        return f"not running ({inst.status})"
+    if address is None:
+        reach = wanted.reach
+        where = f" on {reach.network}" if reach.network else ""
+        family = {"ipv4": "IPv4 ", "ipv6": "IPv6 ", "any": ""}[reach.family]
+        return f"running but has no {family}address{where} yet"
+    if wanted.reach.require_ready and inst.ready is not True:
+        return f"port {wanted.reach.port} does not accept connections yet"
+    return None
+
+
+def _claims_of(
+    inst: Instance, snippets: Iterable[str]
+) -> tuple[list[_Claim], list[Rejection], Skip | None]:
     """Validate one instance's labels; return its host claims, rejections, or why it is skipped.
 
     A stopped instance with valid labels still claims its hosts (without an upstream), so that
     another project cannot take a host over while its holder is down.
     """
-    labels = inst.labels
-    rejections: list[Rejection] = []
-
-    def reject(key: str, reason: str, ignored: bool = False) -> None:
-        rejections.append(
-            Rejection(inst.project, inst.name, key, labels.get(key), reason, ignored=ignored)
-        )
-
-    if KEY_ENABLE not in labels:
+    values = inst.labels
+    if KEY_ENABLE not in values:
         return [], [], Skip(inst.project, inst.name, f"{KEY_ENABLE} is not set")
     try:
-        if not parse_bool(labels[KEY_ENABLE]):
+        if not parse_bool(values[KEY_ENABLE]):
             return [], [], Skip(inst.project, inst.name, f"{KEY_ENABLE} is false")
     except InvalidValue as exc:
-        reject(KEY_ENABLE, str(exc))
+        reject = Rejection(inst.project, inst.name, KEY_ENABLE, values[KEY_ENABLE], str(exc))
+        return [], [reject], None
+    wanted, problems = lb.parse({k: v for k, v in values.items() if k != KEY_ENABLE}, snippets)
+    rejections = [
+        Rejection(inst.project, inst.name, p.key, p.value, p.reason, p.ignored) for p in problems
+    ]
+    if wanted is None:
         return [], rejections, None
-
-    for key in sorted(labels):
-        if key not in KNOWN_KEYS:
-            reject(key, "unknown key, check the spelling", ignored=True)
-
-    hosts: list[str] = []
-    port: int | None = None
-    if KEY_HOST not in labels:
-        reject(KEY_HOST, "missing: the instance needs at least one hostname")
-    else:
-        try:
-            hosts = parse_hosts(labels[KEY_HOST])
-        except InvalidValue as exc:
-            reject(KEY_HOST, str(exc))
-    if KEY_PORT not in labels:
-        reject(KEY_PORT, "missing: the port the instance serves HTTP on")
-    else:
-        try:
-            port = parse_port(labels[KEY_PORT])
-        except InvalidValue as exc:
-            reject(KEY_PORT, str(exc))
-    if not hosts or port is None:
-        return [], rejections, None
-
-    upstream: Upstream | None = None
-    skip: Skip | None = None
-    address = pick_address(inst)
-    if inst.status != "Running":
-        skip = Skip(inst.project, inst.name, f"not running ({inst.status})")
-    elif address is None:
-        skip = Skip(inst.project, inst.name, "running but has no IPv4 address yet")
-    else:
-        upstream = Upstream(inst.project, inst.name, address, port)
+    reach = wanted.reach
+    address = pick_address(inst, reach.network, reach.family)
+    why_not = _unroutable(inst, wanted, address)
+    upstream = None
+    if why_not is None and address is not None:
+        upstream = Upstream(inst.project, inst.name, address, reach.port, wanted.options.scheme)
     order = (creation_key(inst.created_at), inst.project, inst.name)
-    claims = [_Claim(h, inst.project, inst.name, order, upstream) for h in dict.fromkeys(hosts)]
+    claims = [
+        _Claim(h, inst.project, inst.name, order, wanted.path, wanted.options, wanted.fallback,
+               upstream)
+        for h in wanted.hosts
+    ]  # fmt: skip
+    skip = Skip(inst.project, inst.name, why_not) if why_not else None
     return claims, rejections, skip
 
 
@@ -384,10 +312,10 @@ def _overlapping(host: str) -> list[str]:
     exact host one label below it (Caddy's `*.` matches exactly one label)."""
     if host.startswith("*."):
         return [host]  # exact hosts under it are found through their own wildcard key
-    return [host, "*." + _parent(host)] if _parent(host) else [host]
+    return [host, "*." + parent_domain(host)] if parent_domain(host) else [host]
 
 
-def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
+def _hold(claims: Iterable[_Claim]) -> tuple[list[_Claim], list[Rejection]]:
     """Decide who holds each host. Claims are taken oldest first; a claim that overlaps a
     kept claim from another project (the same host, or a wildcard and a host under it) is
     refused, naming the holder. One project may pool a host (load balancing) and may hold
@@ -415,13 +343,64 @@ def _resolve(claims: Iterable[_Claim]) -> tuple[list[Site], list[Rejection]]:
             )
             continue
         kept.setdefault(claim.host, []).append(claim)
-        if not claim.host.startswith("*.") and _parent(claim.host):
-            children.setdefault("*." + _parent(claim.host), []).append(claim)
-    sites = []
-    for host in sorted(kept):
-        upstreams = sorted(c.upstream for c in kept[host] if c.upstream is not None)
-        if upstreams:
-            sites.append(Site(host, tuple(upstreams)))
+        if not claim.host.startswith("*.") and parent_domain(claim.host):
+            children.setdefault("*." + parent_domain(claim.host), []).append(claim)
+    return [c for group in kept.values() for c in group], rejections
+
+
+_POOL_OPTIONS = {
+    "tls_insecure": lb.KEY_TLS_INSECURE,
+    "lb_policy": lb.KEY_LB_POLICY,
+    "health_uri": lb.KEY_HEALTH_URI,
+    "imports": lb.KEY_IMPORT,
+}
+
+
+def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | None, list[Rejection]]:
+    """One route from the claims of one host and path (all of one project): the earliest
+    claim sets the pool's options; a different scheme cannot share the pool."""
+    group = sorted(group, key=lambda c: c.order)
+    first = group[0]
+    rejections = []
+    members = []
+    for c in group:
+        if c.options.scheme != first.options.scheme:
+            rejections.append(Rejection(
+                c.project, c.instance, lb.KEY_SCHEME, c.options.scheme,
+                f"{host}{path or ''} is served over {first.options.scheme} by"
+                f" {first.project}/{first.instance}; one pool has one scheme",
+            ))  # fmt: skip
+            continue
+        members.append(c)
+        for attr, key in _POOL_OPTIONS.items():
+            if getattr(c.options, attr) != getattr(first.options, attr):
+                rejections.append(Rejection(
+                    c.project, c.instance, key, str(getattr(c.options, attr)),
+                    f"the pool for {host}{path or ''} takes it from"
+                    f" {first.project}/{first.instance}", ignored=True,
+                ))  # fmt: skip
+    upstreams = tuple(sorted(c.upstream for c in members if c.upstream is not None))
+    fallback = any(c.fallback for c in members)
+    if not upstreams and not fallback:
+        return None, rejections
+    return Route(path, upstreams, first.options, fallback), rejections
+
+
+def _sites(claims: list[_Claim]) -> tuple[list[Site], list[Rejection]]:
+    by_route: dict[tuple[str, str | None], list[_Claim]] = {}
+    for c in claims:
+        by_route.setdefault((c.host, c.path), []).append(c)
+    routes: dict[str, list[Route]] = {}
+    rejections: list[Rejection] = []
+    for (host, path), group in sorted(by_route.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        route, refused = _pool(host, path, group)
+        rejections.extend(refused)
+        if route is not None:
+            routes.setdefault(host, []).append(route)
+    sites = [
+        Site(host, tuple(sorted(rs, key=lambda r: (r.path is None, -len(r.path or ""), r.path))))
+        for host, rs in sorted(routes.items())
+    ]
     return sites, rejections
 
 
@@ -437,11 +416,11 @@ def _group_wildcards(
     remaining = list(sites)
     groups: list[WildcardSite] = []
     for domain in sorted(wildcards):
-        routes = [s for s in remaining if s.host != domain and in_wildcard(s.host, domain)]
-        fallback = next((s for s in remaining if s.host == domain), None)
-        taken = {s.host for s in routes} | ({domain} if fallback else set())
+        inside = [s for s in remaining if s.host != domain and in_wildcard(s.host, domain)]
+        catch_all = next((s for s in remaining if s.host == domain), None)
+        taken = {s.host for s in inside} | ({domain} if catch_all else set())
         remaining = [s for s in remaining if s.host not in taken]
-        groups.append(WildcardSite(domain, tuple(routes), fallback))
+        groups.append(WildcardSite(domain, tuple(inside), catch_all))
     return remaining, groups
 
 
@@ -457,10 +436,14 @@ def _allowed(claims: list[_Claim], policy: Policy) -> tuple[list[_Claim], list[R
 
 
 def build(
-    instances: Iterable[Instance], wildcards: Iterable[str] = (), policy: Policy | None = None
+    instances: Iterable[Instance],
+    wildcards: Iterable[str] = (),
+    policy: Policy | None = None,
+    snippets: Iterable[str] = (),
 ) -> Model:
     """Turn the listing into a model. Invalid values are rejected one by one, never fatal."""
     policy = policy or Policy()
+    snippets = tuple(snippets)
     claims: list[_Claim] = []
     rejections: list[Rejection] = []
     skipped: list[Skip] = []
@@ -470,20 +453,24 @@ def build(
         if not policy.considers(inst.project):
             skipped.append(Skip(inst.project, inst.name, "project not included by the settings"))
             continue
-        inst_claims, inst_rejections, skip = _claims_of(inst)
+        inst_claims, inst_rejections, skip = _claims_of(inst, snippets)
         inst_claims, refused = _allowed(inst_claims, policy)
-        rejections.extend(refused)
+        rejections.extend(inst_rejections + refused)
         claims.extend(inst_claims)
-        rejections.extend(inst_rejections)
         if skip is not None:
             skipped.append(skip)
-    sites, conflicts = _resolve(claims)
-    rejections.extend(conflicts)
+    held, conflicts = _hold(claims)
+    sites, pool_rejections = _sites(held)
     plain, grouped = _group_wildcards(sites, wildcards)
     return Model(
         sites=tuple(plain),
         wildcard_sites=tuple(grouped),
-        rejections=tuple(sorted(rejections, key=lambda r: (r.project, r.instance, r.key))),
+        rejections=tuple(
+            sorted(
+                rejections + conflicts + pool_rejections,
+                key=lambda r: (r.project, r.instance, r.key),
+            )
+        ),
         skipped=tuple(skipped),
     )
 
@@ -498,12 +485,12 @@ class RouteRow:
     location: str
     hosts: tuple[str, ...]  # the valid hosts it asks for
     upstream: str | None  # address:port, when it has one
-    routed: tuple[str, ...]  # hosts Caddy sends to it
+    routed: tuple[str, ...]  # hosts (with path) Caddy sends to it
     reasons: tuple[str, ...]  # why (some) hosts are not routed, or what was ignored
 
     @property
     def state(self) -> str:
-        if self.routed and len(self.routed) == len(self.hosts):
+        if self.routed and len(self.routed) >= len(self.hosts):
             return "routed"
         return "partly routed" if self.routed else "not routed"
 
@@ -513,12 +500,15 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
     routed: dict[tuple[str, str], list[str]] = {}
     dials: dict[tuple[str, str], str] = {}
     for site in model.all_sites:
-        for u in site.upstreams:
-            routed.setdefault((u.project, u.instance), []).append(site.host)
-            dials[(u.project, u.instance)] = u.dial
+        for route in site.routes:
+            for u in route.upstreams:
+                routed.setdefault((u.project, u.instance), []).append(
+                    site.host + (route.path or "")
+                )
+                dials[(u.project, u.instance)] = u.dial
     reasons: dict[tuple[str, str], list[str]] = {}
     for r in model.rejections:
-        value = "(not set)" if r.value is None else _show(r.value)
+        value = "(not set)" if r.value is None else show(r.value)
         prefix = "ignored" if r.ignored else "rejected"
         reasons.setdefault((r.project, r.instance), []).append(
             f"{prefix} {r.key}={value}: {r.reason}"
@@ -534,7 +524,6 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
             hosts = tuple(parse_hosts(inst.labels.get(KEY_HOST, "")))
         except InvalidValue:
             hosts = ()
-        upstream = dials.get(key) or _would_dial(inst)
         rows.append(
             RouteRow(
                 project=inst.project,
@@ -542,7 +531,7 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
                 status=inst.status,
                 location=inst.location,
                 hosts=hosts,
-                upstream=upstream,
+                upstream=dials.get(key) or _would_dial(inst),
                 routed=tuple(sorted(routed.get(key, []))),
                 reasons=tuple(reasons.get(key, [])),
             )
@@ -552,9 +541,10 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
 
 def _would_dial(inst: Instance) -> str | None:
     """address:port of a running instance that is not routed, when both are known."""
-    address = pick_address(inst) if inst.status == "Running" else None
-    try:
-        port = parse_port(inst.labels.get(KEY_PORT, ""))
-    except InvalidValue:
+    wanted, _ = lb.parse(inst.labels)
+    if wanted is None or inst.status != "Running":
         return None
-    return Upstream(inst.project, inst.name, address, port).dial if address else None
+    address = pick_address(inst, wanted.reach.network, wanted.reach.family)
+    if address is None:
+        return None
+    return Upstream(inst.project, inst.name, address, wanted.reach.port).dial

@@ -7,12 +7,13 @@ put the previous file back, so the file on disk is always a config Caddy accepte
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from . import caddy, output
+from . import caddy, output, probe
 from .incus import IncusClient, IncusError
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
@@ -83,8 +84,22 @@ def connect(settings: Settings) -> IncusClient:
 
 
 def collect(settings: Settings, client: IncusClient | None = None) -> list[Instance]:
-    """Step 1. Raises IncusError: a failed or partial listing is never rendered."""
-    return (client or connect(settings)).list_instances()
+    """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
+    listing is never rendered."""
+    return probe.annotate((client or connect(settings)).list_instances())
+
+
+_SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
+
+
+def snippet_names(settings: Settings) -> tuple[str, ...]:
+    """Names of the snippets `(name) { ... }` the operator's --snippets file defines."""
+    if settings.snippets is None:
+        return ()
+    try:
+        return tuple(_SNIPPET.findall(settings.snippets.read_text()))
+    except OSError as exc:
+        raise TemplateError(f"cannot read the snippets file {settings.snippets}: {exc}") from None
 
 
 def run(
@@ -117,8 +132,9 @@ def apply(
     verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
     reload if not). watch turns it off while it knows its last reload succeeded.
     """
-    report.model = build(instances, settings.wildcards, settings.policy)
     try:
+        snippets = snippet_names(settings)
+        report.model = build(instances, settings.wildcards, settings.policy, snippets)
         report.text = render(report.model, settings)
     except TemplateError as exc:
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
@@ -233,4 +249,5 @@ def _restore(path: Path, previous: bytes | None, report: Report) -> None:
 def routes(settings: Settings) -> list[RouteRow]:
     """Every labelled instance with its verdict (for `routes`). Raises IncusError."""
     instances = collect(settings)
-    return explain(instances, build(instances, settings.wildcards, settings.policy))
+    model = build(instances, settings.wildcards, settings.policy, snippet_names(settings))
+    return explain(instances, model)

@@ -58,6 +58,8 @@ def context(model: Model, settings: Settings) -> dict[str, Any]:
             extra=settings.global_options,
         ),
         "scheme_prefix": "http://" if settings.scheme == "http" else "",
+        "snippets_file": str(settings.snippets) if settings.snippets else None,
+        "sites_dir": str(settings.sites_dir) if settings.sites_dir else None,
         "generator": "incus-caddyfile",
     }
 

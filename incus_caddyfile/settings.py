@@ -33,6 +33,8 @@ FILE_KEYS = {
     "reload-command": "reload_command",
     "reload": "reload",
     "caddy-bin": "caddy_bin",
+    "snippets": "snippets",
+    "sites-dir": "sites_dir",
 }
 # Tables the file may hold that are not options (reserved for per-project policy).
 FILE_TABLES = frozenset({"projects"})
@@ -58,6 +60,8 @@ class Settings:
     reload_command: str | None = None
     reload: bool = True
     caddy_bin: str | None = None
+    snippets: Path | None = None
+    sites_dir: Path | None = None
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
@@ -66,6 +70,7 @@ class Settings:
 
 
 _ONE_LINE_UNSAFE = re.compile(r"[\r\n\x00]")
+_PATH_TOKEN = re.compile(r"[A-Za-z0-9_./@%+=:,~-]+")
 _ADMIN = re.compile(r"(unix/.+|(tcp/)?[A-Za-z0-9.\-\[\]:]*:[0-9]{1,5}|off)")
 _EMAIL = re.compile(r"[^\s{}\"'`#]+@[^\s{}\"'`#]+")
 
@@ -103,6 +108,12 @@ def validate(s: Settings) -> None:
         _one_line("--acme-dns", s.acme_dns)
     if s.scheme not in SCHEMES:
         raise SettingsError(f"--scheme: must be one of {', '.join(SCHEMES)}, got {s.scheme!r}")
+    for name, path in (("--snippets", s.snippets), ("--sites-dir", s.sites_dir)):
+        if path is not None and not _PATH_TOKEN.fullmatch(str(path)):
+            raise SettingsError(
+                f"{name}: {str(path)!r} is rendered into an import line: use a path without"
+                " spaces, quotes, braces or #"
+            )
     if s.reload_command is not None and not s.reload_command.strip():
         raise SettingsError("--reload-command: empty command")
 

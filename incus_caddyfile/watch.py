@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
-from . import pipeline
+from . import pipeline, probe
 from .incus import IncusClient, IncusError
+from .labels import reach_of
 from .model import Instance, Model, pick_address
 from .pipeline import Report, Status
 from .settings import Settings
@@ -374,7 +375,7 @@ class Watcher:
             if now < poll.due:
                 continue
             try:
-                inst = self.client.instance(poll.project, poll.name)
+                inst = self._fetch(poll.project, poll.name)
             except IncusError as exc:
                 self._disconnected(str(exc))
                 return
@@ -389,12 +390,15 @@ class Watcher:
 
     @staticmethod
     def _waiting_for_address(inst: Instance | None) -> bool:
-        return (
-            inst is not None
-            and inst.status == "Running"
-            and bool(inst.labels)
-            and pick_address(inst) is None
-        )
+        """Running and labelled, but without the address (or open port) it asks for yet."""
+        if inst is None or inst.status != "Running" or not inst.labels:
+            return False
+        reach = reach_of(inst.labels)
+        if reach is None:
+            return False
+        if pick_address(inst, reach.network, reach.family) is None:
+            return True
+        return reach.require_ready and inst.ready is not True
 
     # ---- Incus connection ----
     def _reconnect(self, now: float) -> None:
@@ -433,13 +437,19 @@ class Watcher:
         )
 
     # ---- one cycle ----
+    def _fetch(self, project: str, name: str) -> Instance | None:
+        """One instance, refreshed (and probed, if it asks to be). Raises IncusError."""
+        assert self.client is not None
+        inst = self.client.instance(project, name)
+        return None if inst is None else probe.annotate([inst])[0]
+
     def _refresh(self) -> bool:
         """Bring the cache up to date. False (and nothing changed) when Incus failed."""
         s = self.state
         assert self.client is not None
         try:
             if s.full or s.cache is None:
-                listing = self.client.list_instances()
+                listing = pipeline.collect(self.settings, self.client)
                 s.cache = {(i.project, i.name): i for i in listing}
                 s.full = False
                 s.dirty.clear()
@@ -447,7 +457,7 @@ class Watcher:
                     if self._waiting_for_address(inst) and (inst.project, inst.name) not in s.polls:
                         self._poll_address(inst.project, inst.name, self.clock())
                 return True
-            updates = {key: self.client.instance(*key) for key in sorted(s.dirty)}
+            updates = {key: self._fetch(*key) for key in sorted(s.dirty)}
         except IncusError as exc:
             self._disconnected(str(exc))
             return False
@@ -561,12 +571,12 @@ class Watcher:
         signal.signal(signal.SIGHUP, lambda *_: self.hup())
 
     def watched_files(self) -> list[Path]:
-        paths = [self.settings.template, self.settings.config_file]
+        paths = [self.settings.template, self.settings.config_file, self.settings.snippets]
         return [p.resolve() for p in paths if p is not None]
 
     def _start_file_watcher(self) -> threading.Thread | None:
         files = self.watched_files()
-        if not files:
+        if not files and self.settings.sites_dir is None:
             return None
         thread = threading.Thread(
             target=self._watch_files, args=(files,), name="file-watch", daemon=True
@@ -578,15 +588,22 @@ class Watcher:
         import watchfiles
 
         # Watch the directories: editors replace files by rename, which a file watch misses.
-        directories = sorted({str(f.parent) for f in files})
+        directories = {str(f.parent) for f in files}
         wanted = {str(f) for f in files}
+        sites = str(self.settings.sites_dir.resolve()) if self.settings.sites_dir else None
+        if sites:
+            directories.add(sites)
+
+        def relevant(_change: object, path: str) -> bool:
+            return path in wanted or (sites is not None and str(Path(path).parent) == sites)
+
         for changes in watchfiles.watch(
-            *directories,
+            *sorted(directories),
             stop_event=self.stop_event,
             debounce=50,
             step=20,
             recursive=False,
-            watch_filter=lambda _change, path: path in wanted,
+            watch_filter=relevant,
         ):
             for _change, path in changes:
                 self.queue.put(Trigger("file", detail=path))

@@ -235,14 +235,14 @@ def test_wildcard_mode_groups_hosts_under_the_wildcard() -> None:
         wildcards=["*.example.org"],
     )
     [w] = model.wildcard_sites
-    assert [s.host for s in w.routes] == ["a.example.org", "b.example.org"]
-    assert w.fallback is None
+    assert [s.host for s in w.sites] == ["a.example.org", "b.example.org"]
+    assert w.catch_all is None
     assert [s.host for s in model.sites] == ["example.org", "other.net", "x.y.example.org"]
 
 
 def test_wildcard_host_label_becomes_the_fallback() -> None:
     model = build([inst("catch", host="*.example.org")], wildcards=["*.example.org"])
-    assert model.wildcard_sites[0].fallback is not None
+    assert model.wildcard_sites[0].catch_all is not None
     assert model.sites == ()
 
 

@@ -1,0 +1,299 @@
+"""The label schema: which `user.caddyserver.*` keys exist and the allowlist of each value.
+
+Pure. Caddyfile quoting is not escaping (a newline, a brace, `import`, `{$VAR}` or `{env.X}`
+would change the structure of the generated file), so every value an instance owner writes
+is checked here against a strict allowlist before it can reach a template.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+PREFIX = "user.caddyserver."
+HTTP = PREFIX + "http."
+KEY_ENABLE = HTTP + "enable"
+KEY_HOST = HTTP + "matchers.host"
+KEY_PATH = HTTP + "matchers.path"
+KEY_PORT = HTTP + "upstream.port"
+KEY_NETWORK = HTTP + "upstream.network"
+KEY_FAMILY = HTTP + "upstream.family"
+KEY_SCHEME = HTTP + "upstream.scheme"
+KEY_TLS_INSECURE = HTTP + "upstream.tls_insecure"
+KEY_LB_POLICY = HTTP + "upstream.lb_policy"
+KEY_HEALTH_URI = HTTP + "upstream.health_uri"
+KEY_REQUIRE_READY = HTTP + "upstream.require_ready"
+KEY_FALLBACK = HTTP + "fallback"
+KEY_IMPORT = HTTP + "import"
+KNOWN_KEYS = frozenset(
+    {
+        KEY_ENABLE, KEY_HOST, KEY_PATH, KEY_PORT, KEY_NETWORK, KEY_FAMILY, KEY_SCHEME,
+        KEY_TLS_INSECURE, KEY_LB_POLICY, KEY_HEALTH_URI, KEY_REQUIRE_READY, KEY_FALLBACK,
+        KEY_IMPORT,
+    }
+)  # fmt: skip
+
+FAMILIES = ("ipv4", "ipv6", "any")
+SCHEMES = ("http", "https", "h2c")
+LB_POLICIES = (
+    "random", "round_robin", "least_conn", "first", "ip_hash", "client_ip_hash", "uri_hash",
+)  # fmt: skip
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_SEPARATORS = re.compile(r"[ \t,]+")
+_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_HOSTNAME = 253
+MAX_PATH = 256
+# Bare words Caddy reads as directives where a site address would stand.
+CADDYFILE_KEYWORDS = frozenset({"import"})
+MAX_SHOWN_VALUE = 80
+T = TypeVar("T")
+
+
+class InvalidValue(ValueError):
+    """A label or setting value outside the allowlist; the message is the reason."""
+
+
+def show(value: str) -> str:
+    """An untrusted value for a message: escaped, and cut when very long."""
+    shown = repr(value)
+    if len(shown) > MAX_SHOWN_VALUE:
+        shown = shown[: MAX_SHOWN_VALUE - 3] + "..."
+    return shown
+
+
+def parse_hostname(raw: str) -> str:
+    """One hostname: LDH labels, optionally a single leading `*.`; returned lowercased."""
+    if not raw.isascii():
+        raise InvalidValue("not an ASCII hostname (write internationalised names as xn-- punycode)")
+    host = raw.lower()
+    if len(host) > MAX_HOSTNAME:
+        raise InvalidValue(f"hostname longer than {MAX_HOSTNAME} characters")
+    labels = host.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if not labels:
+            raise InvalidValue("a wildcard needs a domain after '*.'")
+    if host in CADDYFILE_KEYWORDS:
+        raise InvalidValue("a Caddyfile keyword, not usable as a site address")
+    for label in labels:
+        if label == "*" or "*" in label:
+            raise InvalidValue("'*' is only allowed as the whole first label ('*.example.org')")
+        if not _LABEL.fullmatch(label):
+            raise InvalidValue(
+                "not a hostname: labels are letters, digits and inner hyphens, 1-63 characters,"
+                " separated by single dots"
+            )
+    return host
+
+
+def split_list(raw: str) -> list[str]:
+    """Values separated by spaces, tabs or commas (never newlines: those are refused)."""
+    return [p for p in _SEPARATORS.split(raw.strip()) if p]
+
+
+def parse_hosts(raw: str) -> list[str]:
+    """Hostnames separated by spaces or commas. Raises on the first invalid one."""
+    parts = split_list(raw)
+    if not parts:
+        raise InvalidValue("no hostname given")
+    hosts = []
+    for part in parts:
+        try:
+            hosts.append(parse_hostname(part))
+        except InvalidValue as exc:
+            raise InvalidValue(f"{show(part)}: {exc}") from None
+    return hosts
+
+
+def parse_port(raw: str) -> int:
+    value = raw.strip()
+    if not _PORT.fullmatch(value) or not 1 <= int(value) <= 65535:
+        raise InvalidValue("not a port number from 1 to 65535")
+    return int(value)
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "false"):
+        return value == "true"
+    raise InvalidValue("must be true or false")
+
+
+def parse_choice(raw: str, choices: Iterable[str]) -> str:
+    value = raw.strip().lower()
+    options = tuple(choices)
+    if value not in options:
+        raise InvalidValue(f"must be one of: {', '.join(options)}")
+    return value
+
+
+def parse_path(raw: str) -> str | None:
+    """A path prefix such as `/api`: letters, digits and `._~-/`. `/` means the whole host
+    (None). A trailing slash is dropped, so `/api/` and `/api` are the same route."""
+    value = raw.strip()
+    if len(value) > MAX_PATH or not _PATH.fullmatch(value) or "//" in value:
+        raise InvalidValue(
+            "not a path prefix: '/' then letters, digits and . _ ~ - / (no wildcards, no query)"
+        )
+    value = value.rstrip("/")
+    return value or None
+
+
+def parse_uri_path(raw: str) -> str:
+    """A request path such as `/healthz` (same alphabet as a path prefix)."""
+    value = raw.strip()
+    if len(value) > MAX_PATH or not _PATH.fullmatch(value):
+        raise InvalidValue("not a path: '/' then letters, digits and . _ ~ - /")
+    return value
+
+
+def parse_name(raw: str) -> str:
+    """A NIC or network name: letters, digits, `_`, `.`, `-`."""
+    value = raw.strip()
+    if not _NAME.fullmatch(value):
+        raise InvalidValue("not a NIC or network name")
+    return value
+
+
+def parse_imports(raw: str, defined: Iterable[str]) -> tuple[str, ...]:
+    """Snippet names; only snippets the operator defined (--snippets) may be named."""
+    names = split_list(raw)
+    known = frozenset(defined)
+    if not names:
+        raise InvalidValue("no snippet name given")
+    for name in names:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none are defined (--snippets)"
+            raise InvalidValue(f"{show(name)} is not a snippet the operator defined: {allowed}")
+    return tuple(dict.fromkeys(names))
+
+
+def usable_address(raw: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address a proxy can dial: not loopback, link-local, multicast or unspecified."""
+    try:
+        addr = ipaddress.ip_address(raw.split("%")[0])
+    except ValueError:
+        return None
+    if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+        return None
+    return addr
+
+
+@dataclass(frozen=True)
+class Reach:
+    """How an instance wants to be reached: port, which NIC or network, which family."""
+
+    port: int
+    network: str | None = None
+    family: str = "ipv4"
+    require_ready: bool = False
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """How Caddy proxies a route; a pool takes these from its earliest instance."""
+
+    scheme: str = "http"
+    tls_insecure: bool = False
+    lb_policy: str | None = None
+    health_uri: str | None = None
+    imports: tuple[str, ...] = ()
+
+    @property
+    def block(self) -> bool:
+        """True when reverse_proxy needs a `{ }` block for these options."""
+        return bool(self.tls_insecure or self.lb_policy or self.health_uri)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One instance's labels, all valid."""
+
+    hosts: tuple[str, ...]
+    path: str | None
+    reach: Reach
+    options: RouteOptions
+    fallback: bool
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A key whose value was refused (or, with ignored=True, skipped over)."""
+
+    key: str
+    value: str | None
+    reason: str
+    ignored: bool = False
+
+
+class _Reader:
+    """Reads optional keys, collecting a Problem for each invalid value."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self.problems: list[Problem] = []
+
+    def get(self, key: str, parser: Callable[[str], T], default: T) -> T:
+        if key not in self.labels:
+            return default
+        try:
+            return parser(self.labels[key])
+        except InvalidValue as exc:
+            self.problems.append(Problem(key, self.labels[key], str(exc)))
+            return default
+
+    def required(self, key: str, parser: Callable[[str], T], what: str) -> T | None:
+        if key not in self.labels:
+            self.problems.append(Problem(key, None, f"missing: the instance needs {what}"))
+            return None
+        return self.get(key, parser, None)
+
+
+def reach_of(labels: dict[str, str]) -> Reach | None:
+    """Only how to reach the instance (for the address lookup and readiness probes);
+    None when those values are not valid."""
+    r = _Reader(labels)
+    reach = _read_reach(r)
+    return None if r.problems else reach
+
+
+def _read_reach(r: _Reader) -> Reach | None:
+    port = r.required(KEY_PORT, parse_port, "the port it serves HTTP on")
+    reach = Reach(
+        port=port or 0,
+        network=r.get(KEY_NETWORK, parse_name, None),
+        family=r.get(KEY_FAMILY, lambda v: parse_choice(v, FAMILIES), "ipv4"),
+        require_ready=r.get(KEY_REQUIRE_READY, parse_bool, False),
+    )
+    return None if port is None else reach
+
+
+def parse(
+    labels: dict[str, str], snippets: Iterable[str] = ()
+) -> tuple[Labels | None, list[Problem]]:
+    """All of an instance's labels. None (with the problems) when any known key is invalid:
+    routing without a value that was meant (a path, an auth snippet) would be worse."""
+    r = _Reader(labels)
+    for key in sorted(labels):
+        if key not in KNOWN_KEYS:
+            r.problems.append(Problem(key, labels[key], "unknown key, check the spelling", True))
+    hosts = r.required(KEY_HOST, parse_hosts, "at least one hostname")
+    reach = _read_reach(r)
+    options = RouteOptions(
+        scheme=r.get(KEY_SCHEME, lambda v: parse_choice(v, SCHEMES), "http"),
+        tls_insecure=r.get(KEY_TLS_INSECURE, parse_bool, False),
+        lb_policy=r.get(KEY_LB_POLICY, lambda v: parse_choice(v, LB_POLICIES), None),
+        health_uri=r.get(KEY_HEALTH_URI, parse_uri_path, None),
+        imports=r.get(KEY_IMPORT, lambda v: parse_imports(v, snippets), ()),
+    )
+    path = r.get(KEY_PATH, parse_path, None)
+    fallback = r.get(KEY_FALLBACK, parse_bool, False)
+    if not hosts or reach is None or any(not p.ignored for p in r.problems):
+        return None, r.problems
+    return Labels(tuple(dict.fromkeys(hosts)), path, reach, options, fallback), r.problems

@@ -1,0 +1,51 @@
+"""Readiness: does an instance's port accept a TCP connection yet? (I/O at the edge.)
+
+Only instances that ask for it (`upstream.require_ready=true`) are probed, in parallel,
+each with a short timeout, so a fleet of slow starters costs one timeout, not one each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from .labels import reach_of
+from .model import Instance, pick_address
+
+TIMEOUT = 0.5
+MAX_PARALLEL = 32
+
+
+def _target(inst: Instance) -> tuple[str, int] | None:
+    if inst.status != "Running":
+        return None
+    reach = reach_of(inst.labels)
+    if reach is None or not reach.require_ready:
+        return None
+    address = pick_address(inst, reach.network, reach.family)
+    return (address, reach.port) if address else None
+
+
+def accepts(address: str, port: int, timeout: float = TIMEOUT) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def annotate(instances: list[Instance], timeout: float = TIMEOUT) -> list[Instance]:
+    """The same instances, with `ready` set for those that asked to be probed."""
+    targets = {i: t for i, inst in enumerate(instances) if (t := _target(inst)) is not None}
+    if not targets:
+        return instances
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(targets))) as pool:
+        futures = {
+            i: pool.submit(accepts, addr, port, timeout) for i, (addr, port) in targets.items()
+        }
+        results = {i: f.result() for i, f in futures.items()}
+    return [
+        dataclasses.replace(inst, ready=results[i]) if i in results else inst
+        for i, inst in enumerate(instances)
+    ]
