@@ -306,8 +306,12 @@ class Watch:
             return "".join(self.raw[-lines:])
 
     def alive(self) -> None:
+        """Raise BenchError when watch exited or a cycle failed: the figures would be wrong."""
         if self.proc.poll() is not None:
             raise BenchError(f"watch exited with {self.proc.returncode}:\n{self.tail()}")
+        failed = next((c for c in self.cycles() if c.data.get("error")), None)
+        if failed is not None:
+            raise BenchError(f"a watch cycle failed: {failed.data.get('message')}")
 
     def wait_cycle(self, match: Callable[[dict[str, Any]], bool], after: int,
                    timeout: float = CYCLE_TIMEOUT_S) -> Record:
@@ -346,7 +350,12 @@ class Watch:
 
 
 def routed(text: str, hostname: str) -> bool:
-    return f"\nhttp://{hostname} {{\n" in text
+    """The file has a site for this host that proxies somewhere."""
+    start = text.find(f"\nhttp://{hostname} {{\n")
+    if start < 0:
+        return False
+    end = text.find("\n}\n", start)
+    return "reverse_proxy " in text[start : end if end >= 0 else len(text)]
 
 
 def start_watch(output: Path, caddy: Caddy, fleet: Fleet) -> Watch:
@@ -609,8 +618,14 @@ def cycle_summary(cycle: dict[str, Any], t0_wall: float) -> dict[str, Any]:
 
 def stop_target(client: Any, caddy: Caddy, watch: Watch, target: Target) -> None:
     set_state(client, target.name, "stop")
-    if not wait_until(lambda: not caddy.serves(target.hostname, target.needle), 15, 0.05):
-        raise BenchError(f"Caddy still routes {target.hostname} 15 s after it stopped:\n"
+
+    def unrouted() -> bool:
+        watch.alive()
+        return not routed(watch.routes(), target.hostname) and not caddy.serves(
+            target.hostname, target.needle)
+
+    if not wait_until(unrouted, 15, 0.05):
+        raise BenchError(f"{target.hostname} still routed 15 s after it stopped:\n"
                          f"{watch.tail()}")
     time.sleep(HOLD_S)
 

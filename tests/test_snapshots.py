@@ -12,7 +12,7 @@ from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from incus_caddyfile.caddy import find_caddy
-from incus_caddyfile.model import Instance, build
+from incus_caddyfile.model import Instance, Nic, build
 from incus_caddyfile.render import render
 from incus_caddyfile.settings import Settings
 
@@ -138,7 +138,7 @@ def _snapshot_files() -> list[Path]:
 
 
 def test_there_are_snapshots_to_check() -> None:
-    assert len(_snapshot_files()) >= 10
+    assert len(_snapshot_files()) >= 15
 
 
 @pytest.mark.parametrize("path", _snapshot_files(), ids=lambda p: p.stem)
@@ -160,3 +160,98 @@ def test_snapshot_is_accepted_and_formatted_by_real_caddy(path: Path) -> None:
         check=False,
     )
     assert adapt.returncode == 0, adapt.stderr
+
+
+L = "user.caddyserver.http."
+FIXTURES = Path(__file__).parent / "fixtures"
+SNIPPETS = ("security-headers", "internal-only")
+
+
+def test_path_prefixes_share_a_host(snapshot: SnapshotAssertion) -> None:
+    fleet = [
+        inst("web", host="shop.example.org", address="198.18.0.1"),
+        inst(
+            "api1", host="shop.example.org", address="198.18.0.2", **{L + "matchers.path": "/api/"}
+        ),
+        inst(
+            "api2", host="shop.example.org", address="198.18.0.3", **{L + "matchers.path": "/api"}
+        ),
+        inst(
+            "docs",
+            host="shop.example.org",
+            address="198.18.0.4",
+            **{L + "matchers.path": "/api/docs"},
+        ),
+        inst("only", host="paths.example.org", address="198.18.0.5", **{L + "matchers.path": "/x"}),
+    ]
+    assert text(fleet) == snapshot
+
+
+def test_upstream_options(snapshot: SnapshotAssertion) -> None:
+    v6 = Instance(
+        "default",
+        "v6",
+        created_at="2026",
+        config={
+            L + "enable": "true",
+            L + "matchers.host": "v6.example.org",
+            L + "upstream.port": "8080",
+            L + "upstream.family": "ipv6",
+        },
+        nics=(Nic("eth0", ("198.18.0.9", "fe80::1", "fd42:4943:4643::9")),),
+    )
+    fleet = [
+        v6,
+        inst(
+            "tls",
+            host="tls.example.org",
+            address="198.18.0.1",
+            port="8443",
+            **{L + "upstream.scheme": "https", L + "upstream.tls_insecure": "true"},
+        ),
+        inst(
+            "grpc", host="grpc.example.org", address="198.18.0.2", **{L + "upstream.scheme": "h2c"}
+        ),
+        inst(
+            "pool1",
+            host="pool.example.org",
+            address="198.18.0.3",
+            **{L + "upstream.lb_policy": "round_robin", L + "upstream.health_uri": "/healthz"},
+        ),
+        inst("pool2", host="pool.example.org", address="198.18.0.4"),
+    ]
+    assert text(fleet) == snapshot
+
+
+def test_fallback_page_for_a_stopped_instance(snapshot: SnapshotAssertion) -> None:
+    fleet = [
+        inst("down", host="down.example.org", status="Stopped", **{L + "fallback": "true"}),
+        inst(
+            "api",
+            host="half.example.org",
+            status="Stopped",
+            **{L + "fallback": "true", L + "matchers.path": "/api"},
+        ),
+        inst("web", host="half.example.org", address="198.18.0.2"),
+    ]
+    assert text(fleet, scheme="http") == snapshot
+
+
+def test_snippets_and_operator_sites(snapshot: SnapshotAssertion) -> None:
+    """Paths are relative to the snapshot's own directory, as Caddy resolves imports."""
+    fleet = [
+        inst("web", host="web.example.org", **{L + "import": "security-headers internal-only"})
+    ]
+    s = Settings(
+        snippets=Path("../../fixtures/snippets.caddy"), sites_dir=Path("../../fixtures/sites")
+    )
+    assert render(build(fleet, snippets=SNIPPETS), s) == snapshot
+
+
+def test_wildcard_with_paths_and_fallback(snapshot: SnapshotAssertion) -> None:
+    fleet = [
+        inst("a", host="a.example.org", address="198.18.0.1"),
+        inst("a-api", host="a.example.org", address="198.18.0.2", **{L + "matchers.path": "/api"}),
+        inst("b", host="b.example.org", status="Stopped", **{L + "fallback": "true"}),
+    ]
+    assert text(fleet, wildcards=("*.example.org",)) == snapshot
