@@ -10,6 +10,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 NET=${INCUS_CADDYFILE_LAB_NETWORK:-icfbr0}
 SUBNET=${INCUS_CADDYFILE_LAB_SUBNET:-198.18.77.1/24}
 IMAGE=${INCUS_CADDYFILE_LAB_IMAGE:-icf-busybox}
+# A second bridge, dual stack (IPv6 from the ULA range, by SLAAC), for network/family tests.
+NET2=${INCUS_CADDYFILE_LAB_NETWORK2:-icfbr1}
+SUBNET2=${INCUS_CADDYFILE_LAB_SUBNET2:-198.18.78.1/24}
+SUBNET2_V6=${INCUS_CADDYFILE_LAB_SUBNET2_V6:-fd42:4943:4643::1/64}
 LOG=/var/log/incus/incusd.log
 
 daemon_up() { incus info >/dev/null 2>&1; }
@@ -78,6 +82,9 @@ setup() {
   incus storage show default >/dev/null 2>&1 || incus storage create default dir >/dev/null
   incus network show "$NET" >/dev/null 2>&1 || \
     incus network create "$NET" ipv4.address="$SUBNET" ipv4.nat=false ipv6.address=none >/dev/null
+  incus network show "$NET2" >/dev/null 2>&1 || \
+    incus network create "$NET2" ipv4.address="$SUBNET2" ipv4.nat=false \
+      ipv6.address="$SUBNET2_V6" ipv6.nat=false >/dev/null
   incus profile device show default | grep -q '^root:' || \
     incus profile device add default root disk path=/ pool=default >/dev/null
   incus profile device show default | grep -q '^eth0:' || \
@@ -90,13 +97,14 @@ case "${1:-up}" in
     [ "$(id -u)" = 0 ] && bash "$here/install-deps.sh" >/dev/null
     start_daemon
     setup
-    echo "lab: incusd up, network $NET ($SUBNET), image $IMAGE"
+    echo "lab: incusd up, networks $NET ($SUBNET) and $NET2 ($SUBNET2, $SUBNET2_V6), image $IMAGE"
     ;;
   start)
     start_daemon
     ;;
   status)
-    daemon_up && incus image info "$IMAGE" >/dev/null 2>&1 && incus network show "$NET" >/dev/null 2>&1
+    daemon_up && incus image info "$IMAGE" >/dev/null 2>&1 && incus network show "$NET" >/dev/null 2>&1 \
+      && incus network show "$NET2" >/dev/null 2>&1
     ;;
   down)
     pkill -f '/usr/libexec/incus/incusd' || true

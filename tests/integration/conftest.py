@@ -28,6 +28,7 @@ from incus_caddyfile.caddy import AdminAPI, find_caddy
 from ..helpers import skip_or_fail
 
 NETWORK = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK", "icfbr0")
+NETWORK2 = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK2", "icfbr1")  # dual stack
 IMAGE = os.environ.get("INCUS_CADDYFILE_LAB_IMAGE", "icf-busybox")
 PREFIX = "icft-"
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,28 +102,43 @@ class Lab:
         config: dict[str, str] | None = None,
         profiles: tuple[str, ...] = ("default",),
         start: bool = True,
+        network: str | None = None,
     ) -> None:
         args = ["launch" if start else "init", IMAGE, name, "--project", project]
+        if network:
+            args += ["--network", network]
         for profile in profiles:
             args += ["-p", profile]
         for key, value in (config or {}).items():
             args += ["-c", f"{key}={value}"]
         incus(*args)
 
-    def address(self, project: str, name: str, timeout: float = 15) -> str:
+    def address(
+        self,
+        project: str,
+        name: str,
+        timeout: float = 15,
+        nic: str = "eth0",
+        family: str = "inet",
+    ) -> str:
+        """The instance's first global address of the family on that NIC (waits for it)."""
+
         def lookup() -> str | None:
             data = json.loads(incus("list", name, "--project", project, "--format", "json"))
             for inst in data:
                 if inst["name"] != name or not inst.get("state"):
                     continue
-                for addr in inst["state"]["network"].get("eth0", {}).get("addresses", []):
-                    if addr["family"] == "inet" and addr["scope"] == "global":
+                for addr in inst["state"]["network"].get(nic, {}).get("addresses", []):
+                    if addr["family"] == family and addr["scope"] == "global":
                         return str(addr["address"])
             return None
 
         found = wait_for(lookup, timeout)
-        assert found, f"{project}/{name} got no IPv4 address within {timeout} s"
+        assert found, f"{project}/{name} got no {family} address on {nic} within {timeout} s"
         return str(found)
+
+    def exec(self, project: str, name: str, script: str) -> str:
+        return incus("exec", name, "--project", project, "--", "sh", "-c", script)
 
     def set(self, project: str, name: str, **keys: str) -> None:
         incus("config", "set", name, *(f"{k}={v}" for k, v in keys.items()), "--project", project)
@@ -230,24 +246,28 @@ class Caddy:
                 self.proc.wait()
             self.proc = None
 
-    def get(self, host: str, path: str = "/") -> tuple[int, str]:
-        """One request through Caddy with this Host header; (0, error) when it fails."""
+    def request(self, host: str, path: str = "/") -> tuple[int, dict[str, str], str]:
+        """One request through Caddy with this Host header; (0, {}, error) when it fails."""
         try:
             conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=3)
             conn.request("GET", path, headers={"Host": host})
             response = conn.getresponse()
             body = response.read().decode("utf-8", "replace")
             conn.close()
-            return response.status, body
+            return response.status, dict(response.getheaders()), body
         except OSError as exc:
-            return 0, str(exc)
+            return 0, {}, str(exc)
 
-    def wait_body(self, host: str, needle: str, timeout: float = 10) -> str:
+    def get(self, host: str, path: str = "/") -> tuple[int, str]:
+        status, _, body = self.request(host, path)
+        return status, body
+
+    def wait_body(self, host: str, needle: str, timeout: float = 10, path: str = "/") -> str:
         """Request (bounded in time) until the body contains needle; returns the last body."""
         last: list[str] = [""]
 
         def probe() -> bool:
-            status, body = self.get(host)
+            status, body = self.get(host, path)
             last[0] = f"{status} {body}"
             return status == 200 and needle in body
 
