@@ -75,9 +75,27 @@ SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
     click.option(
         "--incus",
         envvar=_env("INCUS"),
-        metavar="PATH",
-        help="Incus unix socket. Default: $INCUS_SOCKET, $INCUS_DIR/unix.socket,"
-        " /var/lib/incus/unix.socket or /run/incus/unix.socket.",
+        metavar="PATH|URL",
+        help="Incus unix socket, or https://HOST:8443 for a remote one. Default: $INCUS_SOCKET,"
+        " $INCUS_DIR/unix.socket, /var/lib/incus/unix.socket or /run/incus/unix.socket.",
+    ),
+    click.option(
+        "--incus-cert",
+        envvar=_env("INCUS_CERT"),
+        metavar="FILE",
+        help="Client certificate for a remote Incus (default: the incus client's own).",
+    ),
+    click.option(
+        "--incus-key",
+        envvar=_env("INCUS_KEY"),
+        metavar="FILE",
+        help="Key of --incus-cert.",
+    ),
+    click.option(
+        "--incus-server-cert",
+        envvar=_env("INCUS_SERVER_CERT"),
+        metavar="FILE",
+        help="Pin the remote Incus server's certificate (e.g. its server.crt).",
     ),
 ]
 RENDER_OPTIONS: list[Callable[[Any], Any]] = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 import pylxd
 import requests
 from pylxd import exceptions as pylxd_exc
-from pylxd.client import EventType
+from pylxd.client import EventType, get_session_for_url
 from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
 from .labels import PREFIX, reach_of
@@ -74,18 +75,81 @@ def _check_socket(path: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Tls:
+    """Client certificate and key, and the server certificate to pin, for a remote Incus."""
+
+    cert: str | None = None
+    key: str | None = None
+    server_cert: str | None = None  # None: verify against the system's CAs
+
+
+def default_client_cert() -> tuple[str, str] | None:
+    """The certificate the `incus` client itself uses ($INCUS_CONF or ~/.config/incus)."""
+    conf = os.environ.get("INCUS_CONF") or os.path.expanduser("~/.config/incus")
+    cert, key = os.path.join(conf, "client.crt"), os.path.join(conf, "client.key")
+    return (cert, key) if os.path.exists(cert) and os.path.exists(key) else None
+
+
+def _remote_client(endpoint: str, tls: Tls) -> pylxd.Client:
+    """pylxd over HTTPS with a client certificate and, if given, a pinned server certificate.
+
+    The session ignores REQUESTS_CA_BUNDLE and friends: with them set, requests would
+    silently replace the pinned certificate by the system bundle.
+    """
+    if (tls.cert is None) != (tls.key is None):
+        raise IncusError("give both --incus-cert and --incus-key, or neither")
+    cert = (tls.cert, tls.key) if tls.cert and tls.key else default_client_cert()
+    if cert is None:
+        raise IncusError(
+            f"no client certificate for {endpoint}: give --incus-cert and --incus-key (or"
+            " create ~/.config/incus/client.crt with the incus client)"
+        )
+    for path in (*cert, tls.server_cert):
+        if path is not None and not os.path.exists(path):
+            raise IncusError(f"no such file: {path}")
+    verify: str | bool = tls.server_cert or True
+    session = get_session_for_url(endpoint, verify=verify, cert=cert)
+    session.trust_env = False
+    client = pylxd.Client(endpoint=endpoint, cert=cert, verify=verify, session=session)
+    if tls.server_cert:  # pin the event stream (websocket) too
+        client.ssl_options = {
+            **(client.ssl_options or {}),
+            "ca_certs": tls.server_cert,
+            "cert_reqs": ssl.CERT_REQUIRED,
+        }
+    if (client.host_info or {}).get("auth") != "trusted":
+        raise IncusError(
+            f"Incus at {endpoint} does not trust this client certificate: add it with"
+            " `incus config trust add-certificate`"
+        )
+    return client
+
+
+def _reason(exc: Exception) -> str:
+    """The useful end of a requests/urllib3 error chain (e.g. the fingerprint mismatch)."""
+    text = str(exc)
+    if "Fingerprints did not match" in text:
+        return "the server certificate is not the pinned one (--incus-server-cert)"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "its certificate is not trusted: pin it with --incus-server-cert"
+    return text
+
+
 class IncusClient:
     """A narrow client: only the calls this tool makes."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, tls: Tls | None = None) -> None:
         self.endpoint = endpoint
         self.requests = 0  # API requests made, for benchmarks and the watch log
-        if not endpoint.startswith(("http://", "https://")):
-            _check_socket(endpoint)
         try:
-            self._client = pylxd.Client(endpoint=endpoint)
+            if endpoint.startswith("https://"):
+                self._client = _remote_client(endpoint, tls or Tls())
+            else:
+                _check_socket(endpoint)
+                self._client = pylxd.Client(endpoint=endpoint)
         except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
-            raise IncusError(f"cannot connect to Incus at {endpoint}: {exc}") from None
+            raise IncusError(f"cannot connect to Incus at {endpoint}: {_reason(exc)}") from None
 
     def _get(self, path: str, params: dict[str, str]) -> Any:
         """GET one API path below /1.0; any failure becomes IncusError naming the path."""

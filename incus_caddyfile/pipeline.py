@@ -14,7 +14,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from . import caddy, output, probe
-from .incus import IncusClient, IncusError
+from .incus import IncusClient, IncusError, Tls
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .render import TemplateError, render
@@ -80,7 +80,8 @@ class Report:
 
 
 def connect(settings: Settings) -> IncusClient:
-    return IncusClient(settings.incus or default_incus_socket())
+    tls = Tls(settings.incus_cert, settings.incus_key, settings.incus_server_cert)
+    return IncusClient(settings.incus or default_incus_socket(), tls)
 
 
 def collect(settings: Settings, client: IncusClient | None = None) -> list[Instance]:

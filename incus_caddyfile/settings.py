@@ -22,6 +22,9 @@ SCHEMES = ("https", "http")
 # TOML key -> click parameter name. TOML keys are the long option names.
 FILE_KEYS = {
     "incus": "incus",
+    "incus-cert": "incus_cert",
+    "incus-key": "incus_key",
+    "incus-server-cert": "incus_server_cert",
     "template": "template",
     "output": "output",
     "email": "email",
@@ -49,6 +52,9 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     incus: str | None = None
+    incus_cert: str | None = None
+    incus_key: str | None = None
+    incus_server_cert: str | None = None
     template: Path | None = None
     output: Path | None = None
     email: str | None = None
