@@ -160,10 +160,10 @@ def adapt_with_binary(text: str, caddy_bin: str | None = None) -> None:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CaddyUnreachable(f"cannot run {exe}: {exc}") from None
     if proc.returncode != 0:
-        raise CaddyRejected(_last_error_line(proc.stderr, tmp))
+        raise CaddyRejected(last_error_line(proc.stderr, tmp))
 
 
-def _last_error_line(stderr: str, tmpdir: str) -> str:
+def last_error_line(stderr: str, tmpdir: str) -> str:
     """Caddy logs (as JSON lines) and then errors; keep the last error, without our temp path."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     message = lines[-1] if lines else "caddy adapt failed"
@@ -179,7 +179,8 @@ def _last_error_line(stderr: str, tmpdir: str) -> str:
         else:
             message = line
             break
-    return message.removeprefix("Error: ").replace(tmpdir + os.sep, "")
+    message = message.removeprefix("Error: ")
+    return message.replace(tmpdir + os.sep, "") if tmpdir else message
 
 
 def check(text: str, admin: str | None, caddy_bin: str | None) -> str:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__, pipeline
+from . import __version__, pipeline, targets
 from .incus import IncusError
 from .model import RouteRow
 from .output import Changed
@@ -168,6 +168,13 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         help="Reload Caddy after the file changed.",
     ),
     click.option(
+        "--caddy-instance",
+        envvar=_env("CADDY_INSTANCE"),
+        metavar="PROJECT/NAME",
+        help="Caddy runs in this Incus instance: write --output (default /etc/caddy/Caddyfile)"
+        " there through the Incus file API, check and reload it with caddy (exec).",
+    ),
+    click.option(
         "--snippets",
         type=click.Path(dir_okay=False, path_type=Path),
         envvar=_env("SNIPPETS"),
@@ -265,16 +272,17 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
         incus-caddyfile render --wildcard '*.example.org' --acme-dns 'cloudflare {env.CF_API_TOKEN}'
     """
     settings = make_settings(**kwargs)
-    if (check or diff) and settings.output is None:
+    target = targets.for_settings(settings)
+    if (check or diff) and target is None:
         raise click.UsageError("--check and --diff compare with a file: give --output")
     report = pipeline.run(settings, check=check, diff=diff)
     print_report(report, quiet)
-    if settings.output is None and report.error is None and report.text is not None:
+    if target is None and report.error is None and report.text is not None:
         sys.stdout.write(report.text)
     if report.diff:
         sys.stdout.write(report.diff)
-    if report.error is None and settings.output is not None:
-        _say(f"{settings.output}: {_summary(report, check or diff)}")
+    if report.error is None and target is not None:
+        _say(f"{target.name}: {_summary(report, check or diff)}")
     sys.exit(report.return_code(check))
 
 
@@ -394,7 +402,7 @@ def watch(
         settings = load()
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    if settings.output is None:
+    if targets.for_settings(settings) is None:
         raise click.UsageError("watch needs --output (the Caddyfile to keep up to date)")
     options = WatchOptions(
         debounce_min=debounce[0],

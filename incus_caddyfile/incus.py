@@ -91,7 +91,7 @@ def default_client_cert() -> tuple[str, str] | None:
     return (cert, key) if os.path.exists(cert) and os.path.exists(key) else None
 
 
-def _remote_client(endpoint: str, tls: Tls) -> pylxd.Client:
+def _remote_client(endpoint: str, tls: Tls, project: str | None = None) -> pylxd.Client:
     """pylxd over HTTPS with a client certificate and, if given, a pinned server certificate.
 
     The session ignores REQUESTS_CA_BUNDLE and friends: with them set, requests would
@@ -111,7 +111,9 @@ def _remote_client(endpoint: str, tls: Tls) -> pylxd.Client:
     verify: str | bool = tls.server_cert or True
     session = get_session_for_url(endpoint, verify=verify, cert=cert)
     session.trust_env = False
-    client = pylxd.Client(endpoint=endpoint, cert=cert, verify=verify, session=session)
+    client = pylxd.Client(
+        endpoint=endpoint, cert=cert, verify=verify, session=session, project=project
+    )
     if tls.server_cert:  # pin the event stream (websocket) too
         client.ssl_options = {
             **(client.ssl_options or {}),
@@ -141,15 +143,20 @@ class IncusClient:
 
     def __init__(self, endpoint: str, tls: Tls | None = None) -> None:
         self.endpoint = endpoint
+        self.tls = tls or Tls()
         self.requests = 0  # API requests made, for benchmarks and the watch log
+        self._by_project: dict[str, pylxd.Client] = {}
         try:
-            if endpoint.startswith("https://"):
-                self._client = _remote_client(endpoint, tls or Tls())
-            else:
+            if not endpoint.startswith("https://"):
                 _check_socket(endpoint)
-                self._client = pylxd.Client(endpoint=endpoint)
+            self._client = self._new_client(None)
         except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
             raise IncusError(f"cannot connect to Incus at {endpoint}: {_reason(exc)}") from None
+
+    def _new_client(self, project: str | None) -> pylxd.Client:
+        if self.endpoint.startswith("https://"):
+            return _remote_client(self.endpoint, self.tls, project)
+        return pylxd.Client(endpoint=self.endpoint, project=project)
 
     def _get(self, path: str, params: dict[str, str]) -> Any:
         """GET one API path below /1.0; any failure becomes IncusError naming the path."""
@@ -230,6 +237,52 @@ class IncusClient:
         raw.setdefault("project", project)
         candidates = [raw] if _is_candidate(raw) else []
         return self._to_instance(raw, self._lease_maps(candidates))
+
+    def _project_client(self, project: str) -> pylxd.Client:
+        """pylxd's instance objects (file API, exec) are bound to one project."""
+        if project not in self._by_project:
+            try:
+                self._by_project[project] = self._new_client(project)
+            except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
+                raise IncusError(f"cannot use project {project}: {_reason(exc)}") from None
+        return self._by_project[project]
+
+    def _instance_object(self, project: str, name: str) -> Any:
+        try:
+            return self._project_client(project).instances.get(name)
+        except pylxd_exc.NotFound:
+            raise IncusError(f"no instance {project}/{name}") from None
+        except (pylxd_exc.LXDAPIException, requests.RequestException, OSError) as exc:
+            raise IncusError(f"cannot reach instance {project}/{name}: {exc}") from None
+
+    def exec(self, project: str, name: str, argv: list[str]) -> tuple[int, str, str]:
+        """Run a command in an instance: (exit code, stdout, stderr)."""
+        inst = self._instance_object(project, name)
+        self.requests += 1
+        try:
+            result = inst.execute(argv)
+        except (pylxd_exc.LXDAPIException, requests.RequestException, OSError) as exc:
+            raise IncusError(f"exec in {project}/{name} failed: {exc}") from None
+        return int(result.exit_code), str(result.stdout), str(result.stderr)
+
+    def read_file(self, project: str, name: str, path: str) -> bytes | None:
+        """A file's bytes from an instance, or None when there is no such file."""
+        inst = self._instance_object(project, name)
+        self.requests += 1
+        try:
+            return bytes(inst.files.get(path))
+        except pylxd_exc.NotFound:
+            return None
+        except (pylxd_exc.LXDAPIException, requests.RequestException, OSError) as exc:
+            raise IncusError(f"reading {path} in {project}/{name} failed: {exc}") from None
+
+    def write_file(self, project: str, name: str, path: str, data: bytes) -> None:
+        inst = self._instance_object(project, name)
+        self.requests += 1
+        try:
+            inst.files.put(path, data, mode="0600")
+        except (pylxd_exc.LXDAPIException, requests.RequestException, OSError) as exc:
+            raise IncusError(f"writing {path} in {project}/{name} failed: {exc}") from None
 
     def events(
         self, on_event: Callable[[dict[str, Any]], None], on_close: Callable[[], None]

@@ -51,7 +51,7 @@ def compare(current: bytes | None, new: bytes) -> Changed:
     return Changed.NO if current == new else Changed.YES
 
 
-def unified_diff(path: Path, current: bytes | None, new: bytes) -> str:
+def unified_diff(path: Path | str, current: bytes | None, new: bytes) -> str:
     old_lines = (current or b"").decode("utf-8", "replace").splitlines(keepends=True)
     new_lines = new.decode("utf-8", "replace").splitlines(keepends=True)
     return "".join(

@@ -11,14 +11,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 
-from . import caddy, output, probe
+from . import caddy, output, probe, targets
 from .incus import IncusClient, IncusError, Tls
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .render import TemplateError, render
 from .settings import Settings, default_incus_socket
+from .targets import Target
 
 
 class Status(IntEnum):
@@ -139,16 +139,17 @@ def apply(
         report.text = render(report.model, settings)
     except TemplateError as exc:
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
-    if settings.output is None:
+    target = targets.for_settings(settings)
+    if target is None:
         return report
     return _write_and_reload(
-        settings, settings.output, report, check=check, diff=diff, verify_running=verify_running
+        settings, target, report, check=check, diff=diff, verify_running=verify_running
     )
 
 
 def _write_and_reload(
     settings: Settings,
-    path: Path,
+    target: Target,
     report: Report,
     *,
     check: bool,
@@ -158,71 +159,72 @@ def _write_and_reload(
     assert report.text is not None
     new = report.text.encode()
     try:
-        current = output.read_current(path)
+        current = target.read()
     except OutputError as exc:
         return report.fail(Status.WRITE_FAILED, str(exc))
     report.changed = output.compare(current, new)
     if diff:
-        report.diff = output.unified_diff(path, current, new)
+        report.diff = output.unified_diff(target.name, current, new)
     if check or diff:
         return report
     if report.changed is Changed.NO:
-        if verify_running and settings.reload and not settings.reload_command:
-            _reload_if_stale(settings, report)
+        if verify_running and settings.reload:
+            _reload_if_stale(target, report)
         return report
 
     try:
-        report.checked_by = caddy.check(report.text, settings.caddy_admin, settings.caddy_bin)
+        report.checked_by = target.check(report.text)
     except caddy.CaddyRejected as exc:
         return report.fail(
-            Status.CADDY_REJECTED, f"Caddy rejected the new config, {path} kept as it was: {exc}"
+            Status.CADDY_REJECTED,
+            f"Caddy rejected the new config, {target.name} kept as it was: {exc}",
         )
     except caddy.CaddyUnreachable as exc:
         report.warnings.append(f"the new config was not checked by Caddy: {exc}")
+    except OutputError as exc:
+        return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
 
     try:
-        report.in_place = output.write_atomic(path, new).in_place
+        report.in_place = target.write(new)
     except OutputError as exc:
         return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
     report.written = True
     if report.in_place:
         report.warnings.append(
-            f"{path} could not be replaced by rename (a single-file bind mount?);"
+            f"{target.name} could not be replaced by rename (a single-file bind mount?);"
             " it was rewritten in place"
         )
     if settings.reload:
-        _reload(settings, path, current, report)
+        _reload(target, current, report)
     return report
 
 
-def _reload(settings: Settings, path: Path, previous: bytes | None, report: Report) -> None:
+def _reload(target: Target, previous: bytes | None, report: Report) -> None:
     assert report.text is not None
     try:
-        if settings.reload_command:
-            caddy.run_reload_command(settings.reload_command)
-        else:
-            caddy.AdminAPI(settings.caddy_admin).load(report.text)
+        target.reload(report.text)
         report.reloaded = True
     except caddy.CaddyRejected as exc:
-        _restore(path, previous, report)
+        _restore(target, previous, report)
         report.fail(
             Status.CADDY_REJECTED,
             f"Caddy rejected the new config and keeps running the old one: {exc}",
         )
     except caddy.CaddyError as exc:
-        report.fail(Status.RELOAD_FAILED, f"{path} was written but Caddy was not reloaded: {exc}")
+        report.fail(
+            Status.RELOAD_FAILED, f"{target.name} was written but Caddy was not reloaded: {exc}"
+        )
 
 
-def _reload_if_stale(settings: Settings, report: Report) -> None:
+def _reload_if_stale(target: Target, report: Report) -> None:
     """The file is current, but is Caddy? (A reload that failed last time, or a Caddy started
     with another config.) Reload only then. No answer is a failed reload: Caddy is not known
     to run the file, and watch retries until it does."""
     assert report.text is not None
     try:
-        admin = caddy.AdminAPI(settings.caddy_admin)
-        if admin.running(report.text):
-            return
-        admin.load(report.text)
+        if target.running(report.text) is not False:
+            return  # it runs this text, or the target cannot tell
+        target.reload(report.text)
     except caddy.CaddyRejected as exc:
         report.fail(Status.CADDY_REJECTED, f"Caddy rejected the current file: {exc}")
         return
@@ -235,16 +237,13 @@ def _reload_if_stale(settings: Settings, report: Report) -> None:
     report.warnings.append("Caddy was not running the current file; reloaded it")
 
 
-def _restore(path: Path, previous: bytes | None, report: Report) -> None:
+def _restore(target: Target, previous: bytes | None, report: Report) -> None:
     """Put back the file Caddy is still running, so disk and Caddy agree."""
     try:
-        if previous is None:
-            path.unlink(missing_ok=True)
-        else:
-            output.write_atomic(path, previous)
+        target.restore(previous)
         report.written = False
-    except (OSError, OutputError) as exc:
-        report.warnings.append(f"could not restore the previous {path}: {exc}")
+    except (OSError, OutputError, caddy.CaddyError) as exc:
+        report.warnings.append(f"could not restore the previous {target.name}: {exc}")
 
 
 def routes(settings: Settings) -> list[RouteRow]:

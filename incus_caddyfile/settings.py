@@ -37,6 +37,7 @@ FILE_KEYS = {
     "reload": "reload",
     "caddy-bin": "caddy_bin",
     "snippets": "snippets",
+    "caddy-instance": "caddy_instance",
     "sites-dir": "sites_dir",
 }
 # Tables the file may hold that are not options (reserved for per-project policy).
@@ -68,6 +69,7 @@ class Settings:
     caddy_bin: str | None = None
     snippets: Path | None = None
     sites_dir: Path | None = None
+    caddy_instance: str | None = None  # PROJECT/NAME: Caddy runs in this Incus instance
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
@@ -76,6 +78,7 @@ class Settings:
 
 
 _ONE_LINE_UNSAFE = re.compile(r"[\r\n\x00]")
+_INSTANCE_REF = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9-]{0,62}")
 _PATH_TOKEN = re.compile(r"[A-Za-z0-9_./@%+=:,~-]+")
 _ADMIN = re.compile(r"(unix/.+|(tcp/)?[A-Za-z0-9.\-\[\]:]*:[0-9]{1,5}|off)")
 _EMAIL = re.compile(r"[^\s{}\"'`#]+@[^\s{}\"'`#]+")
@@ -120,6 +123,13 @@ def validate(s: Settings) -> None:
                 f"{name}: {str(path)!r} is rendered into an import line: use a path without"
                 " spaces, quotes, braces or #"
             )
+    if s.caddy_instance is not None:
+        if not _INSTANCE_REF.fullmatch(s.caddy_instance):
+            raise SettingsError(
+                f"--caddy-instance: expected PROJECT/NAME or NAME, got {s.caddy_instance!r}"
+            )
+        if s.output is not None and not s.output.is_absolute():
+            raise SettingsError("--output: with --caddy-instance, an absolute path in it")
     if s.reload_command is not None and not s.reload_command.strip():
         raise SettingsError("--reload-command: empty command")
 

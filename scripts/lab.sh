@@ -62,6 +62,7 @@ case "$1" in
 esac
 UDHCPC
   chmod +x "$root/etc/init.d/rcS" "$root/etc/udhcpc.script"
+  printf '127.0.0.1 localhost\n::1 localhost\n' > "$root/etc/hosts"
   echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
   echo "root:x:0:" > "$root/etc/group"
   cat > "$work/metadata.yaml" <<META
