@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 
 from .model import Model
-from .settings import Settings
+from .settings import Settings, block_depths
 
 DEFAULT_TEMPLATE = "Caddyfile.j2"
 
@@ -36,6 +36,14 @@ class GlobalOptions:
     email: str | None
     acme_dns: str | None
     extra: tuple[str, ...]
+
+    @property
+    def lines(self) -> list[str]:
+        """The extra lines, blocks (`servers {` ... `}`) indented as caddy fmt does."""
+        return [
+            "\t" * d + line.strip()
+            for line, d in zip(self.extra, block_depths(self.extra), strict=True)
+        ]
 
     @property
     def any(self) -> bool:

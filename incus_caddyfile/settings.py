@@ -84,11 +84,31 @@ _ADMIN = re.compile(r"(unix/.+|(tcp/)?[A-Za-z0-9.\-\[\]:]*:[0-9]{1,5}|off)")
 _EMAIL = re.compile(r"[^\s{}\"'`#]+@[^\s{}\"'`#]+")
 
 
-def _one_line(name: str, value: str) -> None:
+def _one_line(name: str, value: str, balanced: bool = True) -> None:
     if _ONE_LINE_UNSAFE.search(value) or not value.strip():
         raise SettingsError(f"{name}: must be one non-empty line, got {value!r}")
-    if value.count("{") != value.count("}"):
+    if balanced and value.count("{") != value.count("}"):
         raise SettingsError(f"{name}: unbalanced braces in {value!r}")
+
+
+def block_depths(lines: tuple[str, ...]) -> list[int]:
+    """The nesting depth of each global option line: a line ending in `{` opens a block
+    (e.g. `servers {`), a line `}` closes it. Raises when the blocks do not close."""
+    depths, depth = [], 0
+    for line in lines:
+        text = line.strip()
+        if text == "}":
+            depth -= 1
+            if depth < 0:
+                raise SettingsError(f"--global-option: '}}' closes no block: {lines!r}")
+        depths.append(depth)
+        if text.endswith("{"):
+            depth += 1
+        if text != "}" and text.count("{") - text.endswith("{") != text.count("}"):
+            raise SettingsError(f"--global-option: unbalanced braces in {line!r}")
+    if depth:
+        raise SettingsError(f"--global-option: a block is not closed with a '}}' line: {lines!r}")
+    return depths
 
 
 def validate(s: Settings) -> None:
@@ -100,9 +120,10 @@ def validate(s: Settings) -> None:
             f"--caddy-admin: expected host:port, unix//path or off, got {s.caddy_admin!r}"
         )
     for option in s.global_options:
-        _one_line("--global-option", option)
+        _one_line("--global-option", option, balanced=False)
+    for option, depth in zip(s.global_options, block_depths(s.global_options), strict=True):
         name = option.split()[0]
-        if name in OWNED_OPTIONS:
+        if depth == 0 and name in OWNED_OPTIONS:
             raise SettingsError(
                 f"--global-option {option!r}: set {name!r} with {OWNED_OPTIONS[name]} instead"
             )

@@ -188,3 +188,33 @@ def test_bad_policy_is_a_usage_error(tmp_path: Path, toml: str, message: str) ->
     config.write_text(toml)
     code, _, err = invoke("render", "--config", str(config))
     assert code == 2 and message in err
+
+
+def test_global_option_blocks_span_lines(fleet: list[Instance]) -> None:
+    code, out, _ = invoke(
+        "render",
+        "--global-option",
+        "servers {",
+        "--global-option",
+        "protocols h1 h2",
+        "--global-option",
+        "}",
+    )
+    assert code == 0
+    assert "\tservers {\n\t\tprotocols h1 h2\n\t}\n" in out
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["servers {"], "a block is not closed"),
+        (["}"], "closes no block"),
+        (["a { b"], "unbalanced braces"),
+    ],
+)
+def test_global_option_blocks_must_close(
+    fleet: list[Instance], lines: list[str], message: str
+) -> None:
+    args = [a for line in lines for a in ("--global-option", line)]
+    code, _, err = invoke("render", *args)
+    assert code == 2 and message in err

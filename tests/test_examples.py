@@ -12,7 +12,7 @@ from incus_caddyfile.cli import main
 from incus_caddyfile.settings import FILE_KEYS, load_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-UNITS = sorted((EXAMPLES / "systemd").glob("*.service"))
+UNITS = sorted((EXAMPLES / "systemd").glob("incus-caddyfile*.service"))
 
 
 def exec_starts(unit: Path) -> list[list[str]]:
@@ -62,3 +62,25 @@ def test_watch_unit_matches_the_caddy_admin_socket() -> None:
     assert f"admin {admin}" in dropin
     assert "Restart=on-failure" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+
+
+def test_wildcard_example_renders_acme_dns_and_one_wildcard_site(tmp_path: Path) -> None:
+    from incus_caddyfile.model import build
+    from incus_caddyfile.render import render
+    from incus_caddyfile.settings import Settings
+
+    from .test_model import inst
+
+    values = load_file(EXAMPLES / "wildcard" / "incus-caddyfile.toml")
+    settings = Settings(
+        email=values["email"],
+        caddy_admin=values["caddy_admin"],
+        wildcards=tuple(values["wildcards"]),
+        acme_dns=values["acme_dns"],
+    )
+    fleet = [inst("a", host="a.example.org"), inst("b", host="b.example.org")]
+    text = render(build(fleet, settings.wildcards), settings)
+    assert "\tacme_dns cloudflare {env.CF_API_TOKEN}\n" in text
+    assert text.count("*.example.org {") == 1
+    assert "\t@a_example_org host a.example.org\n" in text
+    assert "\thandle {\n\t\tabort\n\t}\n" in text
