@@ -127,11 +127,13 @@ def apply(
     check: bool = False,
     diff: bool = False,
     verify_running: bool = True,
+    target: Target | None = None,
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
 
     verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
     reload if not). watch turns it off while it knows its last reload succeeded.
+    target: where to write (default: the one the settings name); watch keeps one.
     """
     try:
         snippets = snippet_names(settings)
@@ -139,7 +141,7 @@ def apply(
         report.text = render(report.model, settings)
     except TemplateError as exc:
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
-    target = targets.for_settings(settings)
+    target = target or targets.for_settings(settings)
     if target is None:
         return report
     return _write_and_reload(

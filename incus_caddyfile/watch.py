@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
-from . import pipeline, probe
+from . import pipeline, probe, targets
 from .incus import IncusClient, IncusError
 from .labels import reach_of
 from .model import Instance, Model, pick_address
@@ -197,10 +197,14 @@ def site_changes(before: Model | None, after: Model) -> dict[str, list[str]]:
     }
 
 
-def _summarise(triggers: Iterable[Trigger], most: int = 5) -> str:
-    items = [str(t) for t in dict.fromkeys(triggers)]
+def _some(items: list[str], most: int = 5, sep: str = " ") -> str:
+    """The first few items, and how many more (the JSON log has them all)."""
     more = f" (+{len(items) - most} more)" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
+    return sep.join(items[:most]) + more
+
+
+def _summarise(triggers: Iterable[Trigger], most: int = 5) -> str:
+    return _some([str(t) for t in dict.fromkeys(triggers)], most, sep=", ")
 
 
 @dataclass
@@ -257,6 +261,7 @@ class Watcher:
         self.reload_backoff = Backoff(options.reload_retry_first, options.reload_retry_cap)
         self.state = _State()
         self.client: IncusClient | None = None
+        self.target: targets.Target | None = None
         self.stream: Any = None
         self.cycles = 0
         self.stop_event = threading.Event()
@@ -413,6 +418,7 @@ class Watcher:
             self.log("incus", f"Incus unreachable ({exc}); retrying in {delay:.1f} s")
             return
         s.connected, s.reconnect_at = True, None
+        self.target = None  # an in-instance target reconnects too
         self.reconnect_backoff.reset()
         s.next_resync = now + self.options.resync_interval
         if s.cache is not None:
@@ -484,8 +490,14 @@ class Watcher:
             s.triggers = triggers + s.triggers  # not lost: they still explain the next cycle
             return False
         assert s.cache is not None
+        if self.target is None:  # kept across cycles: an in-instance target holds a client
+            self.target = targets.for_settings(self.settings)
         report = pipeline.apply(
-            self.settings, list(s.cache.values()), Report(), verify_running=s.verify_caddy
+            self.settings,
+            list(s.cache.values()),
+            Report(),
+            verify_running=s.verify_caddy,
+            target=self.target,
         )
         self.cycles += 1
         self._after(report, triggers, started, self.client.requests - requests_before)
@@ -541,7 +553,7 @@ class Watcher:
             if report.reloaded
             else "unchanged"
         )
-        detail = "; ".join(f"{k} {' '.join(v)}" for k, v in changes.items() if v)
+        detail = "; ".join(f"{k} {_some(v)}" for k, v in changes.items() if v)
         self.log(
             "cycle",
             f"sites +{counts.get('added', 0)} -{counts.get('removed', 0)}"
@@ -559,6 +571,7 @@ class Watcher:
     def _reload_settings(self) -> None:
         try:
             self.settings = self.load_settings()
+            self.target = None
         except Exception as exc:  # a half-saved settings file: keep the settings we have
             self.log("warning", f"settings not reloaded, keeping the previous ones: {exc}")
 
