@@ -53,6 +53,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """Terminate, and kill when it does not exit within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +122,15 @@ class Lab:
         for key, value in (config or {}).items():
             args += ["-c", f"{key}={value}"]
         incus(*args)
+
+    def labelled(self, tag: str, port: int | str = 80) -> tuple[str, str]:
+        """A fresh project with one running instance <tag>-<project suffix>, labelled for
+        <name>.localhost on that port, whose address is known. Returns (project, name)."""
+        project = self.project()
+        name = f"{tag}-{project[-4:]}"
+        self.launch(project, name, labels(f"{name}.localhost", port))
+        self.address(project, name)
+        return project, name
 
     def address(
         self,
@@ -238,13 +257,13 @@ class Caddy:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
+
+    def stub_config(self, path: Path) -> Path:
+        """Write a Caddy config with no sites yet, on this Caddy's admin endpoint and port."""
+        path.write_text(f"{{\n\tadmin {self.admin}\n\thttp_port {self.http_port}\n}}\n")
+        return path
 
     def request(self, host: str, path: str = "/") -> tuple[int, dict[str, str], str]:
         """One request through Caddy with this Host header; (0, {}, error) when it fails."""
@@ -283,23 +302,23 @@ class Caddy:
         )
 
 
-@pytest.fixture
-def caddy(tmp_path: Path) -> Iterator[Caddy]:
-    c = Caddy(tmp_path)
+def _caddy(tmp_path: Path, unix_admin: bool) -> Iterator[Caddy]:
+    c = Caddy(tmp_path, unix_admin=unix_admin)
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def caddy(tmp_path: Path) -> Iterator[Caddy]:
+    yield from _caddy(tmp_path, unix_admin=False)
 
 
 @pytest.fixture
 def caddy_unix(tmp_path: Path) -> Iterator[Caddy]:
     """A real Caddy whose admin endpoint is a unix socket."""
-    c = Caddy(tmp_path, unix_admin=True)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from _caddy(tmp_path, unix_admin=True)
 
 
 def run_cli(
@@ -315,6 +334,14 @@ def run_cli(
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+def render_and_start(caddy: Caddy, out: Path, *extra: str | Path) -> str:
+    """Render once to out without reloading, then start Caddy on that file. Returns stderr."""
+    result = run_cli("render", "-o", out, "--no-reload", *caddy.render_args, *extra)
+    assert result.returncode == 0, result.stderr
+    caddy.start(out)
+    return result.stderr
 
 
 LABELS = "user.caddyserver.http."
@@ -380,12 +407,7 @@ class WatchProcess:
 
     def stop(self) -> int:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         self._reader.join(timeout=5)
         return int(self.proc.returncode)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from ..helpers import skip_or_fail
-from .conftest import ROOT, Caddy, Lab, free_port, incus, labels, run_cli, wait_for
+from .conftest import LABELS as L
+from .conftest import ROOT, Caddy, Lab, free_port, incus, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
-L = "user.caddyserver.http."
 PODMAN = ROOT / "examples" / "podman"
 
 
@@ -32,10 +32,7 @@ def test_socket_activated_caddy_from_the_podman_example(
 ) -> None:
     if shutil.which("systemd-socket-activate") is None:
         skip_or_fail("systemd-socket-activate is not installed")
-    project = lab.project()
-    name = f"sa-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
+    project, name = lab.labelled("sa")
     example = tomllib.loads((PODMAN / "incus-caddyfile.toml").read_text())
     admin = f"unix/{tmp_path}/admin.sock"
     out = tmp_path / "Caddyfile"

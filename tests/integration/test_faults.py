@@ -18,7 +18,7 @@ import pytest
 from incus_caddyfile.settings import default_incus_socket
 
 from ..helpers import skip_or_fail
-from .conftest import ROOT, Lab, labels, run_cli, wait_for
+from .conftest import ROOT, Lab, run_cli, wait_for
 from .faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -34,10 +34,7 @@ def temp_files(directory: Path) -> list[str]:
 @pytest.fixture
 def routed(lab: Lab) -> str:
     """One labelled running instance, so that listings, leases and sites are not empty."""
-    project = lab.project()
-    name = f"f-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
+    _project, name = lab.labelled("f")
     return name
 
 

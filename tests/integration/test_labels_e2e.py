@@ -6,23 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NETWORK2, Caddy, Lab, incus, labels, run_cli, wait_for
+from .conftest import LABELS as L
+from .conftest import NETWORK2, Caddy, Lab, incus, labels, render_and_start, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
-L = "user.caddyserver.http."
 
 
 def render(caddy: Caddy, out: Path, *extra: str | Path) -> str:
     result = run_cli("render", "-o", out, *caddy.render_args, *extra)
     assert result.returncode == 0, result.stderr
     return result.stderr
-
-
-def started(caddy: Caddy, out: Path, *extra: str | Path) -> None:
-    """Render once without reloading, then start Caddy on that file."""
-    result = run_cli("render", "-o", out, "--no-reload", *caddy.render_args, *extra)
-    assert result.returncode == 0, result.stderr
-    caddy.start(out)
 
 
 def test_path_prefixes_share_a_host(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
@@ -36,7 +29,7 @@ def test_path_prefixes_share_a_host(lab: Lab, caddy: Caddy, tmp_path: Path) -> N
     lab.exec(project, f"api-{tag}", "mkdir -p /www80/api && echo api-app > /www80/api/index.html")
     lab.exec(project, f"site-{tag}", "echo site-app > /www80/apixyz")
 
-    started(caddy, tmp_path / "Caddyfile")
+    render_and_start(caddy, tmp_path / "Caddyfile")
 
     assert f"hello from site-{tag}" in caddy.wait_body(host, "hello")
     assert "api-app" in caddy.wait_body(host, "api-app", path="/api/")
@@ -83,7 +76,7 @@ def test_network_and_ipv6_family(lab: Lab, caddy: Caddy, tmp_path: Path) -> None
     v6 = lab.address(project, f"six-{tag}", family="inet6")
 
     out = tmp_path / "Caddyfile"
-    started(caddy, out)
+    render_and_start(caddy, out)
 
     text = out.read_text()
     assert f"reverse_proxy {back}:80" in text
@@ -103,7 +96,7 @@ def test_round_robin_and_health_checks(lab: Lab, caddy: Caddy, tmp_path: Path) -
         lab.address(project, f"hc{n}-{tag}")
     lab.exec(project, f"hc1-{tag}", "echo ok > /www80/healthz")  # hc2 answers 404: unhealthy
 
-    started(caddy, tmp_path / "Caddyfile")
+    render_and_start(caddy, tmp_path / "Caddyfile")
 
     caddy.wait_body(rr, "hello")
     bodies = [caddy.get(rr)[1].split()[2] for _ in range(6)]
@@ -132,12 +125,8 @@ def test_fallback_page_require_ready_and_snippets(lab: Lab, caddy: Caddy, tmp_pa
     snippets.write_text("(via) {\n\theader X-Via incus-caddyfile\n}\n")
     out = tmp_path / "Caddyfile"
 
-    result = run_cli("render", "-o", out, "--no-reload", *caddy.render_args, "--snippets", snippets)
-    assert result.returncode == 0, result.stderr
-    assert f"skipped {project}/slow-{tag}: port 9000 does not accept connections yet" in (
-        result.stderr
-    )
-    caddy.start(out)
+    stderr = render_and_start(caddy, out, "--snippets", snippets)
+    assert f"skipped {project}/slow-{tag}: port 9000 does not accept connections yet" in stderr
 
     status, _, body = caddy.request(f"down-{tag}.localhost")
     assert status == 503 and f"down-{tag}.localhost is not available right now" in body
@@ -159,7 +148,7 @@ def test_operator_sites_dir(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
     sites = tmp_path / "sites"
     sites.mkdir()
     (sites / "static.caddy").write_text('http://static.localhost {\n\trespond "by hand"\n}\n')
-    started(caddy, tmp_path / "Caddyfile", "--sites-dir", sites)
+    render_and_start(caddy, tmp_path / "Caddyfile", "--sites-dir", sites)
     assert "by hand" in caddy.wait_body("static.localhost", "by hand")
 
 

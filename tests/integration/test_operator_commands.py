@@ -63,9 +63,7 @@ def test_routes_with_incus_down_exits_4(tmp_path: Path) -> None:
 
 
 def test_doctor_all_good(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
-    stub = tmp_path / "stub"
-    stub.write_text(f"{{\n\tadmin {caddy.admin}\n}}\n")
-    caddy.start(stub)
+    caddy.start(caddy.stub_config(tmp_path / "stub"))
     result = run_cli("doctor", "-o", tmp_path / "Caddyfile", *caddy.render_args)
     assert result.returncode == 0, result.stdout
     names = [ln.split(":")[0].split(maxsplit=1)[1] for ln in result.stdout.splitlines()]

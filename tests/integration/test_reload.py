@@ -6,25 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LABELS, Caddy, Lab, labels, run_cli
+from .conftest import LABELS, Caddy, Lab, render_and_start, run_cli
 
 pytestmark = pytest.mark.integration
 
 
-def launch_one(lab: Lab, tag: str) -> tuple[str, str]:
-    project = lab.project()
-    name = f"{tag}-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
-    return project, name
-
-
 def test_reload_through_admin_unix_socket(lab: Lab, caddy_unix: Caddy, tmp_path: Path) -> None:
-    project, name = launch_one(lab, "unix")
+    project, name = lab.labelled("unix")
     out = tmp_path / "Caddyfile"
-    assert run_cli("render", "-o", out, "--no-reload", *caddy_unix.render_args).returncode == 0
+    render_and_start(caddy_unix, out)
     assert f"admin {caddy_unix.admin}\n" in out.read_text()
-    caddy_unix.start(out)
     assert "port 80" in caddy_unix.wait_body(f"{name}.localhost", "port 80")
 
     lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
@@ -36,10 +27,9 @@ def test_reload_through_admin_unix_socket(lab: Lab, caddy_unix: Caddy, tmp_path:
 
 
 def test_reload_command(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
-    project, name = launch_one(lab, "cmd")
+    project, name = lab.labelled("cmd")
     out = tmp_path / "Caddyfile"
-    assert run_cli("render", "-o", out, "--no-reload", *caddy.render_args).returncode == 0
-    caddy.start(out)
+    render_and_start(caddy, out)
     lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
     command = f"{caddy.exe} reload --config {out} --adapter caddyfile --address {caddy.admin}"
 
@@ -63,7 +53,7 @@ def test_reload_command(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
 
 def test_caddy_down_checks_with_the_executable(lab: Lab, tmp_path: Path) -> None:
     """No admin endpoint: `caddy adapt` checks the text; the file is written, reload fails."""
-    _project, name = launch_one(lab, "down")
+    _project, name = lab.labelled("down")
     out = tmp_path / "Caddyfile"
     dead = ["--scheme", "http", "--caddy-admin", "127.0.0.1:9"]
 
@@ -81,13 +71,11 @@ def test_caddy_down_checks_with_the_executable(lab: Lab, tmp_path: Path) -> None
 def test_unchanged_file_but_stale_caddy_is_reloaded(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
     """A reload that failed (Caddy down) is made good by the next run, though the file is
     unchanged: Caddy's running config is compared with the file's."""
-    _project, name = launch_one(lab, "stale")
+    _project, name = lab.labelled("stale")
     out = tmp_path / "Caddyfile"
     first = run_cli("render", "-o", out, *caddy.render_args)  # no Caddy yet: reload fails
     assert first.returncode == 6, first.stderr
-    stale = tmp_path / "stale.Caddyfile"
-    stale.write_text(f"{{\n\tadmin {caddy.admin}\n\thttp_port {caddy.http_port}\n}}\n")
-    caddy.start(stale)
+    caddy.start(caddy.stub_config(tmp_path / "stale.Caddyfile"))
     assert "hello" not in caddy.get(f"{name}.localhost")[1]
 
     result = run_cli("render", "-o", out, *caddy.render_args)

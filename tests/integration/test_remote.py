@@ -90,17 +90,14 @@ def trust(remote: Remote, who: str, *extra: str) -> None:
 
 
 def test_remote_with_full_and_restricted_certificates(lab: Lab, remote: Remote) -> None:
-    a, b = lab.project(), lab.project()
-    lab.launch(a, f"ra-{a[-4:]}", labels(f"ra-{a[-4:]}.localhost"))
-    lab.launch(b, f"rb-{b[-4:]}", labels(f"rb-{b[-4:]}.localhost"))
-    lab.address(a, f"ra-{a[-4:]}")
-    lab.address(b, f"rb-{b[-4:]}")
+    a, ra = lab.labelled("ra")
+    _b, rb = lab.labelled("rb")
     trust(remote, "full")
     trust(remote, "tenant", "--restricted", "--projects", a)
 
     full = run_cli("render", "--scheme", "http", *remote.args("full"))
     assert full.returncode == 0, full.stderr
-    assert f"ra-{a[-4:]}.localhost" in full.stdout and f"rb-{b[-4:]}.localhost" in full.stdout
+    assert f"{ra}.localhost" in full.stdout and f"{rb}.localhost" in full.stdout
 
     seen = run_cli("routes", "--json", *remote.args("tenant"))
     assert seen.returncode == 0, seen.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LABELS, Caddy, Lab, incus, labels, run_cli
+from .conftest import LABELS, Caddy, Lab, incus, labels, render_and_start, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -95,13 +95,9 @@ def test_projects_profiles_stopped_and_load_balancing(
 
 
 def test_changed_port_rewrites_reloads_and_routes(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
-    project = lab.project()
-    name = f"port-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost", 80))
-    lab.address(project, name)
+    project, name = lab.labelled("port", 80)
     out = tmp_path / "Caddyfile"
-    assert run_cli("render", "-o", out, "--no-reload", *caddy.render_args).returncode == 0
-    caddy.start(out)
+    render_and_start(caddy, out)
     assert "port 80" in caddy.wait_body(f"{name}.localhost", "port 80")
     before = out.read_text()
     loads = caddy.load_count()
@@ -119,13 +115,9 @@ def test_changed_port_rewrites_reloads_and_routes(lab: Lab, caddy: Caddy, tmp_pa
 def test_unchanged_second_run_writes_nothing_and_does_not_reload(
     lab: Lab, caddy: Caddy, tmp_path: Path
 ) -> None:
-    project = lab.project()
-    name = f"same-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
+    lab.labelled("same")
     out = tmp_path / "Caddyfile"
-    assert run_cli("render", "-o", out, "--no-reload", *caddy.render_args).returncode == 0
-    caddy.start(out)
+    render_and_start(caddy, out)
     first = os.stat(out)
     loads = caddy.load_count()
 
@@ -143,10 +135,7 @@ def test_unchanged_second_run_writes_nothing_and_does_not_reload(
 def test_check_and_diff_report_a_change_without_writing(
     lab: Lab, caddy: Caddy, tmp_path: Path
 ) -> None:
-    project = lab.project()
-    name = f"diff-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
+    _project, name = lab.labelled("diff")
     out = tmp_path / "Caddyfile"
     out.write_text("# old\n")
 
@@ -161,13 +150,9 @@ def test_check_and_diff_report_a_change_without_writing(
 def test_config_caddy_rejects_keeps_old_file_and_routes(
     lab: Lab, caddy: Caddy, tmp_path: Path
 ) -> None:
-    project = lab.project()
-    name = f"rej-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
+    _project, name = lab.labelled("rej")
     out = tmp_path / "Caddyfile"
-    assert run_cli("render", "-o", out, "--no-reload", *caddy.render_args).returncode == 0
-    caddy.start(out)
+    render_and_start(caddy, out)
     good = out.read_bytes()
 
     result = run_cli("render", "-o", out, *caddy.render_args, "--global-option", "no_such_option")
@@ -183,13 +168,9 @@ def test_reload_rejected_by_caddy_restores_previous_file(
     lab: Lab, caddy: Caddy, tmp_path: Path
 ) -> None:
     """/adapt accepts the text but /load fails (its port is taken): the old file goes back."""
-    project = lab.project()
-    name = f"rb-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
-    lab.address(project, name)
+    _project, name = lab.labelled("rb")
     out = tmp_path / "Caddyfile"
-    assert run_cli("render", "-o", out, "--no-reload", *caddy.render_args).returncode == 0
-    caddy.start(out)
+    render_and_start(caddy, out)
     good = out.read_bytes()
 
     with socket.socket() as taken:

@@ -16,12 +16,6 @@ pytestmark = pytest.mark.integration
 StartWatch = Callable[..., WatchProcess]
 
 
-def stub_caddyfile(caddy: Caddy, path: Path) -> Path:
-    """A Caddy config with no sites yet, on the test's admin endpoint and port."""
-    path.write_text(f"{{\n\tadmin {caddy.admin}\n\thttp_port {caddy.http_port}\n}}\n")
-    return path
-
-
 def gone(caddy: Caddy, host: str, timeout: float = 10) -> bool:
     """True once Caddy stops proxying the host (bounded)."""
     return bool(wait_for(lambda: "hello" not in caddy.get(host)[1], timeout, interval=0.1))
@@ -31,22 +25,29 @@ def gone(caddy: Caddy, host: str, timeout: float = 10) -> bool:
 def running(
     lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
 ) -> tuple[Lab, Caddy, WatchProcess, str]:
-    caddy.start(stub_caddyfile(caddy, tmp_path / "stub.Caddyfile"))
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
     project = lab.project()
     watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
     watch.wait_cycles(1)
     return lab, caddy, watch, project
 
 
+def launch_routed(running: tuple[Lab, Caddy, WatchProcess, str], tag: str) -> tuple[str, str]:
+    """Launch <tag>-<project suffix> in the watched project, labelled for port 80, and wait
+    until Caddy routes its host to it. Returns (name, host)."""
+    lab, caddy, _watch, project = running
+    name = f"{tag}-{project[-4:]}"
+    host = f"{name}.localhost"
+    lab.launch(project, name, labels(host, 80))
+    assert f"hello from {name} port 80" in caddy.wait_body(host, "port 80")
+    return name, host
+
+
 def test_routes_follow_start_change_stop_rename_delete(
     running: tuple[Lab, Caddy, WatchProcess, str],
 ) -> None:
     lab, caddy, watch, project = running
-    name = f"w-{project[-4:]}"
-    host = f"{name}.localhost"
-
-    lab.launch(project, name, labels(host, 80))
-    assert "hello from" in caddy.wait_body(host, "port 80")
+    name, host = launch_routed(running, "w")
 
     lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
     assert "port 8080" in caddy.wait_body(host, "port 8080")
@@ -128,7 +129,7 @@ def test_template_change_rerenders(
 ) -> None:
     template = tmp_path / "mine.j2"
     template.write_text((ROOT / "templates" / "Caddyfile.j2").read_text())
-    caddy.start(stub_caddyfile(caddy, tmp_path / "stub.Caddyfile"))
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
     out = tmp_path / "Caddyfile"
     watch = start_watch(out, *caddy.render_args, "--template", template)
     watch.wait_cycles(1)
@@ -143,10 +144,7 @@ def test_incusd_restart_keeps_routes_and_resyncs(
     running: tuple[Lab, Caddy, WatchProcess, str],
 ) -> None:
     lab, caddy, watch, project = running
-    name = f"r-{project[-4:]}"
-    host = f"{name}.localhost"
-    lab.launch(project, name, labels(host, 80))
-    assert "port 80" in caddy.wait_body(host, "port 80")
+    name, host = launch_routed(running, "r")
     good = watch.output.read_bytes()
 
     subprocess.run(["pkill", "-KILL", "-f", "/usr/libexec/incus/incusd"], check=False)
@@ -166,15 +164,12 @@ def test_caddy_down_then_back_gets_the_current_config(
     running: tuple[Lab, Caddy, WatchProcess, str], tmp_path: Path
 ) -> None:
     lab, caddy, watch, project = running
-    name = f"c-{project[-4:]}"
-    host = f"{name}.localhost"
-    lab.launch(project, name, labels(host, 80))
-    assert "port 80" in caddy.wait_body(host, "port 80")
+    name, host = launch_routed(running, "c")
 
     caddy.stop()
     lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
     watch.wait_log("Caddy was not reloaded")
     assert ":8080" in watch.output.read_text()  # the file is the latest good render
 
-    caddy.start(stub_caddyfile(caddy, tmp_path / "stub2.Caddyfile"))  # started stale
+    caddy.start(caddy.stub_config(tmp_path / "stub2.Caddyfile"))  # started stale
     assert "port 8080" in caddy.wait_body(host, "port 8080", timeout=40)

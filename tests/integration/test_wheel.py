@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, Lab, labels
+from .conftest import ROOT, Lab
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +45,7 @@ def test_wheel_in_fresh_venv_renders(lab: Lab, tmp_path: Path) -> None:
     ).stdout
     assert where.startswith(str(venv_site)), where
 
-    project = lab.project()
-    name = f"whl-{project[-4:]}"
-    lab.launch(project, name, labels(f"{name}.localhost"))
+    project, name = lab.labelled("whl")
     address = lab.address(project, name)
     out = run(venv / "bin" / "incus-caddyfile", "render", cwd=tmp_path).stdout
     assert f"{name}.localhost {{\n\treverse_proxy {address}:80\n}}" in out
