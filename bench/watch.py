@@ -20,16 +20,27 @@ What is measured (default sizes; every wait is bounded):
    says "hello from <target>" (t_200). Then force-stop it, wait until Caddy no longer routes
    it, and 2.5 s more (watch holds reloads 2 s apart). Reported: p50 (median) and p95
    (nearest rank) of t_200 - t0, of t_addr - t0 (the floor Incus and DHCP set) and of
-   t_200 - t_addr, the part watch adds. Target: p50 <= 150 ms and p95 <= 400 ms.
+   t_200 - t_addr, the part watch adds. Target: p50 <= 150 ms and p95 <= 400 ms. To show
+   where the time goes, each round also has the arrival of the instance-started event (this
+   script follows the same event stream), watch's cycle that routed the target (start, end)
+   and when Caddy's admin API received /adapt and /load (from Caddy's log).
 2. Incus API requests of the cycle caused by one `incus config set` of the upstream port
    (80 <-> 8080, an instance-updated event) on one instance, at 10 and at 150 instances
    (watch restarted after the fleet grew). Target: the same count at both sizes.
 3. Noise: 50 events that cannot change a route (exec, file pull, snapshot create/delete on
    labelled instances). Target: 0 cycles and 0 reloads. Burst: 30 fleet instances stopped,
    watch left to settle, then all 30 started at once (30 parallel pylxd start calls, one
-   thread each, released together); reloads until the file routes all 30. Target: <= 3.
+   thread each, released together); reloads until the file routes all 30 and watch settles.
+   Target: <= 3.
 4. Idle: resident memory (VmRSS) and CPU time (utime + stime) of the watch process over 60 s
    in which this script causes no events.
+
+watch follows every project, so other users of this Incus make cycles too. A latency round
+or a request sample with others' triggers in its cycles (or in the 2 s before: a reload holds
+the next one) is set aside and taken again, within bounds; so is a disturbed idle window
+(--idle-tries). Noise and burst count only cycles with a trigger of ours (reloads: Caddy's
+count less the reloads of cycles with only others' triggers) and say when others were active.
+Any failed watch cycle stops the benchmark with an error.
 
 Everything is removed in a `finally` (projects, instances, watch, Caddy, temp files), also on
 Ctrl-C or SIGTERM. Only the local Incus unix socket and loopback addresses are used. Figures
@@ -236,6 +247,18 @@ class Caddy:
         status, body = self.get(hostname)
         return status == 200 and needle in body
 
+    def admin_requests(self, since: float) -> list[tuple[float, str]]:
+        """(wall time, uri) of POST requests Caddy's admin API received since `since`."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"admin.api"' not in line or '"POST"' not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if float(record["ts"]) >= since:
+                    out.append((float(record["ts"]), str(record["uri"])))
+        return out
+
     def loads(self) -> int:
         """POST /load requests Caddy's admin API received so far (from its log)."""
         text = self.log.read_text(errors="replace")
@@ -269,8 +292,9 @@ class Record:
 class Watch:
     """`python -m incus_caddyfile watch ... --log-format json` with its log lines collected."""
 
-    def __init__(self, output: Path, caddy: Caddy) -> None:
+    def __init__(self, output: Path, caddy: Caddy, mark: str) -> None:
         self.output = output
+        self.mark = mark  # in every trigger of this benchmark's events
         self.records: list[Record] = []
         self.raw: list[str] = []
         self._lock = threading.Lock()
@@ -326,13 +350,16 @@ class Watch:
         return found
 
     def settle(self, quiet: float = HOLD_S, timeout: float = SETTLE_TIMEOUT_S) -> None:
-        """Wait until watch ran no cycle for `quiet` seconds (counted from now at the least)."""
+        """Wait until watch ran no cycle with a trigger of ours for `quiet` seconds (counted
+        from now at the least). Cycles of other users of this Incus are not waited for: they
+        may never stop; the measurements flag them instead."""
         since = time.monotonic()
 
         def quiet_enough() -> bool:
             self.alive()
-            cycles = self.cycles()
-            last = max(since, cycles[-1].received if cycles else since)
+            mine = [c for c in self.cycles()
+                    if any(self.mark in t for t in c.data.get("triggers") or [])]
+            last = max(since, mine[-1].received if mine else since)
             return time.monotonic() - last >= quiet
 
         if not wait_until(quiet_enough, timeout):
@@ -360,7 +387,7 @@ def routed(text: str, hostname: str) -> bool:
 
 def start_watch(output: Path, caddy: Caddy, fleet: Fleet) -> Watch:
     """Start watch; return once its first cycle routed the whole fleet and it settled."""
-    watch = Watch(output, caddy)
+    watch = Watch(output, caddy, f"{PROJECT_PREFIX}{fleet.suffix}-p")
     try:
         first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
         if first.data.get("error"):
@@ -454,8 +481,6 @@ class Events:
 
     def close(self) -> None:
         self.stream.close()
-
-
 
 
 @dataclass
@@ -574,10 +599,17 @@ def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target, fle
     prober.run()
     stop.set()
     poller.join(timeout=ROUND_TIMEOUT_S)
+    # Caddy may serve the route a moment before watch logs the cycle that loaded it.
+    wait_until(lambda: any(target.hostname in (c.data.get("added") or [])
+                           for c in watch.cycles()[after:]), 2.0, 0.02)
     cycles = [c.data for c in watch.cycles()[after:]]
+    # Others' cycles in the round, or just before it (a reload holds the next one 2 s).
+    recent = [c.data for c in watch.cycles() if float(c.data.get("ts", 0)) >= called_wall - 2]
     stop_target(starter, caddy, watch, target)
     mine = [c for c in cycles if mentions(c, target)]
     event = events.first("instance-started", target.name, called_wall)
+    admin = [(uri, ms(at - t0_wall)) for at, uri in caddy.admin_requests(called_wall)
+             if at - t0_wall < (prober.first or ROUND_TIMEOUT_S)]
     return {
         "start_call_ms": ms(t0 - called),
         "event_ms": None if event is None else ms(event - t0_wall),
@@ -587,8 +619,9 @@ def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target, fle
         "state_requests": address.requests,
         "state_request_ms": ms(address.request_s / address.requests) if address.requests else None,
         "state_errors": address.errors[:3],
-        "disturbed": others(cycles, fleet) > 0,
+        "disturbed": others(recent, fleet) > 0,
         "cycles": [cycle_summary(c, t0_wall) for c in mine],
+        "caddy_admin_ms": admin,  # (uri, ms after t0) of the requests Caddy's admin API got
     }
 
 
@@ -631,19 +664,15 @@ def stop_target(client: Any, caddy: Caddy, watch: Watch, target: Target) -> None
 
 
 def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
-                    fleet: Fleet, rounds: int) -> dict[str, Any]:
+                    fleet: Fleet, events: Events, rounds: int) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     disturbed: list[dict[str, Any]] = []
-    events = Events(endpoint)
-    try:
-        for attempt in range(2 * rounds):  # a disturbed round is taken again, within bounds
-            if len(samples) == rounds:
-                break
-            sample = latency_round(endpoint, caddy, watch, target, fleet, events)
-            (disturbed if sample["disturbed"] else samples).append(sample)
-            print(f"  start {attempt + 1:2}: {round_line(sample)}", flush=True)
-    finally:
-        events.close()
+    for attempt in range(2 * rounds):  # a disturbed round is taken again, within bounds
+        if len(samples) == rounds:
+            break
+        sample = latency_round(endpoint, caddy, watch, target, fleet, events)
+        (disturbed if sample["disturbed"] else samples).append(sample)
+        print(f"  start {attempt + 1:2}: {round_line(sample)}", flush=True)
     if not samples:
         raise BenchError("every latency round was disturbed by other users of this Incus")
     t_addr = [s["t_addr"] for s in samples]
@@ -659,10 +688,30 @@ def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
         "samples": [in_ms(s) for s in samples],
         "disturbed_samples": [in_ms(s) for s in disturbed],
     }
+    figures["timeline_p50_ms"] = timeline(samples)
     filled = [math.inf if v is None else v for v in added]
     figures["target_met"] = (statistics.median(filled) * 1000 <= LATENCY_P50_MS
                              and p95(filled) * 1000 <= LATENCY_P95_MS)
     return figures
+
+
+def timeline(samples: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians (ms after t0) of the steps of a round: where the time goes."""
+    def median(values: Sequence[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return round(statistics.median(present), 1) if present else None
+
+    routing = [next((c for c in s["cycles"] if c["added"]), None) for s in samples]
+    loads = [next((at for uri, at in s["caddy_admin_ms"] if uri == "/load"), None)
+             for s in samples]
+    return {
+        "start_event": median([s["event_ms"] for s in samples]),
+        "address": median([ms(s["t_addr"]) for s in samples]),
+        "routing_cycle_start": median([c["from_ms"] if c else None for c in routing]),
+        "caddy_load_received": median(loads),
+        "routing_cycle_logged": median([c["at_ms"] if c else None for c in routing]),
+        "first_200": median([ms(s["t_200"]) for s in samples]),
+    }
 
 
 def in_ms(sample: dict[str, Any]) -> dict[str, Any]:
@@ -680,6 +729,9 @@ def round_line(s: dict[str, Any]) -> str:
         f"routing cycle {route['from_ms']:.0f}..{route['at_ms']:.0f} ms "
         f"({len(route['triggers'] or [])} triggers)")
     event = "?" if s["event_ms"] is None else f"{s['event_ms']:.0f} ms"
+    load = next((at for uri, at in s["caddy_admin_ms"] if uri == "/load"), None)
+    if route is not None and load is not None:
+        cycle = cycle.replace(" (", f" (/load at {load:.0f} ms, ")
     return (f"call {s['start_call_ms']:.0f} ms; event {event}; addr {fmt(s['t_addr'])}; "
             f"{cycle}; 200 {fmt(s['t_200'])}{'  DISTURBED' if s['disturbed'] else ''}")
 
@@ -831,6 +883,7 @@ def measure_burst(endpoint: str, caddy: Caddy, watch: Watch, fleet: Fleet, event
     watch.settle()
     served = sum(1 for _, n in members if caddy.serves(host(n), f"hello from {n}"))
     cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    recent = [c.data for c in watch.cycles() if float(c.data.get("ts", 0)) >= burst.first - 2]
     foreign_reloads = sum(1 for c in cycles if c.get("reloaded") and c not in own(cycles, fleet))
     reloads = caddy.loads() - loads_before - foreign_reloads
     arrived = [events.first("instance-started", n, burst.first - 1) for _, n in members]
@@ -842,12 +895,13 @@ def measure_burst(endpoint: str, caddy: Caddy, watch: Watch, fleet: Fleet, event
         "burst_s": round(burst.took, 3),
         "start_events_ms": [ms(min(seen)), ms(max(seen))] if seen else None,
         "start_events_seen": len(seen),
+        "start_events_all_ms": sorted(round(s * 1000, 1) for s in seen),
         "all_routed_after_s": round(routed_after, 3),
         "reloads": reloads,  # Caddy's log, less reloads of cycles with only others' triggers
         "reloads_of_others": foreign_reloads,
         "reloads_until_all_routed": reloads_until(cycles, set(hosts)),  # from watch's log
         "served_after_settling": served,
-        "cycles_with_other_triggers": others(cycles, fleet),
+        "cycles_with_other_triggers": others(recent, fleet),  # also in the 2 s before
         "cycles": [cycle_summary(c, burst.first) for c in cycles],
         "target_met": reloads <= BURST_MAX_RELOADS,
     }
@@ -903,6 +957,7 @@ def idle_window(watch: Watch, fleet: Fleet, seconds: float) -> dict[str, Any]:
         "rss_kib_end": rss_last,
         "rss_kib_max": max([*rss, rss_last]),
         "cpu_ms": round(cpu_last - cpu_first, 1),
+        "cpu_resolution_ms": round(1000 / os.sysconf("SC_CLK_TCK"), 1),
         "cpu_ms_total_since_start": round(cpu_last, 1),
         "cycles": len(cycles),
         "cycles_with_other_triggers": others(cycles, fleet),
@@ -938,6 +993,8 @@ def report_latency(lat: dict[str, Any]) -> None:
     for label, key in rows:
         s = lat[key]
         print(f"   {label:30}{fms(s['p50_ms'])}{fms(s['p95_ms'])}{fms(s['max_ms'])}")
+    steps = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lat["timeline_p50_ms"].items())
+    print(f"   median timeline, ms after t0: {steps}")
     print(f"   target t_200 - t_addr: p50 <= {LATENCY_P50_MS:.0f} ms, p95 <= "
           f"{LATENCY_P95_MS:.0f} ms: {verdict(lat['target_met'])}")
 
@@ -962,14 +1019,28 @@ def report_noise_burst(noise: dict[str, Any], burst: dict[str, Any]) -> None:
     for name, w in noise["windows"].items():
         print(f"   {name:15} {w['events']:3} events in {w['took_s']:5.2f} s: {w['cycles']} "
               f"cycles, {w['reloads']} reloads{disturbed(w['cycles_with_other_triggers'])}")
+        for c in w["cycle_log"]:
+            print(f"     cycle {c['from_ms']:.0f}..{c['at_ms']:.0f} ms: +{c['added']} "
+                  f"-{c['removed']}, reloaded {c['reloaded']}, after {short(c['triggers'])}")
+    events = burst["start_events_ms"]
     print(f"   burst: {burst['instances']} starts by {burst['method']}")
-    print(f"   the starts took {burst['burst_s']} s; all routed in the file "
-          f"{burst['all_routed_after_s']} s after the first call; reloads: "
-          f"{burst['reloads_after_settling']} by Caddy's log ("
-          f"{burst['reloads_until_all_routed']} until all were routed, by watch's log); target "
-          f"<= {BURST_MAX_RELOADS}: {verdict(burst['target_met'])}; "
-          f"{burst['served_after_settling']}/{burst['instances']} served through Caddy"
+    print(f"   the calls took {burst['burst_s']} s (start events "
+          + (f"{events[0]:.0f}..{events[1]:.0f} ms" if events else "not seen")
+          + f" after the first call); all routed in the file {burst['all_routed_after_s']} s "
+          f"after it; {burst['reloads']} reloads (target <= {BURST_MAX_RELOADS}): "
+          f"{verdict(burst['target_met'])}; {burst['served_after_settling']}/"
+          f"{burst['instances']} served through Caddy"
           f"{disturbed(burst['cycles_with_other_triggers'])}")
+    for c in burst["cycles"]:
+        print(f"     cycle {c['from_ms']:.0f}..{c['at_ms']:.0f} ms: +{c['added']} "
+              f"-{c['removed']}, {c['incus_requests']} requests, reloaded {c['reloaded']}, "
+              f"after {short(c['triggers'])}")
+
+
+def short(triggers: Sequence[str] | None, most: int = 2) -> str:
+    items = list(triggers or [])
+    more = f" (+{len(items) - most} more)" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def disturbed(count: int, what: str = "cycles") -> str:
@@ -980,9 +1051,11 @@ def disturbed(count: int, what: str = "cycles") -> str:
 def report_idle(idle: dict[str, Any]) -> None:
     print(f"\n4. idle watch over {idle['seconds']} s: VmRSS {idle['rss_kib_start'] / 1024:.1f} "
           f"MiB at start, {idle['rss_kib_end'] / 1024:.1f} MiB at end (max "
-          f"{idle['rss_kib_max'] / 1024:.1f}); CPU {idle['cpu_ms']} ms "
+          f"{idle['rss_kib_max'] / 1024:.1f}); CPU {idle['cpu_ms']} ms (resolution "
+          f"{idle['cpu_resolution_ms']} ms) "
           f"({idle['cpu_ms'] / 10 / idle['seconds']:.2f}% of one CPU); "
-          f"{idle['cycles']} cycles in the window{disturbed(idle['cycles_with_other_triggers'])}")
+          f"{idle['cycles']} cycles in the window{disturbed(idle['cycles_with_other_triggers'])}"
+          f"; {idle['windows_taken']} window(s) taken")
 
 
 def write_json(path: Path, figures: dict[str, Any]) -> None:
@@ -1003,9 +1076,12 @@ class Run:
     projects: list[str] = field(default_factory=list)
     caddy: Caddy | None = None
     watch: Watch | None = None
+    events: Events | None = None
     workdir: Path | None = None
 
     def close(self, keep_logs: bool) -> bool:
+        if self.events is not None:
+            self.events.close()
         if self.watch is not None:
             self.watch.stop()
         if self.caddy is not None:
@@ -1028,13 +1104,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds (measure 1)")
     parser.add_argument("--burst", type=int, default=30, help="instances started at once")
     parser.add_argument("--idle", type=float, default=60.0, help="idle window, seconds")
+    parser.add_argument("--idle-tries", type=int, default=3,
+                        help="idle windows to try when others' events disturb one")
     parser.add_argument("--jobs", type=int, default=4, help="parallel incus launch/delete")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep watch's and Caddy's logs (the temp directory is printed)")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the figures")
     args = parser.parse_args(argv)
-    if not 1 <= args.projects <= 9 or args.jobs < 1 or args.rounds < 1 or args.idle <= 0:
-        parser.error("need 1 <= --projects <= 9, --jobs >= 1, --rounds >= 1, --idle > 0")
+    if not 1 <= args.projects <= 9 or args.jobs < 1 or args.rounds < 1:
+        parser.error("need 1 <= --projects <= 9, --jobs >= 1, --rounds >= 1")
+    if args.idle <= 0 or args.idle_tries < 1:
+        parser.error("need --idle > 0 and --idle-tries >= 1")
     if not args.projects <= args.small <= args.instances <= 999:
         parser.error("need --projects <= --small <= --instances <= 999")
     if not 1 <= args.burst <= args.instances:
@@ -1078,15 +1158,17 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     fleet, grow_s = grow(args, run, small)
     print(f"watch restarted on {fleet.size} instances: requests per event ...", flush=True)
     run.watch = start_watch(output, run.caddy, fleet)
+    run.events = Events(run.endpoint)
     requests_big = measure_requests(run.watch, run.caddy, fleet)
     print("noise events ...", flush=True)
     noise = measure_noise(run.caddy, run.watch, fleet)
     print(f"latency: {args.rounds} starts of {target.project}/{target.name} ...", flush=True)
-    latency = measure_latency(run.endpoint, run.caddy, run.watch, target, fleet, args.rounds)
+    latency = measure_latency(run.endpoint, run.caddy, run.watch, target, fleet, run.events,
+                              args.rounds)
     print(f"burst: {args.burst} starts at once ...", flush=True)
-    burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, args.burst)
+    burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, run.events, args.burst)
     print(f"idle: {args.idle:.0f} s ...", flush=True)
-    idle = measure_idle(run.watch, fleet, args.idle)
+    idle = measure_idle(run.watch, fleet, args.idle, args.idle_tries)
     flat = requests_small["values"] + requests_big["values"]
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

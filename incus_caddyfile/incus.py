@@ -26,7 +26,7 @@ from pylxd.client import EventType, get_session_for_url
 from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
 from .labels import PREFIX, reach_of
-from .model import Instance, Nic, pick_address
+from .model import ROUTABLE_STATUSES, Instance, Nic, pick_address
 
 
 class IncusError(Exception):
@@ -57,9 +57,9 @@ def _nics(raw: Mapping[str, Any]) -> list[_NicRef]:
 
 
 def _is_candidate(raw: Mapping[str, Any]) -> bool:
-    """Labelled and running: the only instances whose address is worth a request."""
+    """Labelled and running (or paused): the only instances whose address is worth a request."""
     config = raw.get("expanded_config") or {}
-    return raw.get("status") == "Running" and any(k.startswith(PREFIX) for k in config)
+    return raw.get("status") in ROUTABLE_STATUSES and any(k.startswith(PREFIX) for k in config)
 
 
 def _check_socket(path: str) -> None:

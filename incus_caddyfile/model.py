@@ -36,6 +36,11 @@ __all__ = [
 ]  # fmt: skip
 
 
+# A paused instance (Frozen) keeps its route: Incus freezes containers for a moment while it
+# snapshots them, and dropping the site for that would cost two reloads and an outage.
+ROUTABLE_STATUSES = frozenset({"Running", "Frozen"})
+
+
 @dataclass(frozen=True)
 class Nic:
     """One network interface of an instance, with the addresses Incus knows for it."""
@@ -256,7 +261,7 @@ class _Claim:
 
 def _unroutable(inst: Instance, wanted: lb.Labels, address: str | None) -> str | None:
     """Why an instance with valid labels gets no upstream right now, if it does not."""
-    if inst.status != "Running":
+    if inst.status not in ROUTABLE_STATUSES:
         return f"not running ({inst.status})"
     if address is None:
         reach = wanted.reach
@@ -542,7 +547,7 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
 def _would_dial(inst: Instance) -> str | None:
     """address:port of a running instance that is not routed, when both are known."""
     wanted, _ = lb.parse(inst.labels)
-    if wanted is None or inst.status != "Running":
+    if wanted is None or inst.status not in ROUTABLE_STATUSES:
         return None
     address = pick_address(inst, wanted.reach.network, wanted.reach.family)
     if address is None:

@@ -6,6 +6,7 @@ time); in a source checkout it is read from templates/ directly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -83,13 +84,24 @@ def environment(template_dir: Path) -> jinja2.Environment:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _default_template() -> jinja2.Template:
+    """Loaded once per process: an upgrade of the package under a running `watch` must not
+    pair new template text with old code."""
+    return environment(default_template_dir()).get_template(DEFAULT_TEMPLATE)
+
+
 def render(model: Model, settings: Settings) -> str:
+    """The operator's template is read on every call (watch re-renders when it changes)."""
     if settings.template is not None:
         template_dir, name = settings.template.parent, settings.template.name
     else:
         template_dir, name = default_template_dir(), DEFAULT_TEMPLATE
     try:
-        template = environment(template_dir).get_template(name)
+        if settings.template is None:
+            template = _default_template()
+        else:
+            template = environment(template_dir).get_template(name)
         return template.render(context(model, settings))
     except jinja2.TemplateNotFound:
         raise TemplateError(f"template not found: {template_dir / name}") from None

@@ -48,8 +48,6 @@ INSTANCE_ACTIONS = frozenset(
         "ready",
     ]
 )
-# After these the instance may still be waiting for its DHCP lease: poll for its address.
-ADDRESS_ACTIONS = frozenset({"instance-started", "instance-restarted", "instance-resumed"})
 # Triggers that need no Incus request: re-render from the cache (and re-check Caddy).
 LOCAL_KINDS = frozenset({"file", "address", "reload-retry"})
 FULL_RESYNC_ACTIONS = frozenset(
@@ -132,6 +130,11 @@ class Debouncer:
     def due(self, now: float) -> bool:
         deadline = self.deadline()
         return deadline is not None and now >= deadline
+
+    def hurry(self, now: float) -> None:
+        """The change awaited has happened: no quiet time needed (the hold still applies)."""
+        if self.first is not None:
+            self.last = now - self.min_wait
 
     def fired(self, now: float, changed: bool) -> None:
         """A cycle ran; if it changed the file, hold the next one back for `max_wait`."""
@@ -321,6 +324,18 @@ class Watcher:
             *(p.due for p in s.polls.values()),
         ]
 
+    def _drain(self) -> None:
+        """Handle what is already queued, without waiting (a stop request is put back)."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is _STOP:
+                self.queue.put(item)
+                return
+            self._handle(item)
+
     def _handle(self, item: Any) -> None:
         now = self.clock()
         if item is None:
@@ -344,8 +359,6 @@ class Watcher:
             s.dirty.add((trigger.project, trigger.instance))
             if trigger.old_name:
                 s.dirty.add((trigger.project, trigger.old_name))
-            if trigger.kind in ADDRESS_ACTIONS:
-                self._poll_address(trigger.project, trigger.instance, now)
         self.debounce.note(now)
 
     def _poll_address(self, project: str, name: str, now: float) -> None:
@@ -369,6 +382,7 @@ class Watcher:
             s.reload_retry_at = None
             s.verify_caddy = True
             self._want(Trigger("reload-retry"), now)
+        self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
             self.debounce.fired(self.clock(), changed=self._cycle())
 
@@ -389,9 +403,12 @@ class Watcher:
                 if inst is not None and self.state.cache is not None:
                     self.state.cache[key] = inst
                     if not self._waiting_for_address(inst):
-                        self._want(Trigger("address", poll.project, poll.name), now)
+                        # The awaited change itself: apply it now (no quiet wait), unless a
+                        # burst's reload hold says otherwise.
+                        self._want(Trigger("address", poll.project, poll.name), self.clock())
+                        self.debounce.hurry(self.clock())
                 continue
-            poll.due = now + poll.backoff.next()
+            poll.due = self.clock() + poll.backoff.next()
 
     @staticmethod
     def _waiting_for_address(inst: Instance | None) -> bool:
@@ -459,9 +476,7 @@ class Watcher:
                 s.cache = {(i.project, i.name): i for i in listing}
                 s.full = False
                 s.dirty.clear()
-                for inst in listing:
-                    if self._waiting_for_address(inst) and (inst.project, inst.name) not in s.polls:
-                        self._poll_address(inst.project, inst.name, self.clock())
+                self._poll_waiting(listing)
                 return True
             updates = {key: self._fetch(*key) for key in sorted(s.dirty)}
         except IncusError as exc:
@@ -474,7 +489,16 @@ class Watcher:
             else:
                 s.cache[key] = update
         s.dirty.clear()
+        self._poll_waiting(u for u in updates.values() if u is not None)
         return True
+
+    def _poll_waiting(self, instances: Iterable[Instance]) -> None:
+        """Started instances still without an address (or open port): poll them, from 50 ms
+        with backoff, instead of sleeping; the route appears when the address does."""
+        for inst in instances:
+            key = (inst.project, inst.name)
+            if self._waiting_for_address(inst) and key not in self.state.polls:
+                self._poll_address(inst.project, inst.name, self.clock())
 
     def _cycle(self) -> bool:
         """Refresh, render, write, reload. True when the file was written or Caddy reloaded."""

@@ -437,3 +437,8 @@ def test_explain_gives_each_labelled_instance_its_verdict() -> None:
     assert rows["late"].state == "partly routed"
     assert rows["late"].routed == ("shop.example.org",)
     assert "already claimed by default/web" in rows["late"].reasons[0]
+
+
+def test_a_paused_instance_keeps_its_route() -> None:
+    """Incus freezes containers while it snapshots them: no outage, no reloads for that."""
+    assert [s.host for s in build([inst("web", status="Frozen")]).sites] == ["web.example.org"]

@@ -189,3 +189,14 @@ def test_json_log_is_one_object_per_line() -> None:
     out = io.StringIO()
     Log("text", out)("cycle", "sites +1")
     assert out.getvalue() == "incus-caddyfile: sites +1\n"
+
+
+def test_hurry_applies_an_awaited_change_without_quiet_time() -> None:
+    d = Debouncer(0.05, 2.0)
+    d.note(1.0)
+    d.hurry(1.0)
+    assert d.due(1.0)
+    d.fired(1.0, changed=True)
+    d.note(1.5)
+    d.hurry(1.5)
+    assert d.deadline() == pytest.approx(3.0)  # the hold of a burst still applies

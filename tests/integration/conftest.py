@@ -181,6 +181,22 @@ def _stale_test_projects() -> list[str]:
     return [p["name"] for p in data if p["name"].startswith(PREFIX)]
 
 
+ONLY_TEST_PROJECTS = f'[projects]\ninclude = ["{PREFIX}*"]\n'
+
+
+@pytest.fixture(autouse=True)
+def only_test_projects(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every command a test runs sees only the tests' own projects (icft-*), through the
+    settings file's policy: a demo, a benchmark or anything else in the same Incus cannot
+    change what a test renders. (The listing itself is still across all projects.)"""
+    path = tmp_path_factory.getbasetemp() / "only-test-projects.toml"
+    path.write_text(ONLY_TEST_PROJECTS)
+    monkeypatch.setenv("INCUS_CADDYFILE_CONFIG", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def lab_ready() -> None:
     if shutil.which("incus") is None:

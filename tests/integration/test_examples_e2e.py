@@ -14,7 +14,7 @@ import pytest
 
 from ..helpers import skip_or_fail
 from .conftest import LABELS as L
-from .conftest import ROOT, Caddy, Lab, free_port, incus, run_cli, wait_for
+from .conftest import ONLY_TEST_PROJECTS, ROOT, Caddy, Lab, free_port, incus, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 PODMAN = ROOT / "examples" / "podman"
@@ -39,9 +39,11 @@ def test_socket_activated_caddy_from_the_podman_example(
     # The example's settings file, with this test's paths (flags beat the file); the local
     # CA of *.localhost certificates must not be installed into this machine's trust store.
     options = [*example["global-option"], "skip_install_trust"]
+    settings = tmp_path / "podman.toml"  # the example, limited to the tests' projects
+    settings.write_text((PODMAN / "incus-caddyfile.toml").read_text() + ONLY_TEST_PROJECTS)
     args = [
         "--config",
-        PODMAN / "incus-caddyfile.toml",
+        settings,
         "-o",
         out,
         "--caddy-admin",

@@ -107,12 +107,17 @@ def test_instance_in_another_project_and_noise(
         incus("exec", name, "--project", other, "--", "sh", "-c", ":")
         incus("file", "pull", f"{name}/etc/inittab", "-", "--project", other)
     incus("launch", "icf-busybox", f"u-{other[-4:]}", "--project", other)  # unlabelled
+    # a snapshot freezes the container for a moment (paused, resumed): the route stays
+    incus("snapshot", "create", name, "snap0", "--project", other)
+    served = [caddy.get(host)[1] for _ in range(10)]
+    incus("snapshot", "delete", name, "snap0", "--project", other)
     wait_for(lambda: False, 1.0)
 
     cycles = watch.cycles()[before:]
     assert all("instance-exec" not in " ".join(c["triggers"]) for c in cycles)
     assert not any(c["written"] or c["reloaded"] for c in cycles), cycles
     assert caddy.load_count() == loads
+    assert all(f"hello from {name}" in body for body in served)
 
 
 def test_sighup_resyncs_and_sigterm_exits_0(running: tuple[Lab, Caddy, WatchProcess, str]) -> None:
