@@ -29,8 +29,14 @@ start_daemon() {
   return 1
 }
 
+# Bump when the image changes, so that a machine with an older lab image rebuilds it.
+IMAGE_VERSION=lab-v2
+
 build_image() {
-  incus image info "$IMAGE" >/dev/null 2>&1 && return 0
+  if incus image info "$IMAGE" >/dev/null 2>&1; then
+    incus image show "$IMAGE" | grep -q "release: $IMAGE_VERSION" && return 0
+    incus image delete "$IMAGE"
+  fi
   local work; work=$(mktemp -d)
   local root="$work/rootfs"
   mkdir -p "$root"/{bin,sbin,etc/init.d,proc,sys,dev,tmp,run,www80,www8080,var/run}
@@ -71,7 +77,7 @@ creation_date: $(date +%s)
 properties:
   description: incus-caddyfile test image (busybox httpd on ports 80 and 8080)
   os: busybox
-  release: lab
+  release: $IMAGE_VERSION
 META
   tar -C "$root" -cJf "$work/rootfs.tar.xz" .
   tar -C "$work" -cJf "$work/metadata.tar.xz" metadata.yaml
