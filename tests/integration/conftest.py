@@ -63,6 +63,16 @@ def stop_process(proc: subprocess.Popen[Any]) -> None:
         proc.wait()
 
 
+def self_signed_cert(key: Path, cert: Path, name: str) -> Path:
+    """A throwaway EC key and self-signed certificate (openssl), valid for two days."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,7 +5,6 @@ on a loopback port for these tests."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Lab, WatchProcess, free_port, incus, labels, run_cli, wait_for
+from .conftest import (
+    Lab,
+    WatchProcess,
+    free_port,
+    incus,
+    labels,
+    run_cli,
+    self_signed_cert,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 SERVER_CERT = "/var/lib/incus/server.crt"
@@ -38,29 +46,7 @@ class Remote:
 
 
 def make_cert(workdir: Path, who: str) -> Path:
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:secp384r1",
-            "-nodes",
-            "-keyout",
-            str(workdir / f"{who}.key"),
-            "-out",
-            str(workdir / f"{who}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            f"/CN=icft-{who}",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return workdir / f"{who}.crt"
+    return self_signed_cert(workdir / f"{who}.key", workdir / f"{who}.crt", f"icft-{who}")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ edge Caddy reach it over TLS and over cleartext HTTP/2."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,17 @@ import pytest
 from incus_caddyfile.caddy import find_caddy
 
 from ..helpers import skip_or_fail
-from .conftest import LABELS, Caddy, Lab, incus, labels, render_and_start, run_cli, wait_for
+from .conftest import (
+    LABELS,
+    Caddy,
+    Lab,
+    incus,
+    labels,
+    render_and_start,
+    run_cli,
+    self_signed_cert,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,28 +48,7 @@ def start_upstream_caddy(lab: Lab, project: str, name: str, workdir: Path) -> No
     exe = find_caddy()
     if exe is None:
         skip_or_fail("no caddy executable to put into the instance")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(workdir / "key.pem"),
-            "-out",
-            str(workdir / "cert.pem"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=upstream",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_cert(workdir / "key.pem", workdir / "cert.pem", "upstream")
     (workdir / "Upstream").write_text(UPSTREAM)
     lab.exec(project, name, "mkdir -p /etc/caddy")
     for src, dst, mode in [
