@@ -218,3 +218,11 @@ def test_global_option_blocks_must_close(
     args = [a for line in lines for a in ("--global-option", line)]
     code, _, err = invoke("render", *args)
     assert code == 2 and message in err
+
+
+def test_default_incus_socket_honours_incus_socket_and_incus_dir(tmp_path: Path) -> None:
+    from incus_caddyfile.settings import default_incus_socket
+
+    assert default_incus_socket({"INCUS_SOCKET": "/x/s.sock", "INCUS_DIR": "/y"}) == "/x/s.sock"
+    assert default_incus_socket({"INCUS_DIR": str(tmp_path)}) == str(tmp_path / "unix.socket")
+    assert default_incus_socket({}) in ("/var/lib/incus/unix.socket", "/run/incus/unix.socket")

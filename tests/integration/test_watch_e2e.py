@@ -178,3 +178,13 @@ def test_caddy_down_then_back_gets_the_current_config(
 
     caddy.start(caddy.stub_config(tmp_path / "stub2.Caddyfile"))  # started stale
     assert "port 8080" in caddy.wait_body(host, "port 8080", timeout=40)
+
+
+def test_periodic_resync_is_a_safety_net(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> None:
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args, "--resync-interval", "1")
+    cycles = watch.wait_cycles(3, timeout=10)
+    assert any("timer" in c["triggers"] for c in cycles)
+    assert not any(c["written"] for c in cycles[1:])  # nothing changed: nothing written
