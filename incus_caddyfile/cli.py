@@ -51,11 +51,6 @@ def _apply(func: F, options: list[Callable[[Any], Any]]) -> F:
     return func
 
 
-def source_options(func: F) -> F:
-    """Where the fleet comes from: the settings file (policy) and the Incus socket."""
-    return _apply(func, SOURCE_OPTIONS)
-
-
 def settings_options(func: F) -> F:
     """The options every command that renders shares (settings, in precedence order)."""
     return _apply(func, SOURCE_OPTIONS + RENDER_OPTIONS)
@@ -415,7 +410,7 @@ def watch(
 
 
 @main.command(epilog=EXIT_EPILOG)
-@source_options
+@settings_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
 def routes(as_json: bool, **kwargs: Any) -> None:
     """Show every instance with user.caddyserver.* keys: routed, or exactly why not.

@@ -11,6 +11,7 @@ costs a state request of its own.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import ssl
@@ -27,6 +28,9 @@ from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin
 
 from .labels import PREFIX, reach_of
 from .model import ROUTABLE_STATUSES, Instance, Nic, pick_address
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class IncusError(Exception):
@@ -146,6 +150,7 @@ class IncusClient:
         self.tls = tls or Tls()
         self.requests = 0  # API requests made, for benchmarks and the watch log
         self._by_project: dict[str, pylxd.Client] = {}
+        self._subnets: dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]] = {}
         try:
             if not endpoint.startswith("https://"):
                 _check_socket(endpoint)
@@ -341,13 +346,56 @@ class IncusClient:
         return pick_address(probe, reach.network, reach.family) is None
 
     def _nics_from_state(self, project: str, name: str, refs: list[_NicRef]) -> list[Nic]:
+        """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
+        these, so on a managed network only addresses inside its subnets count, and never
+        the network's own (gateway) address: a tenant cannot point a route at the host or at
+        another network. Interfaces Incus did not create are ignored."""
         by_ifname = self.state_addresses(project, name)
-        nics = [Nic(r.device, tuple(by_ifname.pop(r.interface, [])), r.network or "") for r in refs]
-        # Interfaces Incus did not create (e.g. configured inside the instance) come last.
-        nics += [
-            Nic(f"~{ifname}", tuple(a)) for ifname, a in sorted(by_ifname.items()) if ifname != "lo"
-        ]
+        nics = []
+        for ref in refs:
+            found = by_ifname.get(ref.interface, [])
+            if ref.network:
+                found = self._within_network(project, ref.network, found)
+            nics.append(Nic(ref.device, tuple(found), ref.network or ""))
         return nics
+
+    def _within_network(self, project: str, network: str, addresses: list[str]) -> list[str]:
+        subnets, own = self._network_subnets(project, network)
+        if not subnets:
+            return addresses  # not a managed network: nothing to check against
+        kept = []
+        for raw in addresses:
+            try:
+                addr = ipaddress.ip_address(raw.split("%")[0])
+            except ValueError:
+                continue
+            if addr not in own and any(addr in net for net in subnets):
+                kept.append(raw)
+        return kept
+
+    def _network_subnets(
+        self, project: str, network: str
+    ) -> tuple[list[IPNetwork], set[IPAddress]]:
+        """A managed network's subnets and its own addresses (cached per client)."""
+        key = (project, network)
+        if key not in self._subnets:
+            try:
+                config = (self._get(f"networks/{network}", {"project": project}) or {}).get(
+                    "config"
+                ) or {}
+            except pylxd_exc.NotFound:
+                config = {}
+            subnets: list[IPNetwork] = []
+            own: set[IPAddress] = set()
+            for option in ("ipv4.address", "ipv6.address"):
+                try:
+                    iface = ipaddress.ip_interface(str(config.get(option, "")))
+                except ValueError:
+                    continue  # none, auto, or not set
+                subnets.append(iface.network)
+                own.add(iface.ip)
+            self._subnets[key] = (subnets, own)
+        return self._subnets[key]
 
 
 class EventStream:

@@ -128,12 +128,14 @@ def apply(
     diff: bool = False,
     verify_running: bool = True,
     target: Target | None = None,
+    force_reload: bool = False,
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
 
     verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
     reload if not). watch turns it off while it knows its last reload succeeded.
     target: where to write (default: the one the settings name); watch keeps one.
+    force_reload: reload even when the file is unchanged (a file it imports changed).
     """
     try:
         snippets = snippet_names(settings)
@@ -145,7 +147,13 @@ def apply(
     if target is None:
         return report
     return _write_and_reload(
-        settings, target, report, check=check, diff=diff, verify_running=verify_running
+        settings,
+        target,
+        report,
+        check=check,
+        diff=diff,
+        verify_running=verify_running,
+        force_reload=force_reload,
     )
 
 
@@ -157,6 +165,7 @@ def _write_and_reload(
     check: bool,
     diff: bool,
     verify_running: bool,
+    force_reload: bool = False,
 ) -> Report:
     assert report.text is not None
     new = report.text.encode()
@@ -170,8 +179,8 @@ def _write_and_reload(
     if check or diff:
         return report
     if report.changed is Changed.NO:
-        if verify_running and settings.reload:
-            _reload_if_stale(target, report)
+        if settings.reload:
+            _reload_if_stale(target, report, verify=verify_running, force=force_reload)
         return report
 
     try:
@@ -206,6 +215,7 @@ def _reload(target: Target, previous: bytes | None, report: Report) -> None:
     try:
         target.reload(report.text)
         report.reloaded = True
+        target.set_pending(False)
     except caddy.CaddyRejected as exc:
         _restore(target, previous, report)
         report.fail(
@@ -213,30 +223,38 @@ def _reload(target: Target, previous: bytes | None, report: Report) -> None:
             f"Caddy rejected the new config and keeps running the old one: {exc}",
         )
     except caddy.CaddyError as exc:
+        target.set_pending(True)  # the next run (or watch's retry) reloads, file unchanged
         report.fail(
             Status.RELOAD_FAILED, f"{target.name} was written but Caddy was not reloaded: {exc}"
         )
 
 
-def _reload_if_stale(target: Target, report: Report) -> None:
-    """The file is current, but is Caddy? (A reload that failed last time, or a Caddy started
-    with another config.) Reload only then. No answer is a failed reload: Caddy is not known
-    to run the file, and watch retries until it does."""
+def _reload_if_stale(target: Target, report: Report, *, verify: bool, force: bool) -> None:
+    """The file is current, but is Caddy? Reload when Caddy says it runs something else
+    (verify), when a reload failed after the file was written (the pending mark, for
+    targets that cannot say what they run), or when forced (watch: an imported file
+    changed). A failed reload leaves the mark, so the next run tries again."""
     assert report.text is not None
     try:
-        if target.running(report.text) is not False:
-            return  # it runs this text, or the target cannot tell
+        if not force:
+            running = target.running(report.text) if verify else None
+            if running is True:
+                target.set_pending(False)
+                return
+            if running is None and not target.pending():
+                return
         target.reload(report.text)
     except caddy.CaddyRejected as exc:
         report.fail(Status.CADDY_REJECTED, f"Caddy rejected the current file: {exc}")
         return
     except caddy.CaddyError as exc:
-        report.fail(
-            Status.RELOAD_FAILED, f"the file is current but Caddy could not be reached: {exc}"
-        )
+        target.set_pending(True)
+        report.fail(Status.RELOAD_FAILED, f"the file is current but Caddy was not reloaded: {exc}")
         return
+    target.set_pending(False)
     report.reloaded = True
-    report.warnings.append("Caddy was not running the current file; reloaded it")
+    if not force:
+        report.warnings.append("Caddy was not running the current file; reloaded it")
 
 
 def _restore(target: Target, previous: bytes | None, report: Report) -> None:

@@ -7,6 +7,7 @@ text, write it atomically, reload, and say whether Caddy already runs a text.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ class Target(Protocol):
     def reload(self, text: str) -> None: ...
     def running(self, text: str) -> bool | None: ...
     def restore(self, previous: bytes | None) -> None: ...
+    def pending(self) -> bool: ...
+    def set_pending(self, pending: bool) -> None: ...
 
 
 @dataclass
@@ -67,6 +70,21 @@ class LocalFile:
             self.path.unlink(missing_ok=True)
         else:
             output.write_atomic(self.path, previous)
+
+    @property
+    def _marker(self) -> Path:
+        return self.path.parent / f".{self.path.name}.reload-pending"
+
+    def pending(self) -> bool:
+        """A reload failed after this file was written (and the next run must retry it)."""
+        return self._marker.exists()
+
+    def set_pending(self, pending: bool) -> None:
+        with contextlib.suppress(OSError):  # best effort: the exit code said it already
+            if pending:
+                self._marker.touch()
+            else:
+                self._marker.unlink(missing_ok=True)
 
 
 @dataclass
@@ -160,6 +178,24 @@ class InstanceFile:
 
     def running(self, text: str) -> bool | None:
         return None  # the admin endpoint is inside the instance
+
+    @property
+    def _marker(self) -> str:
+        directory, _, base = self.path.rpartition("/")
+        return f"{directory}/.{base}.reload-pending"
+
+    def pending(self) -> bool:
+        try:
+            return self.client.read_file(self.project, self.instance, self._marker) is not None
+        except (IncusError, output.OutputError):
+            return False
+
+    def set_pending(self, pending: bool) -> None:
+        with contextlib.suppress(IncusError, output.OutputError, caddy.CaddyError):
+            if pending:
+                self.client.write_file(self.project, self.instance, self._marker, b"")
+            elif self.pending():
+                self._run("rm", "-f", self._marker)
 
     def restore(self, previous: bytes | None) -> None:
         if previous is None:

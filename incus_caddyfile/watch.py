@@ -522,6 +522,8 @@ class Watcher:
             Report(),
             verify_running=s.verify_caddy,
             target=self.target,
+            # a snippet or site file changed: the Caddyfile's bytes may not, Caddy's must
+            force_reload=any(t.kind == "file" for t in triggers),
         )
         self.cycles += 1
         self._after(report, triggers, started, self.client.requests - requests_before)

@@ -160,3 +160,33 @@ def test_import_of_an_undefined_snippet_is_rejected(lab: Lab, tmp_path: Path) ->
     assert result.returncode == 3
     assert f"rejected {project}/x-{tag}: {L}import='../../etc'" in result.stderr
     assert f"x-{tag}.localhost" not in result.stdout
+
+
+def test_addresses_an_instance_sets_itself_are_kept_inside_its_network(
+    lab: Lab, caddy: Caddy, tmp_path: Path
+) -> None:
+    """With no lease for the family, the address comes from the instance's own report. A
+    tenant adding another bridge's own address, or one from elsewhere, must not turn the
+    route towards them: only addresses inside the NIC's network count."""
+    project = lab.project()
+    name = f"spoof-{project[-4:]}"
+    lab.launch(project, name, {**labels(f"{name}.localhost"), L + "upstream.family": "ipv6"})
+    lab.address(project, name)  # IPv4 from the lab bridge, which has no IPv6 at all
+    lab.exec(
+        project,
+        name,
+        "ip -6 addr add fd42:4943:4643::1/128 dev eth0 && ip -6 addr add 2001:db8::5/64 dev eth0",
+    )
+    assert wait_for(
+        lambda: "2001:db8::5" in incus("list", name, "--project", project, "-c", "6", "-f", "csv"),
+        10,
+    )
+    out = tmp_path / "Caddyfile"
+
+    result = run_cli("render", "-o", out, "--no-reload", *caddy.render_args)
+
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {project}/{name}: running but has no IPv6 address yet" in result.stderr
+    text = out.read_text()
+    assert f"{name}.localhost" not in text
+    assert "fd42:4943:4643::1" not in text and "2001:db8::5" not in text

@@ -49,6 +49,34 @@ def test_reload_command(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
     )
     assert failing.returncode == 6
     assert "reload command 'false' failed" in failing.stderr
+    marker = tmp_path / ".Caddyfile.reload-pending"
+    assert marker.exists()
+
+    # the file is now unchanged, but the reload it needs has not happened: it is retried
+    again = run_cli(
+        "render",
+        "-o",
+        out,
+        *caddy.render_args,
+        "--email",
+        "a@example.org",
+        "--reload-command",
+        command,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "unchanged, Caddy reloaded" in again.stderr
+    assert not marker.exists()
+    quiet = run_cli(
+        "render",
+        "-o",
+        out,
+        *caddy.render_args,
+        "--email",
+        "a@example.org",
+        "--reload-command",
+        "false",
+    )
+    assert quiet.returncode == 0 and "unchanged\n" in quiet.stderr  # nothing pending now
 
 
 def test_caddy_down_checks_with_the_executable(lab: Lab, tmp_path: Path) -> None:
