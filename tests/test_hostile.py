@@ -225,3 +225,88 @@ def test_whole_corpus_in_one_fleet_is_accepted_by_caddy(caddy_admin: AdminAPI) -
         if labels["host"] == GOOD["host"]:
             labels["host"] = f"good{n}.example.org"
     check(caddy_admin, label_sets)
+
+
+# The optional labels, fuzzed on one instance at a time (pools are unit-tested elsewhere).
+SNIPPETS_FILE = Path(__file__).parent / "fixtures" / "snippets.caddy"
+DEFINED = ("security-headers", "internal-only")
+PATH_RE = re.compile(r"/[A-Za-z0-9._~/-]*")
+OPTIONAL = {
+    "user.caddyserver.http.matchers.path": st.one_of(
+        value, st.from_regex(r"/[a-z0-9/._~-]{0,12}", fullmatch=True)
+    ),
+    "user.caddyserver.http.upstream.health_uri": st.one_of(
+        value, st.from_regex(r"/[a-z]{0,8}", fullmatch=True)
+    ),
+    "user.caddyserver.http.upstream.scheme": st.one_of(
+        value, st.sampled_from(["http", "HTTPS", " h2c ", "ftp"])
+    ),
+    "user.caddyserver.http.upstream.lb_policy": st.one_of(
+        value, st.sampled_from(["round_robin", "least_conn", "cookie"])
+    ),
+    "user.caddyserver.http.upstream.family": st.one_of(
+        value, st.sampled_from(["ipv4", "IPV6", "any"])
+    ),
+    "user.caddyserver.http.upstream.network": st.one_of(value, st.sampled_from(["eth0", "br"])),
+    "user.caddyserver.http.import": st.one_of(
+        value,
+        st.sampled_from(["security-headers", "internal-only security-headers", "/etc/passwd", "x"]),
+    ),
+}
+
+
+def oracle_optional(key: str, raw: str) -> bool | None:
+    """Valid (True), invalid (False), or valid but leaving the instance without an address
+    (None), by an independent statement of each allowlist."""
+    v = raw.strip()
+    short = key.rsplit(".", 1)[1]
+    if short == "path":
+        return bool(PATH_RE.fullmatch(v)) and "//" not in v and len(v) <= 256
+    if short == "health_uri":
+        return bool(PATH_RE.fullmatch(v)) and len(v) <= 256
+    if short in ("scheme", "lb_policy", "family"):
+        allowed = {
+            "scheme": {"http", "https", "h2c"},
+            "lb_policy": {
+                "random",
+                "round_robin",
+                "least_conn",
+                "first",
+                "ip_hash",
+                "client_ip_hash",
+                "uri_hash",
+            },
+            "family": {"ipv4", "ipv6", "any"},
+        }[short]
+        if v.lower() not in allowed:
+            return False
+        return None if v.lower() == "ipv6" else True  # the fleet has IPv4 only
+    if short == "network":
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            return False
+        return True if v == "eth0" else None
+    names = [n for n in re.split(r"[ \t,]+", v) if n]
+    return bool(names) and all(n in DEFINED for n in names)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({}, optional=OPTIONAL))
+def test_any_optional_label_values_render_a_caddyfile_caddy_accepts(
+    caddy_admin: AdminAPI, extra: dict[str, str]
+) -> None:
+    base = {"host": "fuzz.example.org", "port": "8080", "enable": "true"}
+    [inst] = fleet_of([base])
+    inst = Instance(
+        inst.project,
+        inst.name,
+        created_at=inst.created_at,
+        nics=inst.nics,
+        config={**inst.config, **extra},
+    )
+    text = render(build([inst], snippets=DEFINED), Settings(snippets=SNIPPETS_FILE))
+    sites = caddy_sites(caddy_admin.adapt(text))
+    verdicts = [oracle_optional(k, v) for k, v in extra.items()]
+    routed = all(v is True for v in verdicts)
+    assert sites == ({"fuzz.example.org": {"198.18.0.1:8080"}} if routed else {})
+    for host, dials in sites.items():
+        assert HOST_RE.fullmatch(host) and all(DIAL_RE.fullmatch(d) for d in dials)
