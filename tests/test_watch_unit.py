@@ -200,3 +200,21 @@ def test_hurry_applies_an_awaited_change_without_quiet_time() -> None:
     d.note(1.5)
     d.hurry(1.5)
     assert d.deadline() == pytest.approx(3.0)  # the hold of a burst still applies
+
+
+def test_a_rename_refreshes_the_new_and_the_old_name() -> None:
+    """Incus renames only stopped instances, so no route shows it; the cache must still
+    drop the old name (else a later start of another instance under it would be stale)."""
+    from incus_caddyfile.settings import Settings
+    from incus_caddyfile.watch import Watcher, WatchOptions
+
+    watcher = Watcher(lambda: Settings(), WatchOptions(), clock=lambda: 5.0)
+    watcher.state.cache, watcher.state.full = {}, False  # as after the first listing
+    trigger = classify(
+        event("instance-renamed", "/1.0/instances/new?project=shop", context={"old_name": "old"})
+    )
+    assert trigger is not None
+    watcher._want(trigger, 5.0)
+    assert watcher.state.dirty == {("shop", "new"), ("shop", "old")}
+    assert not watcher.state.full
+    assert watcher.debounce.deadline() == pytest.approx(5.05)
