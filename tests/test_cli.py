@@ -122,15 +122,58 @@ def test_template_error_names_template_and_line(fleet: list[Instance], tmp_path:
 
 
 def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_path: Path) -> None:
+    """Every name the README's "Template context" documents, used once."""
+    L = "user.caddyserver.http."
+    fleet[:] = [
+        inst("web", host="web.example.net"),
+        inst(
+            "api",
+            host="a.example.org",
+            address="198.18.0.11",
+            **{
+                L + "matchers.path": "/api",
+                L + "upstream.scheme": "h2c",
+                L + "upstream.lb_policy": "first",
+            },
+        ),
+        inst("all", host="*.example.org", address="198.18.0.12"),
+    ]
     template = tmp_path / "list.j2"
     template.write_text(
         "{% for s in sites %}{{ s.host }} {{ s.dials|join(',') }} {{ s.instances|join(',') }}"
-        "{% endfor %} {{ options.any }}"
-        " {{ wildcard_sites|length }} {{ scheme_prefix }}|{{ generator }}\n"
+        " {{ s.simple.urls|join(',') }} {{ s.has_default }} {{ s.matcher }}|{% endfor %}"
+        "{% for w in wildcard_sites %}{{ w.domain }}:"
+        "{% for s in w.sites %}{% for r in s.routes %}{{ s.host }}{{ r.path }} {{ r.matcher }}"
+        " {{ r.urls|join(',') }} {{ r.upstreams[0].scheme }} {{ r.upstreams[0].url }}"
+        " {{ r.options.lb_policy }} {{ r.options.block }} {{ r.fallback }}"
+        " {{ r.instances|join(',') }}{% endfor %}{% endfor %}"
+        " {{ w.catch_all.host }}{% endfor %}|"
+        "{{ options.any }} {{ options.lines|join(';') }} {{ options.extra|join(';') }}"
+        " {{ scheme_prefix }}|{{ snippets_file }}|{{ sites_dir }}|{{ generator }}\n"
     )
-    code, out, _ = invoke("render", "--template", str(template))
-    assert code == 0
-    assert out == "web.example.org 198.18.0.10:80 default/web False 0 |incus-caddyfile\n"
+    code, out, err = invoke(
+        "render",
+        "--template",
+        str(template),
+        "--wildcard",
+        "*.example.org",
+        "--global-option",
+        "servers {",
+        "--global-option",
+        "protocols h1",
+        "--global-option",
+        "}",
+        "--scheme",
+        "http",
+    )
+    assert code == 0, err
+    assert out == (
+        "web.example.net 198.18.0.10:80 default/web 198.18.0.10:80 True @web_example_net|"
+        "*.example.org:a.example.org/api @path_api h2c://198.18.0.11:80 h2c"
+        " h2c://198.18.0.11:80 first True False default/api *.example.org|"
+        "True servers {;\tprotocols h1;} servers {;protocols h1;} http://|None|None"
+        "|incus-caddyfile\n"
+    )
 
 
 def test_help_lists_exit_codes_and_examples() -> None:
