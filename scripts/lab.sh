@@ -23,7 +23,10 @@ start_daemon() {
   getent group incus-admin >/dev/null || groupadd --system incus-admin
   mkdir -p /var/log/incus /var/lib/incus
   # No systemd here: run the daemon directly, detached from this shell.
-  setsid nohup /usr/libexec/incus/incusd --group incus-admin --logfile "$LOG" >/dev/null 2>&1 < /dev/null &
+  # From /: the daemon's working directory must outlive the checkout that started it
+  # (rsync, run by incusd for snapshots, fails in a deleted directory).
+  (cd / && setsid nohup /usr/libexec/incus/incusd --group incus-admin --logfile "$LOG" \
+    >/dev/null 2>&1 < /dev/null &)
   for _ in $(seq 1 100); do daemon_up && return 0; sleep 0.2; done
   echo "lab: incusd did not answer within 20 s; see $LOG" >&2
   return 1
