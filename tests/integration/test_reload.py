@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,45 +38,23 @@ def test_reload_command(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "port 8080" in caddy.wait_body(f"{name}.localhost", "port 8080", timeout=5)
-    failing = run_cli(
-        "render",
-        "-o",
-        out,
-        *caddy.render_args,
-        "--email",
-        "a@example.org",
-        "--reload-command",
-        "false",
-    )
+
+    def with_email(reload_command: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("render", "-o", out, *caddy.render_args, "--email", "a@example.org",
+                       "--reload-command", reload_command)  # fmt: skip
+
+    failing = with_email("false")
     assert failing.returncode == 6
     assert "reload command 'false' failed" in failing.stderr
     marker = tmp_path / ".Caddyfile.reload-pending"
     assert marker.exists()
 
     # the file is now unchanged, but the reload it needs has not happened: it is retried
-    again = run_cli(
-        "render",
-        "-o",
-        out,
-        *caddy.render_args,
-        "--email",
-        "a@example.org",
-        "--reload-command",
-        command,
-    )
+    again = with_email(command)
     assert again.returncode == 0, again.stderr
     assert "unchanged, Caddy reloaded" in again.stderr
     assert not marker.exists()
-    quiet = run_cli(
-        "render",
-        "-o",
-        out,
-        *caddy.render_args,
-        "--email",
-        "a@example.org",
-        "--reload-command",
-        "false",
-    )
+    quiet = with_email("false")
     assert quiet.returncode == 0 and "unchanged\n" in quiet.stderr  # nothing pending now
 
 
