@@ -9,7 +9,6 @@ from pathlib import Path
 
 from . import caddy, pipeline
 from .incus import IncusClient, IncusError
-from .model import build
 from .render import TemplateError, render
 from .settings import Settings, default_incus_socket
 
@@ -70,7 +69,7 @@ def _caddy_checks(settings: Settings, client: IncusClient | None) -> list[Check]
     checks = [_admin_check(settings)]
     try:
         instances = client.list_instances() if client is not None else []
-        model = build(instances, settings.wildcards, settings.policy)
+        model = pipeline.model_for(settings, instances)
         text = render(model, settings)
     except IncusError as exc:
         return [*checks, Check("render", False, str(exc), "see the Incus checks above")]

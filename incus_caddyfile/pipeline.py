@@ -93,6 +93,13 @@ def collect(settings: Settings, client: IncusClient | None = None) -> list[Insta
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
 
 
+def model_for(settings: Settings, instances: list[Instance]) -> Model:
+    """Step 2 with every setting that shapes it (wildcards, policy, the operator's snippets);
+    render, routes and doctor all build their model here. Raises TemplateError when the
+    snippets file cannot be read."""
+    return build(instances, settings.wildcards, settings.policy, snippet_names(settings))
+
+
 def snippet_names(settings: Settings) -> tuple[str, ...]:
     """Names of the snippets `(name) { ... }` the operator's --snippets file defines."""
     if settings.snippets is None:
@@ -138,8 +145,7 @@ def apply(
     force_reload: reload even when the file is unchanged (a file it imports changed).
     """
     try:
-        snippets = snippet_names(settings)
-        report.model = build(instances, settings.wildcards, settings.policy, snippets)
+        report.model = model_for(settings, instances)
         report.text = render(report.model, settings)
     except TemplateError as exc:
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
@@ -269,5 +275,4 @@ def _restore(target: Target, previous: bytes | None, report: Report) -> None:
 def routes(settings: Settings) -> list[RouteRow]:
     """Every labelled instance with its verdict (for `routes`). Raises IncusError."""
     instances = collect(settings)
-    model = build(instances, settings.wildcards, settings.policy, snippet_names(settings))
-    return explain(instances, model)
+    return explain(instances, model_for(settings, instances))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Caddy, Lab, labels, run_cli
+from .conftest import LABELS, Caddy, Lab, labels, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +69,23 @@ def test_doctor_all_good(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
     names = [ln.split(":")[0].split(maxsplit=1)[1] for ln in result.stdout.splitlines()]
     assert names == ["incus", "projects", "caddy admin", "template", "caddy accepts", "output"]
     assert all(ln.startswith("ok") for ln in result.stdout.splitlines())
+
+
+def test_doctor_and_routes_see_the_snippets_render_sees(lab: Lab, tmp_path: Path) -> None:
+    """An instance importing a snippet the settings define is fine for all three commands."""
+    project = lab.project()
+    name = f"snip-{project[-4:]}"
+    lab.launch(project, name, {**labels(f"{name}.localhost"), LABELS + "import": "via"})
+    lab.address(project, name)
+    snippets = tmp_path / "snippets.caddy"
+    snippets.write_text("(via) {\n\theader X-Via incus-caddyfile\n}\n")
+    args = ["--snippets", snippets, "--scheme", "http", "--no-reload"]
+
+    assert run_cli("render", *args).returncode == 0
+    doctor = run_cli("doctor", *args)
+    assert "ok    template: renders 1 site(s), 0 rejected value(s)" in doctor.stdout
+    rows = json.loads(run_cli("routes", "--json", *args).stdout)
+    assert [r["state"] for r in rows if r["instance"] == name] == ["routed"]
 
 
 def test_doctor_reports_each_failure_with_a_fix(lab: Lab, tmp_path: Path) -> None:
