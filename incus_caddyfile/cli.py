@@ -14,7 +14,6 @@ import click
 from . import __version__, pipeline, targets
 from .incus import IncusError
 from .model import RouteRow
-from .output import Changed
 from .pipeline import EXIT_CODES_HELP, Report, Status
 from .settings import ENV_PREFIX, Settings, SettingsError, load_file, load_policy
 
@@ -277,17 +276,8 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
     if report.diff:
         sys.stdout.write(report.diff)
     if report.error is None and target is not None:
-        _say(f"{target.name}: {_summary(report, check or diff)}")
+        _say(f"{target.name}: {report.summary(dry_run=check or diff)}")
     sys.exit(report.return_code(check))
-
-
-def _summary(report: Report, dry_run: bool) -> str:
-    reloaded = ", Caddy reloaded" if report.reloaded else ""
-    if report.changed is Changed.NO:
-        return "unchanged" + reloaded
-    if dry_run:
-        return "would change"
-    return "written" + reloaded
 
 
 def _parse_debounce(

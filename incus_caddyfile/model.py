@@ -546,10 +546,8 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
 
 def _would_dial(inst: Instance) -> str | None:
     """address:port of a running instance that is not routed, when both are known."""
-    wanted, _ = lb.parse(inst.labels)
-    if wanted is None or inst.status not in ROUTABLE_STATUSES:
+    reach = lb.reach_of(inst.labels)
+    if reach is None or inst.status not in ROUTABLE_STATUSES:
         return None
-    address = pick_address(inst, wanted.reach.network, wanted.reach.family)
-    if address is None:
-        return None
-    return Upstream(inst.project, inst.name, address, wanted.reach.port).dial
+    address = pick_address(inst, reach.network, reach.family)
+    return Upstream(inst.project, inst.name, address, reach.port).dial if address else None

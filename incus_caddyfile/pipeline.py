@@ -65,6 +65,17 @@ class Report:
     message: str = ""
     warnings: list[str] = field(default_factory=list)
 
+    def summary(self, dry_run: bool = False) -> str:
+        """What happened to the file and Caddy, in the words `render` and `watch` print."""
+        if self.error is not None:
+            return f"error: {self.message}"
+        reloaded = ", Caddy reloaded" if self.reloaded else ""
+        if self.changed is Changed.NO:
+            return "unchanged" + reloaded
+        if dry_run:
+            return "would change"
+        return "written" + reloaded
+
     def fail(self, status: Status, message: str) -> Report:
         self.error, self.message = status, message
         return self

@@ -568,17 +568,7 @@ class Watcher:
         for warning in report.warnings:
             self.log("warning", warning)
         counts = {k: len(v) for k, v in changes.items()}
-        outcome = (
-            f"error: {report.message}"
-            if report.error is not None
-            else "written, Caddy reloaded"
-            if report.written and report.reloaded
-            else "written"
-            if report.written
-            else "unchanged, Caddy reloaded"
-            if report.reloaded
-            else "unchanged"
-        )
+        outcome = report.summary()
         detail = "; ".join(f"{k} {_some(v)}" for k, v in changes.items() if v)
         self.log(
             "cycle",
