@@ -1,8 +1,10 @@
-"""The only module that talks to Caddy: check a Caddyfile, and reload it.
+"""The only module that talks to Caddy: check a Caddyfile, load it, ask what runs.
 
-Through the admin API (`POST /adapt`, `POST /load` with Content-Type text/caddyfile, over TCP
-or a unix socket), with the `caddy` executable as the checker of last resort, or with an
-operator's reload command.
+One small interface, `Caddy`, with three implementations: the admin API (`POST /adapt`,
+`POST /load` with Content-Type text/caddyfile, over TCP or a unix socket), an operator's
+reload command, and a Caddy inside an Incus instance driven by `caddy adapt`/`caddy reload`
+through a `Shell` (exec and file push, supplied by the caller). The `caddy` executable is the
+checker of last resort when no admin endpoint answers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_ADMIN = "localhost:2019"
 TIMEOUT = 10.0
@@ -183,7 +185,7 @@ def last_error_line(stderr: str, tmpdir: str) -> str:
     return message.replace(tmpdir + os.sep, "") if tmpdir else message
 
 
-def check(text: str, admin: str | None, caddy_bin: str | None) -> str:
+def _check_with(text: str, admin: str | None, caddy_bin: str | None) -> str:
     """Have Caddy check the text before it replaces anything; returns who checked it.
 
     The admin endpoint is asked first (it is the Caddy that will run the config); when it is
@@ -199,15 +201,138 @@ def check(text: str, admin: str | None, caddy_bin: str | None) -> str:
         return "caddy adapt"
 
 
-def run_reload_command(command: str) -> None:
-    """Run the operator's reload command (e.g. `systemctl reload caddy`)."""
-    try:
-        proc = subprocess.run(
-            shlex.split(command), capture_output=True, text=True, timeout=120, check=False
+class Caddy(Protocol):
+    """A Caddy the tool drives. Each call raises CaddyRejected (Caddy refused the config) or
+    CaddyUnreachable / CaddyError (no answer, or some other failure)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def check(self, text: str) -> str: ...  # returns who checked it
+    def load(self, text: str) -> None: ...  # apply the config just written
+    def running(self, text: str) -> bool | None: ...  # None: this Caddy cannot say
+    def ping(self) -> str: ...  # what answered; raises CaddyError when nothing does
+
+
+class AdminCaddy:
+    """A Caddy reached through its admin endpoint; `caddy adapt` checks when it is down."""
+
+    def __init__(self, admin: str | None, caddy_bin: str | None = None) -> None:
+        self.admin = admin or DEFAULT_ADMIN
+        self.caddy_bin = caddy_bin
+
+    @property
+    def name(self) -> str:
+        return f"Caddy admin endpoint {self.admin}"
+
+    def check(self, text: str) -> str:
+        return _check_with(text, self.admin, self.caddy_bin)
+
+    def load(self, text: str) -> None:
+        AdminAPI(self.admin).load(text)
+
+    def running(self, text: str) -> bool | None:
+        return AdminAPI(self.admin).running(text)
+
+    def ping(self) -> str:
+        if not AdminAPI(self.admin).ping():
+            raise CaddyUnreachable(f"no Caddy admin endpoint answers at {self.admin}")
+        return f"Caddy answers at {self.admin}"
+
+
+class CommandCaddy:
+    """A Caddy reloaded by the operator's command (e.g. `systemctl reload caddy`), split with
+    shlex and run without a shell. It cannot say what it runs."""
+
+    def __init__(self, command: str, admin: str | None = None, caddy_bin: str | None = None):
+        self.command = command
+        self.admin = admin
+        self.caddy_bin = caddy_bin
+
+    @property
+    def name(self) -> str:
+        return f"reload command {self.command!r}"
+
+    def check(self, text: str) -> str:
+        return _check_with(text, self.admin, self.caddy_bin)
+
+    def load(self, text: str) -> None:
+        try:
+            proc = subprocess.run(
+                shlex.split(self.command), capture_output=True, text=True, timeout=120,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CaddyUnreachable(f"reload command {self.command!r} failed: {exc}") from None
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            reason = detail[-1] if detail else f"exit status {proc.returncode}"
+            raise CaddyError(f"reload command {self.command!r} failed: {reason}")
+
+    def running(self, text: str) -> bool | None:
+        return None  # a reload command gives no way to ask
+
+    def ping(self) -> str:
+        return f"not used (reload command {self.command!r})"
+
+
+class Shell(Protocol):
+    """Commands and files inside the instance where a Caddy runs: `run` raises
+    CaddyUnreachable when the instance cannot be reached, `put` the output's OutputError."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, argv: list[str]) -> tuple[int, str]: ...  # exit code, stderr or stdout
+    def put(self, path: str, data: bytes) -> None: ...
+
+
+def temp_path(path: str) -> str:
+    """Where a new config is put beside `path` before it is checked and moved over it."""
+    directory, _, base = path.rpartition("/")
+    return f"{directory}/.{base}.incus-caddyfile.tmp"
+
+
+class InstanceCaddy:
+    """A Caddy inside an Incus instance: the text is checked there with `caddy adapt` (on a
+    temp file beside the Caddyfile), and loaded with `caddy reload` of the Caddyfile."""
+
+    def __init__(self, shell: Shell, path: str, caddy_bin: str = "caddy") -> None:
+        self.shell, self.path, self.caddy_bin = shell, path, caddy_bin
+
+    @property
+    def name(self) -> str:
+        return f"Caddy in {self.shell.name}"
+
+    def check(self, text: str) -> str:
+        temp = temp_path(self.path)
+        self.shell.put(temp, text.encode())
+        code, message = self.shell.run(
+            [self.caddy_bin, "adapt", "--config", temp, "--adapter", "caddyfile"]
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CaddyUnreachable(f"reload command {command!r} failed: {exc}") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        reason = detail[-1] if detail else f"exit status {proc.returncode}"
-        raise CaddyError(f"reload command {command!r} failed: {reason}")
+        self.shell.run(["rm", "-f", temp])
+        if code == 0:
+            return f"caddy adapt in {self.shell.name}"
+        if code in (126, 127):
+            raise CaddyUnreachable(f"no {self.caddy_bin} in {self.shell.name}")
+        raise CaddyRejected(last_error_line(message, temp))
+
+    def load(self, text: str) -> None:
+        code, message = self.shell.run(
+            [self.caddy_bin, "reload", "--config", self.path, "--adapter", "caddyfile"]
+        )
+        if code == 0:
+            return
+        reason = last_error_line(message, "")
+        if "connection refused" in message or "no such file" in message.lower():
+            raise CaddyUnreachable(f"{self.name}: {reason}")
+        raise CaddyRejected(reason)
+
+    def running(self, text: str) -> bool | None:
+        return None  # its admin endpoint is inside the instance
+
+    def ping(self) -> str:
+        code, message = self.shell.run([self.caddy_bin, "version"])
+        if code != 0:
+            raise CaddyUnreachable(f"no working {self.caddy_bin} in {self.shell.name}: {message}")
+        return f"Caddy {message.split()[0] if message else '?'} in {self.shell.name}"

@@ -14,7 +14,7 @@ import click
 from . import __version__, pipeline, targets
 from .incus import IncusError
 from .model import RouteRow
-from .pipeline import EXIT_CODES_HELP, Report, Status
+from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
 from .settings import ENV_PREFIX, Settings, SettingsError, load_file, load_policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -266,18 +266,18 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
         incus-caddyfile render --wildcard '*.example.org' --acme-dns 'cloudflare {env.CF_API_TOKEN}'
     """
     settings = make_settings(**kwargs)
-    target = targets.for_settings(settings)
-    if (check or diff) and target is None:
+    to_file = targets.writes_file(settings)
+    if (check or diff) and not to_file:
         raise click.UsageError("--check and --diff compare with a file: give --output")
-    report = pipeline.run(settings, check=check, diff=diff)
+    report = pipeline.run(settings, RunMode(check=check, diff=diff))
     print_report(report, quiet)
-    if target is None and report.error is None and report.text is not None:
+    if not to_file and report.error is None and report.text is not None:
         sys.stdout.write(report.text)
     if report.diff:
         sys.stdout.write(report.diff)
-    if report.error is None and target is not None:
-        _say(f"{target.name}: {report.summary(dry_run=check or diff)}")
-    sys.exit(report.return_code(check))
+    if report.error is None and report.target is not None:
+        _say(f"{report.target}: {report.summary()}")
+    sys.exit(report.return_code())
 
 
 def _parse_debounce(
@@ -387,7 +387,7 @@ def watch(
         settings = load()
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    if targets.for_settings(settings) is None:
+    if not targets.writes_file(settings):
         raise click.UsageError("watch needs --output (the Caddyfile to keep up to date)")
     options = WatchOptions(
         debounce_min=debounce[0],
@@ -419,6 +419,8 @@ def routes(as_json: bool, **kwargs: Any) -> None:
     except IncusError as exc:
         _say(f"error: {exc}")
         sys.exit(int(Status.INCUS_ERROR))
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(json.dumps([_row_json(r) for r in rows], indent=2))
     else:

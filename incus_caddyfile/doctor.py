@@ -1,4 +1,8 @@
-"""`doctor`: check each thing a render needs, and say how to fix what fails."""
+"""`doctor`: check each thing a render needs, and say how to fix what fails.
+
+It checks the target the settings name (a local file and its Caddy, or a Caddy inside an
+instance) through the same objects `render` uses, so a pass here means render can do it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import caddy, pipeline
-from .incus import IncusClient, IncusError
+from . import pipeline, targets
+from .caddy import CaddyError, CaddyRejected
+from .destinations import LocalFile
+from .incus import IncusApi, IncusError, connect
+from .inventory import Inventory
+from .output import OutputError
 from .render import TemplateError, render
-from .settings import Settings, default_incus_socket
+from .settings import Settings, SettingsError, default_incus_socket
 
 
 @dataclass(frozen=True)
@@ -22,34 +30,33 @@ class Check:
 
 
 def run(settings: Settings) -> list[Check]:
-    """All checks, in the order a render meets them. Later ones are skipped when Incus fails."""
-    checks: list[Check] = []
+    """All checks, in the order a render meets them; those that need Incus say so when it
+    cannot be reached, and the rest still run."""
     endpoint = settings.incus or default_incus_socket()
+    api: IncusApi | None
     try:
-        client = pipeline.connect(settings)
+        api = connect(settings)
     except IncusError as exc:
-        return [
+        api = None
+        checks = [
             Check(
                 "incus",
                 False,
                 str(exc),
                 "start incusd, point --incus/INCUS_SOCKET at its socket, and run as root or"
                 " as a member of incus-admin",
-            ),
-            *_caddy_checks(settings, None),
-            _output_check(settings),
+            )
         ]
-    checks.append(Check("incus", True, f"Incus {client.server_version()} at {endpoint}"))
-    checks.append(_projects_check(client))
-    checks.extend(_caddy_checks(settings, client))
-    checks.append(_output_check(settings))
-    return checks
+    else:
+        checks = [Check("incus", True, f"Incus {api.server_version()} at {endpoint}")]
+        checks.append(_projects_check(api))
+    return checks + _target_checks(settings, api)
 
 
-def _projects_check(client: IncusClient) -> Check:
+def _projects_check(api: IncusApi) -> Check:
     try:
-        projects = client.projects()
-        instances = client.list_raw()
+        projects = api.list_projects()
+        instances = api.list_instances()
     except IncusError as exc:
         return Check(
             "projects",
@@ -63,72 +70,95 @@ def _projects_check(client: IncusClient) -> Check:
     )
 
 
-def _caddy_checks(settings: Settings, client: IncusClient | None) -> list[Check]:
-    """Admin endpoint, template, and Caddy's verdict on the result (with no instances when
-    Incus cannot be listed, so the operator's own settings are still checked)."""
-    checks = [_admin_check(settings)]
+def _render_check(settings: Settings, api: IncusApi | None) -> tuple[str | None, Check]:
+    """The template over the fleet (over no instances when Incus cannot be listed, so the
+    operator's own settings are still checked)."""
     try:
-        instances = client.list_instances() if client is not None else []
+        instances = Inventory(api).instances() if api is not None else []
         model = pipeline.model_for(settings, instances)
         text = render(model, settings)
     except IncusError as exc:
-        return [*checks, Check("render", False, str(exc), "see the Incus checks above")]
+        return None, Check("template", False, str(exc), "see the Incus checks above")
+    except SettingsError as exc:
+        return None, Check("template", False, str(exc), "fix --snippets (a readable file)")
     except TemplateError as exc:
-        fix = "fix the template at the line named, or drop --template"
-        return [*checks, Check("template", False, str(exc), fix)]
+        return None, Check(
+            "template", False, str(exc), "fix the template at the line named, or drop --template"
+        )
     rejected = len([r for r in model.rejections if not r.ignored])
-    fleet = "" if client is not None else " (without instances: Incus is not reachable)"
+    fleet = "" if api is not None else " (without instances: Incus is not reachable)"
     detail = f"renders {len(model.all_sites)} site(s), {rejected} rejected value(s){fleet}"
-    checks.append(Check("template", True, detail))
+    return text, Check("template", True, detail)
+
+
+def _target_checks(settings: Settings, api: IncusApi | None) -> list[Check]:
+    """Caddy, the template, Caddy's verdict on the result, and the output file."""
+    text, rendered = _render_check(settings, api)
     try:
-        by = caddy.check(text, settings.caddy_admin, settings.caddy_bin)
-        checks.append(Check("caddy accepts", True, f"the rendered config is valid ({by})"))
-    except caddy.CaddyRejected as exc:
-        checks.append(
-            Check(
-                "caddy accepts",
-                False,
-                f"Caddy rejects the config: {exc}",
-                "fix the --global-option/--acme-dns values or the template",
-            )
+        target = targets.for_settings(settings, api)
+    except ValueError:
+        unreachable = Check(
+            "caddy admin",
+            False,
+            f"Caddy runs in {settings.caddy_instance}, reached through Incus, which is not"
+            " reachable",
+            "see the Incus checks above",
         )
-    except caddy.CaddyError as exc:
-        checks.append(
-            Check(
-                "caddy accepts",
-                False,
-                str(exc),
-                "start Caddy, or install caddy on PATH / set --caddy-bin",
-            )
-        )
+        return [unreachable, rendered]
+    if target is None:
+        return [rendered, Check("output", True, "stdout (no --output)")]
+    checks = [_caddy_check(settings, target), rendered]
+    if text is not None:
+        checks.append(_accepts_check(target, text))
+    checks.append(_output_check(target))
     return checks
 
 
-def _admin_check(settings: Settings) -> Check:
+def _caddy_check(settings: Settings, target: targets.Target) -> Check:
     if not settings.reload:
         return Check("caddy admin", True, "not used (--no-reload)")
-    if settings.reload_command:
-        return Check("caddy admin", True, f"not used (reload command {settings.reload_command!r})")
-    address = settings.caddy_admin or caddy.DEFAULT_ADMIN
     try:
-        up = caddy.AdminAPI(address).ping()
-    except caddy.CaddyError as exc:
-        up, address = False, f"{address} ({exc})"
-    if up:
-        return Check("caddy admin", True, f"Caddy answers at {address}")
-    return Check(
-        "caddy admin",
-        False,
-        f"no Caddy admin endpoint answers at {address}",
-        "start Caddy with the same `admin` address, or set --caddy-admin to the one it"
-        " uses (or use --reload-command / --no-reload)",
-    )
+        return Check("caddy admin", True, target.caddy.ping())
+    except CaddyError as exc:
+        return Check(
+            "caddy admin",
+            False,
+            str(exc),
+            "start Caddy with the same `admin` address, or set --caddy-admin to the one it"
+            " uses (or --caddy-instance, --reload-command, --no-reload)",
+        )
 
 
-def _output_check(settings: Settings) -> Check:
-    if settings.output is None:
-        return Check("output", True, "stdout (no --output)")
-    directory = settings.output.parent if str(settings.output.parent) else Path(".")
+def _accepts_check(target: targets.Target, text: str) -> Check:
+    try:
+        by = target.caddy.check(text)
+    except CaddyRejected as exc:
+        return Check(
+            "caddy accepts",
+            False,
+            f"Caddy rejects the config: {exc}",
+            "fix the --global-option/--acme-dns values or the template",
+        )
+    except (CaddyError, OutputError) as exc:
+        return Check(
+            "caddy accepts",
+            False,
+            str(exc),
+            "start Caddy, or install caddy on PATH / set --caddy-bin",
+        )
+    return Check("caddy accepts", True, f"the rendered config is valid ({by})")
+
+
+def _output_check(target: targets.Target) -> Check:
+    destination = target.destination
+    if not isinstance(destination, LocalFile):
+        try:
+            destination.read()
+        except OutputError as exc:
+            return Check("output", False, str(exc), "check the instance and the path in it")
+        return Check("output", True, f"{destination.name} can be read")
+    path = destination.path
+    directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         return Check(
             "output",
@@ -137,9 +167,7 @@ def _output_check(settings: Settings) -> Check:
             f"create it: mkdir -p {directory}",
         )
     try:
-        fd, name = tempfile.mkstemp(
-            prefix=f".{settings.output.name}.", suffix=".tmp", dir=directory
-        )
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
@@ -150,11 +178,8 @@ def _output_check(settings: Settings) -> Check:
             "give the tool write access to that directory (the atomic write puts a"
             " temp file next to the output), or mount it read-write",
         )
-    if settings.output.exists() and not os.access(settings.output, os.W_OK):
+    if path.exists() and not os.access(path, os.W_OK):
         return Check(
-            "output",
-            False,
-            f"{settings.output} is not writable",
-            f"fix its permissions: chmod u+w {settings.output}",
+            "output", False, f"{path} is not writable", f"fix its permissions: chmod u+w {path}"
         )
-    return Check("output", True, f"{settings.output} can be written")
+    return Check("output", True, f"{path} can be written")

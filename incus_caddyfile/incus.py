@@ -1,24 +1,20 @@
-"""Step 1, and the only module that talks to Incus (through pylxd).
+"""The only module that talks to Incus (through pylxd): the narrow `IncusApi` interface, listing
+only the calls the tool makes, and its real implementation over pylxd.
 
-Listing strategy, chosen for cost: `GET /1.0/instances?recursion=1&all-projects=true` returns
-every instance's expanded config without live state (~30 ms for 150 instances, against ~400 ms
-for recursion=2, which gathers state for each one). Addresses of labelled running instances come
-from the managed bridges' DHCP leases, one request per (project, network) pair whatever the
-fleet size; only an instance with no lease (static address set inside it, unmanaged network)
-costs a state request of its own.
+It moves raw API data (the `metadata` of each answer, as `incus query` prints it) and decides
+nothing: turning that data into model instances is `inventory`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import ssl
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pylxd
 import requests
@@ -26,44 +22,11 @@ from pylxd import exceptions as pylxd_exc
 from pylxd.client import EventType, get_session_for_url
 from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
-from .labels import PREFIX, reach_of
-from .model import ROUTABLE_STATUSES, Instance, Nic, pick_address
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from .settings import Settings, default_incus_socket
 
 
 class IncusError(Exception):
     """Incus could not be reached or a request failed; nothing must be rendered from it."""
-
-
-@dataclass(frozen=True)
-class _NicRef:
-    device: str
-    interface: str
-    network: str | None
-    hwaddr: str
-
-
-def _nics(raw: Mapping[str, Any]) -> list[_NicRef]:
-    """NIC devices in name order, with the network whose leases can tell their address."""
-    config = raw.get("expanded_config") or {}
-    out = []
-    for device, dev in sorted((raw.get("expanded_devices") or {}).items()):
-        if dev.get("type") != "nic":
-            continue
-        network = dev.get("network") or (
-            dev.get("parent") if dev.get("nictype") == "bridged" else None
-        )
-        hwaddr = (dev.get("hwaddr") or config.get(f"volatile.{device}.hwaddr") or "").lower()
-        out.append(_NicRef(device, dev.get("name") or device, network, hwaddr))
-    return out
-
-
-def _is_candidate(raw: Mapping[str, Any]) -> bool:
-    """Labelled and running (or paused): the only instances whose address is worth a request."""
-    config = raw.get("expanded_config") or {}
-    return raw.get("status") in ROUTABLE_STATUSES and any(k.startswith(PREFIX) for k in config)
 
 
 def _check_socket(path: str) -> None:
@@ -142,15 +105,51 @@ def _reason(exc: Exception) -> str:
     return text
 
 
-class IncusClient:
-    """A narrow client: only the calls this tool makes."""
+class EventSource(Protocol):
+    """A stream of Incus events; events and the end of the stream go to callbacks."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class IncusApi(Protocol):
+    """Only the Incus calls the tool makes. Every method raises IncusError on failure.
+
+    Answers are the raw `metadata` of the API (dicts as `incus query` prints them).
+    """
+
+    endpoint: str
+    requests: int  # API requests made so far (benchmarks, the watch log)
+
+    def list_instances(self) -> list[dict[str, Any]]: ...
+    def get_instance(self, project: str, name: str) -> dict[str, Any] | None: ...
+    def instance_state(self, project: str, name: str) -> dict[str, Any] | None: ...
+    def network_leases(self, project: str, network: str) -> list[dict[str, Any]]: ...
+    def get_network(self, project: str, network: str) -> dict[str, Any] | None: ...
+    def list_projects(self) -> list[str]: ...
+    def server_version(self) -> str: ...
+    def exec(self, project: str, name: str, argv: list[str]) -> tuple[int, str, str]: ...
+    def read_file(self, project: str, name: str, path: str) -> bytes | None: ...
+    def write_file(self, project: str, name: str, path: str, data: bytes) -> None: ...
+    def events(
+        self, on_event: Callable[[dict[str, Any]], None], on_close: Callable[[], None]
+    ) -> EventSource: ...
+
+
+def connect(settings: Settings) -> PylxdApi:
+    """The Incus the settings name (a local socket by default). Raises IncusError."""
+    tls = Tls(settings.incus_cert, settings.incus_key, settings.incus_server_cert)
+    return PylxdApi(settings.incus or default_incus_socket(), tls)
+
+
+class PylxdApi:
+    """The real IncusApi, over pylxd (a unix socket, or HTTPS with a client certificate)."""
 
     def __init__(self, endpoint: str, tls: Tls | None = None) -> None:
         self.endpoint = endpoint
         self.tls = tls or Tls()
-        self.requests = 0  # API requests made, for benchmarks and the watch log
+        self.requests = 0
         self._by_project: dict[str, pylxd.Client] = {}
-        self._subnets: dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]] = {}
         try:
             if not endpoint.startswith("https://"):
                 _check_socket(endpoint)
@@ -163,8 +162,9 @@ class IncusClient:
             return _remote_client(self.endpoint, self.tls, project)
         return pylxd.Client(endpoint=self.endpoint, project=project)
 
-    def _get(self, path: str, params: dict[str, str]) -> Any:
-        """GET one API path below /1.0; any failure becomes IncusError naming the path."""
+    def _get(self, path: str, params: dict[str, str], missing_ok: bool = False) -> Any:
+        """GET one API path below /1.0; any failure becomes IncusError naming the path.
+        missing_ok: a 404 answers None."""
         node = self._client.api
         for part in path.split("/"):
             node = node[part]
@@ -172,76 +172,52 @@ class IncusClient:
         try:
             response = node.get(params=params)
             return response.json()["metadata"]
-        except pylxd_exc.NotFound:
-            raise
+        except pylxd_exc.NotFound as exc:
+            if missing_ok:
+                return None
+            raise IncusError(f"Incus request {path} failed: {exc}") from None
         except (pylxd_exc.LXDAPIException, requests.RequestException, OSError, ValueError) as exc:
             raise IncusError(f"Incus request {path} failed: {exc}") from None
 
-    def list_raw(self) -> list[dict[str, Any]]:
+    def list_instances(self) -> list[dict[str, Any]]:
         """Every instance in every project, with expanded config and devices, no live state."""
-        try:
-            data = self._get("instances", {"recursion": "1", "all-projects": "true"})
-        except pylxd_exc.NotFound as exc:
-            raise IncusError(f"Incus instance listing failed: {exc}") from None
+        data = self._get("instances", {"recursion": "1", "all-projects": "true"})
         if not isinstance(data, list):
             raise IncusError("Incus returned an unexpected instance listing")
         return data
 
-    def leases(self, project: str, network: str) -> dict[str, list[str]]:
-        """MAC -> addresses on a managed network. Unmanaged or unknown networks have none."""
+    def get_instance(self, project: str, name: str) -> dict[str, Any] | None:
+        raw = self._get(f"instances/{name}", {"project": project}, missing_ok=True)
+        if raw is not None and not isinstance(raw, dict):
+            raise IncusError(f"Incus returned an unexpected answer for {project}/{name}")
+        return raw
+
+    def instance_state(self, project: str, name: str) -> dict[str, Any] | None:
+        state = self._get(f"instances/{name}/state", {"project": project}, missing_ok=True)
+        return state if isinstance(state, dict) else None
+
+    def network_leases(self, project: str, network: str) -> list[dict[str, Any]]:
+        """A managed network's DHCP leases; none for an unmanaged or unknown network."""
         try:
-            data = self._get(f"networks/{network}/leases", {"project": project})
-        except pylxd_exc.NotFound:
-            return {}
+            data = self._get(f"networks/{network}/leases", {"project": project}, missing_ok=True)
         except IncusError as exc:
             if "not managed" in str(exc).lower() or "not found" in str(exc).lower():
-                return {}
+                return []
             raise
-        out: dict[str, list[str]] = {}
-        for lease in data or []:
-            hwaddr = (lease.get("hwaddr") or "").lower()
-            if hwaddr and lease.get("address"):
-                out.setdefault(hwaddr, []).append(lease["address"])
-        return out
+        return [lease for lease in data or [] if isinstance(lease, dict)]
 
-    def state_addresses(self, project: str, name: str) -> dict[str, list[str]]:
-        """Interface name -> addresses, from the instance's live state (one request)."""
-        try:
-            state = self._get(f"instances/{name}/state", {"project": project})
-        except pylxd_exc.NotFound:
-            return {}  # deleted between the listing and now: it has no address
-        network = (state or {}).get("network") or {}
-        return {
-            ifname: [a["address"] for a in iface.get("addresses") or [] if a.get("address")]
-            for ifname, iface in network.items()
-        }
+    def get_network(self, project: str, network: str) -> dict[str, Any] | None:
+        data = self._get(f"networks/{network}", {"project": project}, missing_ok=True)
+        return data if isinstance(data, dict) else None
+
+    def list_projects(self) -> list[str]:
+        """Names of the projects this client may see."""
+        urls = self._get("projects", {})
+        return sorted(str(u).rsplit("/", 1)[-1] for u in urls or [])
 
     def server_version(self) -> str:
         env = (self._client.host_info or {}).get("environment") or {}
         return str(env.get("server_version") or "?")
-
-    def projects(self) -> list[str]:
-        """Names of the projects this client may see (one request)."""
-        try:
-            urls = self._get("projects", {})
-        except pylxd_exc.NotFound as exc:
-            raise IncusError(f"Incus project listing failed: {exc}") from None
-        return sorted(str(u).rsplit("/", 1)[-1] for u in urls or [])
-
-    def instance(self, project: str, name: str) -> Instance | None:
-        """One instance, refreshed on its own (a few requests, whatever the fleet size).
-
-        None when it no longer exists. Raises IncusError when Incus cannot answer.
-        """
-        try:
-            raw = self._get(f"instances/{name}", {"project": project})
-        except pylxd_exc.NotFound:
-            return None
-        if not isinstance(raw, dict):
-            raise IncusError(f"Incus returned an unexpected answer for {project}/{name}")
-        raw.setdefault("project", project)
-        candidates = [raw] if _is_candidate(raw) else []
-        return self._to_instance(raw, self._lease_maps(candidates))
 
     def _project_client(self, project: str) -> pylxd.Client:
         """pylxd's instance objects (file API, exec) are bound to one project."""
@@ -294,108 +270,6 @@ class IncusClient:
     ) -> EventStream:
         """Lifecycle events of all projects, delivered on a thread of their own."""
         return EventStream(self._client, on_event, on_close)
-
-    def list_instances(self) -> list[Instance]:
-        """The fleet as plain model data. Raises IncusError rather than return a partial list."""
-        raws = self.list_raw()
-        candidates = [r for r in raws if _is_candidate(r)]
-        lease_maps = self._lease_maps(candidates)
-        return [self._to_instance(r, lease_maps) for r in raws]
-
-    def _lease_maps(
-        self, candidates: Iterable[Mapping[str, Any]]
-    ) -> dict[tuple[str, str], dict[str, list[str]]]:
-        pairs = sorted(
-            {(r["project"], n.network) for r in candidates for n in _nics(r) if n.network}
-        )
-        return {pair: self.leases(*pair) for pair in pairs}
-
-    def _to_instance(
-        self, raw: Mapping[str, Any], lease_maps: Mapping[tuple[str, str], dict[str, list[str]]]
-    ) -> Instance:
-        project = raw.get("project") or "default"
-        nics: list[Nic] = []
-        if _is_candidate(raw):
-            refs = _nics(raw)
-            for ref in refs:
-                found = lease_maps.get((project, ref.network or ""), {}).get(ref.hwaddr, [])
-                nics.append(Nic(ref.device, tuple(found), ref.network or ""))
-            if self._needs_state(raw, nics):
-                nics = self._nics_from_state(project, raw["name"], refs)
-        return Instance(
-            project=project,
-            name=raw["name"],
-            status=raw.get("status", ""),
-            type=raw.get("type", ""),
-            created_at=raw.get("created_at", ""),
-            location=raw.get("location", ""),
-            config={
-                k: v for k, v in (raw.get("expanded_config") or {}).items() if k.startswith(PREFIX)
-            },
-            nics=tuple(nics),
-        )
-
-    @staticmethod
-    def _needs_state(raw: Mapping[str, Any], nics: list[Nic]) -> bool:
-        """Leases cover IPv4 on managed bridges; anything else needs the live state."""
-        config = raw.get("expanded_config") or {}
-        reach = reach_of({k: v for k, v in config.items() if k.startswith(PREFIX)})
-        if reach is None:
-            return not any(n.addresses for n in nics)
-        probe = Instance(project="", name="", nics=tuple(nics))
-        return pick_address(probe, reach.network, reach.family) is None
-
-    def _nics_from_state(self, project: str, name: str, refs: list[_NicRef]) -> list[Nic]:
-        """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
-        these, so on a managed network only addresses inside its subnets count, and never
-        the network's own (gateway) address: a tenant cannot point a route at the host or at
-        another network. Interfaces Incus did not create are ignored."""
-        by_ifname = self.state_addresses(project, name)
-        nics = []
-        for ref in refs:
-            found = by_ifname.get(ref.interface, [])
-            if ref.network:
-                found = self._within_network(project, ref.network, found)
-            nics.append(Nic(ref.device, tuple(found), ref.network or ""))
-        return nics
-
-    def _within_network(self, project: str, network: str, addresses: list[str]) -> list[str]:
-        subnets, own = self._network_subnets(project, network)
-        if not subnets:
-            return addresses  # not a managed network: nothing to check against
-        kept = []
-        for raw in addresses:
-            try:
-                addr = ipaddress.ip_address(raw.split("%")[0])
-            except ValueError:
-                continue
-            if addr not in own and any(addr in net for net in subnets):
-                kept.append(raw)
-        return kept
-
-    def _network_subnets(
-        self, project: str, network: str
-    ) -> tuple[list[IPNetwork], set[IPAddress]]:
-        """A managed network's subnets and its own addresses (cached per client)."""
-        key = (project, network)
-        if key not in self._subnets:
-            try:
-                config = (self._get(f"networks/{network}", {"project": project}) or {}).get(
-                    "config"
-                ) or {}
-            except pylxd_exc.NotFound:
-                config = {}
-            subnets: list[IPNetwork] = []
-            own: set[IPAddress] = set()
-            for option in ("ipv4.address", "ipv6.address"):
-                try:
-                    iface = ipaddress.ip_interface(str(config.get(option, "")))
-                except ValueError:
-                    continue  # none, auto, or not set
-                subnets.append(iface.network)
-                own.add(iface.ip)
-            self._subnets[key] = (subnets, own)
-        return self._subnets[key]
 
 
 class EventStream:

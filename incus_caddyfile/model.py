@@ -36,8 +36,9 @@ __all__ = [
 ]  # fmt: skip
 
 
-# A paused instance (Frozen) keeps its route: Incus freezes containers for a moment while it
-# snapshots them, and dropping the site for that would cost two reloads and an outage.
+# The statuses that route. A paused instance (Frozen) keeps its route: Incus freezes
+# containers for a moment while it snapshots them, and dropping the site for that would cost
+# two reloads and an outage. Every edge asks `is_up` (and the functions below), never the set.
 ROUTABLE_STATUSES = frozenset({"Running", "Frozen"})
 
 
@@ -63,10 +64,6 @@ class Instance:
     config: Mapping[str, str] = field(default_factory=dict)
     nics: tuple[Nic, ...] = ()
     ready: bool | None = None  # its port accepted a connection (None: not probed)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.project}/{self.name}"
 
     @property
     def labels(self) -> dict[str, str]:
@@ -237,6 +234,53 @@ def pick_address(
     return None
 
 
+def is_up(inst: Instance) -> bool:
+    """The instance is in a status that routes."""
+    return inst.status in ROUTABLE_STATUSES
+
+
+def wants_address(inst: Instance) -> bool:
+    """Labelled and up: the only instances whose address is worth an Incus request."""
+    return is_up(inst) and bool(inst.labels)
+
+
+def address_of(inst: Instance, reach: lb.Reach) -> str | None:
+    """The address an instance is proxied to, if it gets one: up, and holding a usable
+    address of the family its labels ask for, on the NIC or network they name."""
+    return pick_address(inst, reach.network, reach.family) if is_up(inst) else None
+
+
+def missing_address(inst: Instance) -> bool:
+    """Up and labelled, but without the address its labels ask for (with unusable reach
+    labels: without any address), so its live state must tell."""
+    if not wants_address(inst):
+        return False
+    reach = lb.reach_of(inst.labels)
+    if reach is None:
+        return not any(n.addresses for n in inst.nics)
+    return address_of(inst, reach) is None
+
+
+def probe_target(inst: Instance) -> tuple[str, int] | None:
+    """(address, port) to probe for readiness, for an up instance that asks for it."""
+    reach = lb.reach_of(inst.labels) if wants_address(inst) else None
+    if reach is None or not reach.require_ready:
+        return None
+    address = address_of(inst, reach)
+    return (address, reach.port) if address else None
+
+
+def awaits_address(inst: Instance) -> bool:
+    """Up with valid labels, but its address (or, with require_ready, its open port) is not
+    there yet: worth polling for, since Incus sends no event when it comes."""
+    reach = lb.reach_of(inst.labels) if wants_address(inst) else None
+    if reach is None:
+        return False
+    if address_of(inst, reach) is None:
+        return True
+    return reach.require_ready and inst.ready is not True
+
+
 _TIMESTAMP = re.compile(r"(?P<base>[^.Z+]*)(?:\.(?P<frac>[0-9]+))?")
 
 
@@ -261,7 +305,7 @@ class _Claim:
 
 def _unroutable(inst: Instance, wanted: lb.Labels, address: str | None) -> str | None:
     """Why an instance with valid labels gets no upstream right now, if it does not."""
-    if inst.status not in ROUTABLE_STATUSES:
+    if not is_up(inst):
         return f"not running ({inst.status})"
     if address is None:
         reach = wanted.reach
@@ -297,7 +341,7 @@ def _claims_of(
     if wanted is None:
         return [], rejections, None
     reach = wanted.reach
-    address = pick_address(inst, reach.network, reach.family)
+    address = address_of(inst, reach)
     why_not = _unroutable(inst, wanted, address)
     upstream = None
     if why_not is None and address is not None:
@@ -547,7 +591,7 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
 def _would_dial(inst: Instance) -> str | None:
     """address:port of a running instance that is not routed, when both are known."""
     reach = lb.reach_of(inst.labels)
-    if reach is None or inst.status not in ROUTABLE_STATUSES:
+    address = address_of(inst, reach) if reach is not None else None
+    if reach is None or address is None:
         return None
-    address = pick_address(inst, reach.network, reach.family)
     return Upstream(inst.project, inst.name, address, reach.port).dial if address else None

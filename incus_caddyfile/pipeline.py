@@ -8,16 +8,17 @@ put the previous file back, so the file on disk is always a config Caddy accepte
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from . import caddy, output, probe, targets
-from .incus import IncusClient, IncusError, Tls
+from . import output, probe, targets
+from .caddy import CaddyError, CaddyRejected, CaddyUnreachable
+from .incus import IncusApi, IncusError, connect
+from .inventory import Inventory
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .render import TemplateError, render
-from .settings import Settings, default_incus_socket
+from .settings import Settings, SettingsError
 from .targets import Target
 
 
@@ -49,30 +50,51 @@ EXIT_MEANINGS = {
 EXIT_CODES_HELP = "\n".join(f"  {s.value}  {EXIT_MEANINGS[s]}" for s in Status)
 
 
+@dataclass(frozen=True)
+class RunMode:
+    """How a cycle treats the file and Caddy.
+
+    check, diff: write nothing (compare, or show the diff).
+    verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
+        reload if not); watch turns it off while it knows its last reload succeeded.
+    force_reload: reload even when the file is unchanged (a file it imports changed).
+    """
+
+    check: bool = False
+    diff: bool = False
+    verify_running: bool = True
+    force_reload: bool = False
+
+    @property
+    def dry_run(self) -> bool:
+        return self.check or self.diff
+
+
 @dataclass
 class Report:
-    """What one cycle did. `return_code` is the exit status of the command that ran it."""
+    """What one cycle did. `return_code()` is the exit status of the command that ran it."""
 
+    mode: RunMode = field(default_factory=RunMode)
+    target: str | None = None  # the name of the file written (None: stdout)
     text: str | None = None
     model: Model | None = None
     changed: Changed | None = None
     written: bool = False
     in_place: bool = False
-    checked_by: str | None = None
     reloaded: bool = False
     diff: str | None = None
     error: Status | None = None
     message: str = ""
     warnings: list[str] = field(default_factory=list)
 
-    def summary(self, dry_run: bool = False) -> str:
+    def summary(self) -> str:
         """What happened to the file and Caddy, in the words `render` and `watch` print."""
         if self.error is not None:
             return f"error: {self.message}"
         reloaded = ", Caddy reloaded" if self.reloaded else ""
         if self.changed is Changed.NO:
             return "unchanged" + reloaded
-        if dry_run:
+        if self.mode.dry_run:
             return "would change"
         return "written" + reloaded
 
@@ -80,25 +102,20 @@ class Report:
         self.error, self.message = status, message
         return self
 
-    def return_code(self, check: bool = False) -> int:
+    def return_code(self) -> int:
         if self.error is not None:
             return int(self.error)
-        if check and self.changed is Changed.YES:
+        if self.mode.check and self.changed is Changed.YES:
             return int(Status.WOULD_CHANGE)
         if self.model is not None and any(not r.ignored for r in self.model.rejections):
             return int(Status.REJECTED)
         return int(Status.OK)
 
 
-def connect(settings: Settings) -> IncusClient:
-    tls = Tls(settings.incus_cert, settings.incus_key, settings.incus_server_cert)
-    return IncusClient(settings.incus or default_incus_socket(), tls)
-
-
-def collect(settings: Settings, client: IncusClient | None = None) -> list[Instance]:
+def collect(settings: Settings, api: IncusApi | None = None) -> list[Instance]:
     """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
     listing is never rendered."""
-    return probe.annotate((client or connect(settings)).list_instances())
+    return probe.annotate(Inventory(api or connect(settings)).instances())
 
 
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
@@ -106,7 +123,7 @@ _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
 
 def model_for(settings: Settings, instances: list[Instance]) -> Model:
     """Step 2 with every setting that shapes it (wildcards, policy, the operator's snippets);
-    render, routes and doctor all build their model here. Raises TemplateError when the
+    render, routes and doctor all build their model here. Raises SettingsError when the
     snippets file cannot be read."""
     return build(instances, settings.wildcards, settings.policy, snippet_names(settings))
 
@@ -117,103 +134,77 @@ def snippet_names(settings: Settings) -> tuple[str, ...]:
         return ()
     try:
         return tuple(_SNIPPET.findall(settings.snippets.read_text()))
-    except OSError as exc:
-        raise TemplateError(f"cannot read the snippets file {settings.snippets}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SettingsError(f"--snippets: cannot read {settings.snippets}: {reason}") from None
 
 
-def run(
-    settings: Settings,
-    *,
-    check: bool = False,
-    diff: bool = False,
-    lister: Callable[[Settings], list[Instance]] | None = None,
-) -> Report:
+def run(settings: Settings, mode: RunMode | None = None) -> Report:
     """The whole cycle, from the Incus listing to a reloaded Caddy."""
-    report = Report()
+    mode = mode or RunMode()
     try:
-        instances = (lister or collect)(settings)
+        api = connect(settings)
+        instances = collect(settings, api)
     except IncusError as exc:
-        return report.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
-    return apply(settings, instances, report, check=check, diff=diff)
+        return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
+    return apply(settings, instances, mode, api)
 
 
 def apply(
     settings: Settings,
     instances: list[Instance],
-    report: Report,
-    *,
-    check: bool = False,
-    diff: bool = False,
-    verify_running: bool = True,
-    target: Target | None = None,
-    force_reload: bool = False,
+    mode: RunMode | None = None,
+    api: IncusApi | None = None,
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
-
-    verify_running: when the file is unchanged, still ask Caddy whether it runs it (and
-    reload if not). watch turns it off while it knows its last reload succeeded.
-    target: where to write (default: the one the settings name); watch keeps one.
-    force_reload: reload even when the file is unchanged (a file it imports changed).
-    """
+    `api`: the cycle's Incus client, for a Caddy that runs inside an instance."""
+    report = Report(mode or RunMode())
     try:
         report.model = model_for(settings, instances)
         report.text = render(report.model, settings)
+    except SettingsError as exc:
+        return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
     except TemplateError as exc:
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
-    target = target or targets.for_settings(settings)
+    target = targets.for_settings(settings, api)
     if target is None:
         return report
-    return _write_and_reload(
-        settings,
-        target,
-        report,
-        check=check,
-        diff=diff,
-        verify_running=verify_running,
-        force_reload=force_reload,
-    )
+    report.target = target.name
+    return _write_and_reload(settings, target, report)
 
 
-def _write_and_reload(
-    settings: Settings,
-    target: Target,
-    report: Report,
-    *,
-    check: bool,
-    diff: bool,
-    verify_running: bool,
-    force_reload: bool = False,
-) -> Report:
+def _write_and_reload(settings: Settings, target: Target, report: Report) -> Report:
     assert report.text is not None
+    mode = report.mode
     new = report.text.encode()
     try:
-        current = target.read()
+        current = target.destination.read()
     except OutputError as exc:
         return report.fail(Status.WRITE_FAILED, str(exc))
     report.changed = output.compare(current, new)
-    if diff:
+    if mode.diff:
         report.diff = output.unified_diff(target.name, current, new)
-    if check or diff:
+    if mode.dry_run:
         return report
     if report.changed is Changed.NO:
         if settings.reload:
-            _reload_if_stale(target, report, verify=verify_running, force=force_reload)
+            _reload_if_stale(target, report)
         return report
 
     try:
-        report.checked_by = target.check(report.text)
-    except caddy.CaddyRejected as exc:
+        target.caddy.check(report.text)
+    except CaddyRejected as exc:
         return report.fail(
             Status.CADDY_REJECTED,
             f"Caddy rejected the new config, {target.name} kept as it was: {exc}",
         )
-    except caddy.CaddyUnreachable as exc:
+    except CaddyUnreachable as exc:
         report.warnings.append(f"the new config was not checked by Caddy: {exc}")
     except OutputError as exc:
         return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
 
     try:
-        report.in_place = target.write(new)
+        report.in_place = target.destination.write(new)
     except OutputError as exc:
         return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
     report.written = True
@@ -230,60 +221,62 @@ def _write_and_reload(
 def _reload(target: Target, previous: bytes | None, report: Report) -> None:
     assert report.text is not None
     try:
-        target.reload(report.text)
+        target.caddy.load(report.text)
         report.reloaded = True
-        target.set_pending(False)
-    except caddy.CaddyRejected as exc:
+        target.destination.set_pending(False)
+    except CaddyRejected as exc:
         _restore(target, previous, report)
         report.fail(
             Status.CADDY_REJECTED,
             f"Caddy rejected the new config and keeps running the old one: {exc}",
         )
-    except caddy.CaddyError as exc:
-        target.set_pending(True)  # the next run (or watch's retry) reloads, file unchanged
+    except CaddyError as exc:
+        target.destination.set_pending(True)  # the next run (or watch's retry) reloads
         report.fail(
             Status.RELOAD_FAILED, f"{target.name} was written but Caddy was not reloaded: {exc}"
         )
 
 
-def _reload_if_stale(target: Target, report: Report, *, verify: bool, force: bool) -> None:
+def _reload_if_stale(target: Target, report: Report) -> None:
     """The file is current, but is Caddy? Reload when Caddy says it runs something else
-    (verify), when a reload failed after the file was written (the pending mark, for
-    targets that cannot say what they run), or when forced (watch: an imported file
+    (verify_running), when a reload failed after the file was written (the pending mark, for
+    Caddies that cannot say what they run), or when forced (watch: an imported file
     changed). A failed reload leaves the mark, so the next run tries again."""
     assert report.text is not None
+    mode = report.mode
     try:
-        if not force:
-            running = target.running(report.text) if verify else None
+        if not mode.force_reload:
+            running = target.caddy.running(report.text) if mode.verify_running else None
             if running is True:
-                target.set_pending(False)
+                target.destination.set_pending(False)
                 return
-            if running is None and not target.pending():
+            if running is None and not target.destination.pending():
                 return
-        target.reload(report.text)
-    except caddy.CaddyRejected as exc:
+        target.caddy.load(report.text)
+    except CaddyRejected as exc:
         report.fail(Status.CADDY_REJECTED, f"Caddy rejected the current file: {exc}")
         return
-    except caddy.CaddyError as exc:
-        target.set_pending(True)
+    except CaddyError as exc:
+        target.destination.set_pending(True)
         report.fail(Status.RELOAD_FAILED, f"the file is current but Caddy was not reloaded: {exc}")
         return
-    target.set_pending(False)
+    target.destination.set_pending(False)
     report.reloaded = True
-    if not force:
+    if not mode.force_reload:
         report.warnings.append("Caddy was not running the current file; reloaded it")
 
 
 def _restore(target: Target, previous: bytes | None, report: Report) -> None:
     """Put back the file Caddy is still running, so disk and Caddy agree."""
     try:
-        target.restore(previous)
+        target.destination.restore(previous)
         report.written = False
-    except (OSError, OutputError, caddy.CaddyError) as exc:
+    except (OSError, OutputError, CaddyError) as exc:
         report.warnings.append(f"could not restore the previous {target.name}: {exc}")
 
 
 def routes(settings: Settings) -> list[RouteRow]:
-    """Every labelled instance with its verdict (for `routes`). Raises IncusError."""
+    """Every labelled instance with its verdict (for `routes`). Raises IncusError, and
+    SettingsError when the snippets file cannot be read."""
     instances = collect(settings)
     return explain(instances, model_for(settings, instances))

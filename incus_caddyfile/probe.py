@@ -1,7 +1,8 @@
 """Readiness: does an instance's port accept a TCP connection yet? (I/O at the edge.)
 
-Only instances that ask for it (`upstream.require_ready=true`) are probed, in parallel,
-each with a short timeout, so a fleet of slow starters costs one timeout, not one each.
+Only instances the model names (`probe_target`: up, and `upstream.require_ready=true`) are
+probed, in parallel, each with a short timeout, so a fleet of slow starters costs one timeout,
+not one each.
 """
 
 from __future__ import annotations
@@ -10,21 +11,10 @@ import dataclasses
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from .labels import reach_of
-from .model import Instance, pick_address
+from .model import Instance, probe_target
 
 TIMEOUT = 0.5
 MAX_PARALLEL = 32
-
-
-def _target(inst: Instance) -> tuple[str, int] | None:
-    if inst.status != "Running":
-        return None
-    reach = reach_of(inst.labels)
-    if reach is None or not reach.require_ready:
-        return None
-    address = pick_address(inst, reach.network, reach.family)
-    return (address, reach.port) if address else None
 
 
 def accepts(address: str, port: int, timeout: float = TIMEOUT) -> bool:
@@ -37,7 +27,7 @@ def accepts(address: str, port: int, timeout: float = TIMEOUT) -> bool:
 
 def annotate(instances: list[Instance], timeout: float = TIMEOUT) -> list[Instance]:
     """The same instances, with `ready` set for those that asked to be probed."""
-    targets = {i: t for i, inst in enumerate(instances) if (t := _target(inst)) is not None}
+    targets = {i: t for i, inst in enumerate(instances) if (t := probe_target(inst)) is not None}
     if not targets:
         return instances
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(targets))) as pool:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
-from . import pipeline, probe, targets
-from .incus import IncusClient, IncusError
-from .labels import reach_of
-from .model import Instance, Model, pick_address
-from .pipeline import Report, Status
+from . import pipeline, probe
+from .incus import IncusApi, IncusError, connect
+from .inventory import Inventory
+from .model import Instance, Model, awaits_address
+from .pipeline import Report, RunMode, Status
 from .settings import Settings
 
 # Lifecycle actions that can change routes. Everything else (exec, file, console, log,
@@ -247,7 +247,7 @@ class Watcher:
         self,
         load_settings: Callable[[], Settings],
         options: WatchOptions,
-        connect: Callable[[Settings], IncusClient] = pipeline.connect,
+        connect: Callable[[Settings], IncusApi] = connect,
         clock: Callable[[], float] = time.monotonic,
         log: Log | None = None,
     ) -> None:
@@ -263,8 +263,7 @@ class Watcher:
         self.reconnect_backoff = Backoff(options.reconnect_first, options.reconnect_cap)
         self.reload_backoff = Backoff(options.reload_retry_first, options.reload_retry_cap)
         self.state = _State()
-        self.client: IncusClient | None = None
-        self.target: targets.Target | None = None
+        self.client: IncusApi | None = None
         self.stream: Any = None
         self.cycles = 0
         self.stop_event = threading.Event()
@@ -412,15 +411,7 @@ class Watcher:
 
     @staticmethod
     def _waiting_for_address(inst: Instance | None) -> bool:
-        """Running and labelled, but without the address (or open port) it asks for yet."""
-        if inst is None or inst.status != "Running" or not inst.labels:
-            return False
-        reach = reach_of(inst.labels)
-        if reach is None:
-            return False
-        if pick_address(inst, reach.network, reach.family) is None:
-            return True
-        return reach.require_ready and inst.ready is not True
+        return inst is not None and awaits_address(inst)
 
     # ---- Incus connection ----
     def _reconnect(self, now: float) -> None:
@@ -435,7 +426,6 @@ class Watcher:
             self.log("incus", f"Incus unreachable ({exc}); retrying in {delay:.1f} s")
             return
         s.connected, s.reconnect_at = True, None
-        self.target = None  # an in-instance target reconnects too
         self.reconnect_backoff.reset()
         s.next_resync = now + self.options.resync_interval
         if s.cache is not None:
@@ -463,7 +453,7 @@ class Watcher:
     def _fetch(self, project: str, name: str) -> Instance | None:
         """One instance, refreshed (and probed, if it asks to be). Raises IncusError."""
         assert self.client is not None
-        inst = self.client.instance(project, name)
+        inst = Inventory(self.client).instance(project, name)
         return None if inst is None else probe.annotate([inst])[0]
 
     def _refresh(self) -> bool:
@@ -514,17 +504,12 @@ class Watcher:
             s.triggers = triggers + s.triggers  # not lost: they still explain the next cycle
             return False
         assert s.cache is not None
-        if self.target is None:  # kept across cycles: an in-instance target holds a client
-            self.target = targets.for_settings(self.settings)
-        report = pipeline.apply(
-            self.settings,
-            list(s.cache.values()),
-            Report(),
+        mode = RunMode(
             verify_running=s.verify_caddy,
-            target=self.target,
             # a snippet or site file changed: the Caddyfile's bytes may not, Caddy's must
             force_reload=any(t.kind == "file" for t in triggers),
         )
+        report = pipeline.apply(self.settings, list(s.cache.values()), mode, self.client)
         self.cycles += 1
         self._after(report, triggers, started, self.client.requests - requests_before)
         return report.written or report.reloaded
@@ -587,7 +572,6 @@ class Watcher:
     def _reload_settings(self) -> None:
         try:
             self.settings = self.load_settings()
-            self.target = None
         except Exception as exc:  # a half-saved settings file: keep the settings we have
             self.log("warning", f"settings not reloaded, keeping the previous ones: {exc}")
 

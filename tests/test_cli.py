@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from incus_caddyfile import cli, pipeline
+from incus_caddyfile.labels import HTTP as L
 from incus_caddyfile.model import Instance
 from incus_caddyfile.pipeline import Status
 
-from .test_model import inst
+from .helpers import inst
 
 FLEET = [inst("web", host="web.example.org")]
 
@@ -23,7 +24,8 @@ FLEET = [inst("web", host="web.example.org")]
 @pytest.fixture
 def fleet(monkeypatch: pytest.MonkeyPatch) -> list[Instance]:
     listing = list(FLEET)
-    monkeypatch.setattr(pipeline, "collect", lambda settings: listing)
+    monkeypatch.setattr(pipeline, "connect", lambda settings: None)
+    monkeypatch.setattr(pipeline, "collect", lambda settings, api=None: listing)
     return listing
 
 
@@ -123,7 +125,6 @@ def test_template_error_names_template_and_line(fleet: list[Instance], tmp_path:
 
 def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_path: Path) -> None:
     """Every name the README's "Template context" documents, used once."""
-    L = "user.caddyserver.http."
     fleet[:] = [
         inst("web", host="web.example.net"),
         inst(
