@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a throwaway fleet of labelled busybox containers in the lab.
+"""Shared by the benchmarks: a throwaway fleet of labelled busybox containers in the lab,
+the arguments and the results file every benchmark has.
 
 A fleet is `size` running containers of the lab image, spread round-robin over a few Incus
 projects named `<prefix><suffix>-p<n>` (the suffix is random, so concurrent runs do not meet),
@@ -9,12 +10,12 @@ projects it was given.
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
 import re
 import secrets
 import signal
 import string
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,17 +23,19 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pylxd
+import repo_root  # noqa: F401  (sys.path: the repository root, for tests.harness)
 from pylxd import exceptions as pylxd_exc
 
 from incus_caddyfile import model
+from incus_caddyfile.labels import PREFIX
+from tests import harness
+from tests.harness import NETWORK, HarnessError
 
-IMAGE = os.environ.get("INCUS_CADDYFILE_LAB_IMAGE", "icf-busybox")
-NETWORK = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK", "icfbr0")
-POOL = "default"
 KEPT_KEY = "user.icfb.kept"  # set on every project of a fleet kept with --keep
 SIZE_KEY = "user.icfb.instances"  # fleet size, so --reuse only picks a fleet of the same size
 DOMAIN = "bench.localhost"
@@ -88,26 +91,15 @@ def host(name: str) -> str:
 
 
 def labels(name: str) -> dict[str, str]:
-    return {
-        model.KEY_ENABLE: "true",
-        model.KEY_HOST: host(name),
-        model.KEY_PORT: "80",
-    }
+    return harness.labels(host(name))
 
 
 # ---------------------------------------------------------------- talking to Incus
 
 
-def incus(*args: str, timeout: float = 120.0) -> str:
-    """Run the incus CLI against the local socket only; a failure raises BenchError."""
-    cmd = ["incus", "--force-local", "-q", *args]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from None
-    if done.returncode != 0:
-        raise BenchError(f"failed ({done.returncode}): {' '.join(cmd)}: {done.stderr.strip()}")
-    return done.stdout
+def incus(*args: str, check: bool = True) -> str:
+    """Run the incus CLI against the local socket only; a failure raises HarnessError."""
+    return harness.incus("--force-local", "-q", *args, check=check)
 
 
 def api(endpoint: str) -> Any:
@@ -152,17 +144,12 @@ def run_parallel(jobs: int, tasks: Sequence[Callable[[], object]]) -> list[BaseE
 
 
 def create_project(name: str, size: int, created: list[str]) -> None:
-    incus("project", "create", name, "-c", "features.images=false", "-c", f"{SIZE_KEY}={size}")
-    created.append(name)  # from here on it is ours to delete
-    incus("profile", "device", "add", "default", "root", "disk", "path=/", f"pool={POOL}",
-          "--project", name)
-    incus("profile", "device", "add", "default", "eth0", "nic", f"network={NETWORK}",
-          "name=eth0", "--project", name)
+    """A lab project of a fleet; in `created` from the moment it exists (ours to delete)."""
+    harness.create_project(name, f"{SIZE_KEY}={size}", created=created, run=incus)
 
 
 def launch(project: str, name: str) -> None:
-    config = [arg for k, v in labels(name).items() for arg in ("-c", f"{k}={v}")]
-    incus("launch", IMAGE, name, "--project", project, *config)
+    harness.launch(project, name, labels(name), run=incus)
 
 
 def launch_all(members: Sequence[tuple[str, str]], jobs: int) -> None:
@@ -187,7 +174,7 @@ def delete_projects(endpoint: str, projects: Sequence[str], jobs: int) -> list[s
     for project in projects:
         try:
             incus("project", "delete", project)
-        except BenchError as exc:
+        except HarnessError as exc:
             if "not found" not in str(exc).lower():
                 problems.append(str(exc))
     return problems
@@ -202,8 +189,11 @@ def cleanup(endpoint: str, projects: Sequence[str], jobs: int) -> bool:
     with signals_ignored():
         problems = delete_projects(endpoint, projects, jobs)
     if problems:
-        print("cleanup: LEFT BEHIND (remove by hand with incus delete --force / "
-              "incus project delete):", file=sys.stderr)
+        print(
+            "cleanup: LEFT BEHIND (remove by hand with incus delete --force / "
+            "incus project delete):",
+            file=sys.stderr,
+        )
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return False
@@ -217,11 +207,13 @@ def keep(projects: Sequence[str]) -> bool:
         with signals_ignored():
             for project in projects:
                 incus("project", "set", project, f"{KEPT_KEY}=true")
-    except BenchError as exc:
+    except HarnessError as exc:
         print(f"bench: cannot mark the fleet as kept, deleting it: {exc}", file=sys.stderr)
         return False
-    print(f"kept: {', '.join(projects)} (use --reuse to run on them again; remove with "
-          f"`incus delete --force NAME --project P` and `incus project delete P`)")
+    print(
+        f"kept: {', '.join(projects)} (use --reuse to run on them again; remove with "
+        f"`incus delete --force NAME --project P` and `incus project delete P`)"
+    )
     return True
 
 
@@ -272,8 +264,9 @@ def wait_for_addresses(endpoint: str, fleet: Fleet, timeout: float) -> float:
         if time.perf_counter() - started > timeout:
             break
         time.sleep(1.0)
-    raise BenchError(f"only {len(ready)} of {len(expected)} instances got an IPv4 address "
-                     f"within {timeout:.0f} s")
+    raise BenchError(
+        f"only {len(ready)} of {len(expected)} instances got an IPv4 address within {timeout:.0f} s"
+    )
 
 
 def addressed(endpoint: str, fleet: Fleet) -> set[tuple[str, str]]:
@@ -295,8 +288,9 @@ def naive_instance(raw: dict[str, Any]) -> model.Instance:
     """A recursion=2 listing entry to model data: addresses from the live state."""
     network = (raw.get("state") or {}).get("network") or {}
     nics = tuple(
-        model.Nic(ifname, tuple(a["address"] for a in iface.get("addresses") or []
-                                if a.get("address")))
+        model.Nic(
+            ifname, tuple(a["address"] for a in iface.get("addresses") or [] if a.get("address"))
+        )
         for ifname, iface in sorted(network.items())
         if ifname != "lo"
     )
@@ -308,9 +302,28 @@ def naive_instance(raw: dict[str, Any]) -> model.Instance:
         type=raw.get("type", ""),
         created_at=raw.get("created_at", ""),
         location=raw.get("location", ""),
-        config={k: v for k, v in config.items() if k.startswith(model.PREFIX)},
+        config={k: v for k, v in config.items() if k.startswith(PREFIX)},
         nics=nics,
     )
+
+
+# ---------------------------------------------------------------- arguments and results
+
+
+def common_parser(doc: str | None, results: Path) -> argparse.ArgumentParser:
+    """The options every benchmark has: fleet size and spread, parallelism, results file."""
+    out = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    out.add_argument("--instances", type=int, default=150, help="fleet size")
+    out.add_argument("--projects", type=int, default=3, help="projects to spread it over")
+    out.add_argument("--jobs", type=int, default=4, help="parallel incus launch/delete")
+    out.add_argument("--json", type=Path, default=results, help="where to write the figures")
+    return out
+
+
+def write_json(path: Path, figures: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"figures written to {path}")
 
 
 # ---------------------------------------------------------------- signals
@@ -333,3 +346,21 @@ def signals_ignored() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def run_and_clean_up(body: Callable[[], object], clean_up: Callable[[], bool]) -> int:
+    """A benchmark's exit code: run body, then clean_up whatever happened (also after an
+    error, Ctrl-C or SIGTERM; signals are ignored meanwhile). 0 only when both succeeded."""
+    raise_on_sigterm()
+    ok = False
+    try:
+        body()
+        ok = True
+    except (BenchError, HarnessError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated):
+        print("bench: interrupted", file=sys.stderr)
+    finally:
+        with signals_ignored():
+            ok = clean_up() and ok
+    return 0 if ok else 1

@@ -29,8 +29,6 @@ Only the local Incus unix socket is used (`incus --force-local`, pylxd on the so
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shutil
 import statistics
 import subprocess
@@ -43,29 +41,32 @@ from pathlib import Path
 from typing import Any
 
 import pylxd
+import repo_root  # noqa: F401  (sys.path: the repository root, for tests.harness)
 from fleet import (
     DHCP_TIMEOUT_S,
     DOMAIN,
     LISTING,
     BenchError,
     Fleet,
-    Terminated,
     claim,
     cleanup,
+    common_parser,
     create_project,
     find_kept,
     get,
     keep,
     launch_all,
     naive_instance,
-    raise_on_sigterm,
+    run_and_clean_up,
     top_up,
     wait_for_addresses,
+    write_json,
 )
 
 from incus_caddyfile import model, pipeline, render
-from incus_caddyfile.incus import IncusClient
+from incus_caddyfile.incus import connect
 from incus_caddyfile.settings import Settings, default_incus_socket
+from tests.harness import p95
 
 PROJECT_PREFIX = "icfb-"
 TARGET_RATIO = 0.6
@@ -109,8 +110,13 @@ def run_baseline(settings: Settings, endpoint: str) -> Render:
 def run_cli(cli: str) -> tuple[float, str]:
     """(c) The CLI as a process. Exit 3 (someone else's instance has rejected labels) is fine."""
     started = time.perf_counter()
-    done = subprocess.run([cli, "render", "--scheme", "http"], capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, check=False)
+    done = subprocess.run(
+        [cli, "render", "--scheme", "http"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     if done.returncode not in (pipeline.Status.OK, pipeline.Status.REJECTED):
         raise BenchError(f"the CLI exited {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -130,8 +136,10 @@ def check_bench_sites(fleet_model: model.Model, fleet: Fleet, what: str) -> None
     got = {s.host: s for s in bench_sites(fleet_model, fleet)}
     if set(got) != set(expected):
         missing = sorted(set(expected) - set(got))
-        raise BenchError(f"{what}: {len(got)} of {len(expected)} bench sites rendered; "
-                         f"missing e.g. {missing[:3]}")
+        raise BenchError(
+            f"{what}: {len(got)} of {len(expected)} bench sites rendered; "
+            f"missing e.g. {missing[:3]}"
+        )
     for host, (project, name) in expected.items():
         upstreams = got[host].upstreams
         if [(u.project, u.instance) for u in upstreams] != [(project, name)]:
@@ -145,8 +153,9 @@ def check_bench_sites(fleet_model: model.Model, fleet: Fleet, what: str) -> None
 def check_texts(text: str, fleet: Fleet, what: str) -> None:
     missing = [h for h in fleet.hosts() if f"\nhttp://{h} {{\n" not in text]
     if missing:
-        raise BenchError(f"{what}: {len(missing)} bench sites missing from the text, "
-                         f"e.g. {missing[0]}")
+        raise BenchError(
+            f"{what}: {len(missing)} bench sites missing from the text, e.g. {missing[0]}"
+        )
 
 
 def same_work(a: Render, b: Render, fleet: Fleet) -> bool:
@@ -158,8 +167,9 @@ def same_work(a: Render, b: Render, fleet: Fleet) -> bool:
     if a.text == b.text:
         return True
     if bench_sites(a.built, fleet) != bench_sites(b.built, fleet):
-        raise BenchError("tool and baseline rendered different bench sites:\n"
-                         + first_difference(a.text, b.text))
+        raise BenchError(
+            "tool and baseline rendered different bench sites:\n" + first_difference(a.text, b.text)
+        )
     return False
 
 
@@ -168,7 +178,7 @@ def first_difference(a: str, b: str) -> str:
         if la != lb:
             return f"  line {i + 1}:\n    tool:     {la!r}\n    baseline: {lb!r}"
     longer, name = (a, "tool") if len(a) > len(b) else (b, "baseline")
-    extra = longer.splitlines()[min(len(a.splitlines()), len(b.splitlines())):]
+    extra = longer.splitlines()[min(len(a.splitlines()), len(b.splitlines())) :]
     return f"  only {name} has more lines, from: {extra[:4]!r}"
 
 
@@ -196,21 +206,26 @@ def measure(settings: Settings, endpoint: str, fleet: Fleet, rounds: int) -> Sam
             b, a = run_baseline(settings, endpoint), run_tool(settings)
         if not same_work(a, b, fleet):
             samples.discarded += 1
-            print(f"  round {attempt + 1} discarded: texts differ outside the bench sites "
-                  f"(a concurrent change elsewhere in Incus?):\n{first_difference(a.text, b.text)}")
+            print(
+                f"  round {attempt + 1} discarded: texts differ outside the bench sites "
+                f"(a concurrent change elsewhere in Incus?):\n{first_difference(a.text, b.text)}"
+            )
             time.sleep(DISCARD_PAUSE_S)
             continue
         samples.tool.append(a.seconds)
         samples.baseline.append(b.seconds)
     if len(samples.tool) < rounds:
-        raise BenchError(f"{samples.discarded} rounds discarded: the rest of this Incus keeps "
-                         "changing; the benchmark cannot compare like with like")
+        raise BenchError(
+            f"{samples.discarded} rounds discarded: the rest of this Incus keeps "
+            "changing; the benchmark cannot compare like with like"
+        )
     return samples
 
 
 def measure_cli(fleet: Fleet, rounds: int) -> list[float]:
     cli = shutil.which("incus-caddyfile", path=str(Path(sys.executable).parent)) or shutil.which(
-        "incus-caddyfile")
+        "incus-caddyfile"
+    )
     if cli is None:
         raise BenchError("incus-caddyfile is not installed next to this Python or on PATH")
     out = []
@@ -223,15 +238,9 @@ def measure_cli(fleet: Fleet, rounds: int) -> list[float]:
 
 def tool_requests(settings: Settings) -> int:
     """Incus API requests one tool listing makes (besides the client's own GET /1.0)."""
-    client = IncusClient(settings.incus or default_incus_socket())
-    pipeline.collect(settings, client)
-    return client.requests
-
-
-def p95(values: Sequence[float]) -> float:
-    """Nearest-rank 95th percentile (with 15 samples: the largest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+    api = connect(settings)
+    pipeline.collect(api)
+    return api.requests
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -246,46 +255,47 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 
 
 def report(figures: dict[str, Any]) -> None:
-    rows = [("(a) tool, in-process", "tool"), ("(b) naive recursion=2", "baseline"),
-            ("(c) CLI process", "cli")]
+    rows = [
+        ("(a) tool, in-process", "tool"),
+        ("(b) naive recursion=2", "baseline"),
+        ("(c) CLI process", "cli"),
+    ]
     print()
-    print(f"fleet: {figures['instances']} instances in {figures['projects']} projects, "
-          f"created in {figures['fleet_create_s']:.1f} s, all addressed after "
-          f"{figures['dhcp_wait_s']:.1f} s more; {figures['other_instances']} other instances "
-          "in this Incus")
-    print(f"rounds: {figures['rounds']} interleaved (a)/(b), {figures['discarded_rounds']} "
-          f"discarded; {figures['cli_rounds']} CLI; tool listing = "
-          f"{figures['tool_requests']} API requests")
+    print(
+        f"fleet: {figures['instances']} instances in {figures['projects']} projects, "
+        f"created in {figures['fleet_create_s']:.1f} s, all addressed after "
+        f"{figures['dhcp_wait_s']:.1f} s more; {figures['other_instances']} other instances "
+        "in this Incus"
+    )
+    print(
+        f"rounds: {figures['rounds']} interleaved (a)/(b), {figures['discarded_rounds']} "
+        f"discarded; {figures['cli_rounds']} CLI; tool listing = "
+        f"{figures['tool_requests']} API requests"
+    )
     print(f"{'':26}{'median':>10}{'p95':>10}")
     for label, key in rows:
         if figures[key]["samples_ms"]:
             s = figures[key]
             print(f"{label:26}{s['median_ms']:>8.1f}ms{s['p95_ms']:>8.1f}ms")
     verdict = "met" if figures["target_met"] else "MISSED"
-    print(f"ratio median(a)/median(b) = {figures['ratio']:.3f}  "
-          f"(target <= {TARGET_RATIO}): {verdict}")
-
-
-def write_json(path: Path, figures: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"figures written to {path}")
+    print(
+        f"ratio median(a)/median(b) = {figures['ratio']:.3f}  (target <= {TARGET_RATIO}): {verdict}"
+    )
 
 
 # ---------------------------------------------------------------- main
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common_parser(__doc__, RESULTS)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of (a) and (b)")
     parser.add_argument("--cli-rounds", type=int, default=3, help="timed CLI runs (c)")
-    parser.add_argument("--instances", type=int, default=150, help="fleet size")
-    parser.add_argument("--projects", type=int, default=3, help="projects to spread it over")
-    parser.add_argument("--jobs", type=int, default=4, help="parallel incus launch/delete")
     parser.add_argument("--keep", action="store_true", help="keep the fleet for another run")
-    parser.add_argument("--reuse", action="store_true",
-                        help="run on a fleet kept by --keep (same size) if there is one")
-    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the figures")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="run on a fleet kept by --keep (same size) if there is one",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.cli_rounds < 0 or not 1 <= args.projects <= 9:
         parser.error("need --rounds >= 1, --cli-rounds >= 0, 1 <= --projects <= 9")
@@ -307,8 +317,11 @@ def prepare(args: argparse.Namespace, endpoint: str, ours: list[str]) -> tuple[F
         top_up(endpoint, fleet, args.jobs)
     else:
         fleet = Fleet.new(PROJECT_PREFIX, args.projects, args.instances)
-        print(f"creating {fleet.size} instances in {', '.join(fleet.projects)} "
-              f"({args.jobs} in parallel) ...", flush=True)
+        print(
+            f"creating {fleet.size} instances in {', '.join(fleet.projects)} "
+            f"({args.jobs} in parallel) ...",
+            flush=True,
+        )
         for project in fleet.projects:
             create_project(project, fleet.size, ours)
         launch_all(fleet.members(), args.jobs)
@@ -351,22 +364,14 @@ def bench(args: argparse.Namespace, endpoint: str, ours: list[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     endpoint = default_incus_socket()
-    raise_on_sigterm()
     ours: list[str] = []
-    ok = False
-    try:
-        bench(args, endpoint, ours)
-        ok = True
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-    except (KeyboardInterrupt, Terminated):
-        print("bench: interrupted", file=sys.stderr)
-    finally:
+
+    def clean_up() -> bool:
         if args.keep and len(ours) == args.projects and keep(ours):
-            pass
-        else:
-            ok = cleanup(endpoint, ours, args.jobs) and ok
-    return 0 if ok else 1
+            return True
+        return cleanup(endpoint, ours, args.jobs)
+
+    return run_and_clean_up(lambda: bench(args, endpoint, ours), clean_up)
 
 
 if __name__ == "__main__":

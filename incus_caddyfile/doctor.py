@@ -120,13 +120,17 @@ def _caddy_check(settings: Settings, target: targets.Target) -> Check:
     try:
         return Check("caddy admin", True, target.caddy.ping())
     except CaddyError as exc:
-        return Check(
-            "caddy admin",
-            False,
-            str(exc),
-            "start Caddy with the same `admin` address, or set --caddy-admin to the one it"
-            " uses (or --caddy-instance, --reload-command, --no-reload)",
-        )
+        if settings.caddy_instance:
+            fix = (
+                f"start {settings.caddy_instance} with caddy installed in it (or set"
+                " --caddy-bin to its path there), or fix --caddy-instance"
+            )
+        else:
+            fix = (
+                "start Caddy with the same `admin` address, or set --caddy-admin to the one it"
+                " uses (or use --reload-command / --no-reload)"
+            )
+        return Check("caddy admin", False, str(exc), fix)
 
 
 def _accepts_check(target: targets.Target, text: str) -> Check:

@@ -112,10 +112,16 @@ class Report:
         return int(Status.OK)
 
 
-def collect(settings: Settings, api: IncusApi | None = None) -> list[Instance]:
+def collect(api: IncusApi) -> list[Instance]:
     """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
     listing is never rendered."""
-    return probe.annotate(Inventory(api or connect(settings)).instances())
+    return probe.annotate(Inventory(api).instances())
+
+
+def fetch(api: IncusApi, project: str, name: str) -> Instance | None:
+    """One instance refreshed (and probed, if it asks to be); None when it is gone."""
+    inst = Inventory(api).instance(project, name)
+    return None if inst is None else probe.annotate([inst])[0]
 
 
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
@@ -144,20 +150,20 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     mode = mode or RunMode()
     try:
         api = connect(settings)
-        instances = collect(settings, api)
+        instances = collect(api)
     except IncusError as exc:
         return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
-    return apply(settings, instances, mode, api)
+    return apply(settings, instances, targets.for_settings(settings, api), mode)
 
 
 def apply(
     settings: Settings,
     instances: list[Instance],
+    target: Target | None,
     mode: RunMode | None = None,
-    api: IncusApi | None = None,
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
-    `api`: the cycle's Incus client, for a Caddy that runs inside an instance."""
+    `target`: where the file goes and the Caddy that runs it (None: only render)."""
     report = Report(mode or RunMode())
     try:
         report.model = model_for(settings, instances)
@@ -166,7 +172,6 @@ def apply(
         return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
     except TemplateError as exc:
         return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
-    target = targets.for_settings(settings, api)
     if target is None:
         return report
     report.target = target.name
@@ -278,5 +283,5 @@ def _restore(target: Target, previous: bytes | None, report: Report) -> None:
 def routes(settings: Settings) -> list[RouteRow]:
     """Every labelled instance with its verdict (for `routes`). Raises IncusError, and
     SettingsError when the snippets file cannot be read."""
-    instances = collect(settings)
+    instances = collect(connect(settings))
     return explain(instances, model_for(settings, instances))

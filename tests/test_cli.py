@@ -25,7 +25,7 @@ FLEET = [inst("web", host="web.example.org")]
 def fleet(monkeypatch: pytest.MonkeyPatch) -> list[Instance]:
     listing = list(FLEET)
     monkeypatch.setattr(pipeline, "connect", lambda settings: None)
-    monkeypatch.setattr(pipeline, "collect", lambda settings, api=None: listing)
+    monkeypatch.setattr(pipeline, "collect", lambda api: listing)
     return listing
 
 
@@ -270,3 +270,13 @@ def test_default_incus_socket_honours_incus_socket_and_incus_dir(tmp_path: Path)
     assert default_incus_socket({"INCUS_SOCKET": "/x/s.sock", "INCUS_DIR": "/y"}) == "/x/s.sock"
     assert default_incus_socket({"INCUS_DIR": str(tmp_path)}) == str(tmp_path / "unix.socket")
     assert default_incus_socket({}) in ("/var/lib/incus/unix.socket", "/run/incus/unix.socket")
+
+
+@pytest.mark.parametrize("command", ["routes", "render"])
+def test_an_unreadable_snippets_file_is_a_usage_error(
+    fleet: list[Instance], command: str, tmp_path: Path
+) -> None:
+    """`routes --snippets /missing` used to end in a TemplateError traceback (render: exit 8)."""
+    code, out, err = invoke(command, "--snippets", str(tmp_path / "missing.caddy"))
+    assert code == 2 and out == ""
+    assert "--snippets: cannot read" in err and "Traceback" not in err

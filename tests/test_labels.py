@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from incus_caddyfile import labels as lb
+from incus_caddyfile.labels import HTTP as L
 from incus_caddyfile.model import Instance, Nic, build, pick_address
 
-from .test_model import inst
-
-L = "user.caddyserver.http."
+from .helpers import inst
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from incus_caddyfile.labels import HTTP, KEY_ENABLE, KEY_HOST, KEY_PORT
 from incus_caddyfile.model import (
-    KEY_ENABLE,
-    KEY_HOST,
-    KEY_PORT,
     Instance,
     InvalidValue,
     Nic,
@@ -21,27 +19,7 @@ from incus_caddyfile.model import (
     pick_address,
 )
 
-
-def inst(
-    name: str,
-    host: str | None = "web.example.org",
-    port: str | None = "80",
-    enable: str | None = "true",
-    project: str = "default",
-    status: str = "Running",
-    address: str = "198.18.0.10",
-    created_at: str = "2026-01-01T00:00:00Z",
-    **extra: str,
-) -> Instance:
-    config = {KEY_ENABLE: enable, KEY_HOST: host, KEY_PORT: port, **extra}
-    return Instance(
-        project=project,
-        name=name,
-        status=status,
-        created_at=created_at,
-        config={k: v for k, v in config.items() if v is not None},
-        nics=(Nic("eth0", (address,)),),
-    )
+from .helpers import inst
 
 
 def test_one_instance_becomes_one_site() -> None:
@@ -126,7 +104,7 @@ def test_missing_keys_are_rejected_naming_the_key() -> None:
 
 
 def test_unknown_key_is_reported_but_instance_still_routed() -> None:
-    model = build([inst("a", **{"user.caddyserver.http.upstream.prot": "80"})])
+    model = build([inst("a", **{HTTP + "upstream.prot": "80"})])
     assert [s.host for s in model.sites] == ["web.example.org"]
     assert "unknown key" in model.rejections[0].reason
 
@@ -285,7 +263,7 @@ def test_creation_order_compares_fractions_of_a_second() -> None:
 
 
 def test_unknown_key_is_ignored_not_rejected() -> None:
-    model = build([inst("a", **{"user.caddyserver.http.upstream.prot": "80"})])
+    model = build([inst("a", **{HTTP + "upstream.prot": "80"})])
     [notice] = model.rejections
     assert notice.ignored
     assert str(notice).startswith("ignored default/a: user.caddyserver.http.upstream.prot='80'")

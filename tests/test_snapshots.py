@@ -12,12 +12,12 @@ from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.labels import HTTP as L
 from incus_caddyfile.model import Instance, Nic, build
 from incus_caddyfile.render import render
 from incus_caddyfile.settings import Settings
 
-from .helpers import skip_or_fail
-from .test_model import inst
+from .helpers import inst, skip_or_fail
 
 SNAPSHOT_DIR = Path(__file__).parent / "__snapshots__" / "test_snapshots"
 
@@ -162,7 +162,6 @@ def test_snapshot_is_accepted_and_formatted_by_real_caddy(path: Path) -> None:
     assert adapt.returncode == 0, adapt.stderr
 
 
-L = "user.caddyserver.http."
 FIXTURES = Path(__file__).parent / "fixtures"
 SNIPPETS = ("security-headers", "internal-only")
 

@@ -1,4 +1,5 @@
-"""Pure parts of watch: event classification, debounce (with an injected clock), backoff."""
+"""The parts of watch, each alone: event classification, debounce (with an injected clock),
+backoff, the cycle log, the instance cache and the address polls."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 import pytest
 
 from incus_caddyfile.model import build
-from incus_caddyfile.watch import Backoff, Debouncer, Log, Trigger, classify, site_changes
+from incus_caddyfile.watch.cache import InstanceCache
+from incus_caddyfile.watch.cyclelog import Log, site_changes
+from incus_caddyfile.watch.polls import AddressPolls
+from incus_caddyfile.watch.timing import Backoff, Debouncer, Retry
+from incus_caddyfile.watch.triggers import Kind, Trigger, classify
 
-from .test_model import inst
+from .helpers import inst
 
 
 def event(action: str, source: str = "/1.0/instances/web?project=shop", **meta: object) -> dict:
@@ -38,14 +43,15 @@ def event(action: str, source: str = "/1.0/instances/web?project=shop", **meta: 
     ],
 )
 def test_instance_lifecycle_events_refresh_that_instance(action: str) -> None:
-    assert classify(event(f"instance-{action}")) == Trigger(f"instance-{action}", "shop", "web")
+    trigger = Trigger(Kind.INCUS, f"instance-{action}", "shop", "web")
+    assert classify(event(f"instance-{action}")) == trigger
 
 
 def test_rename_carries_the_old_name() -> None:
     trigger = classify(
         event("instance-renamed", "/1.0/instances/new?project=shop", context={"old_name": "old"})
     )
-    assert trigger == Trigger("instance-renamed", "shop", "new", "old")
+    assert trigger == Trigger(Kind.INCUS, "instance-renamed", "shop", "new", "old")
 
 
 @pytest.mark.parametrize(
@@ -91,10 +97,10 @@ def test_non_lifecycle_messages_are_ignored() -> None:
 def test_project_defaults_from_the_source_query() -> None:
     msg = event("instance-started", "/1.0/instances/web?project=p2")
     del msg["project"]
-    assert classify(msg) == Trigger("instance-started", "p2", "web")
+    assert classify(msg) == Trigger(Kind.INCUS, "instance-started", "p2", "web")
     msg = event("instance-started", "/1.0/instances/web")
     del msg["project"]
-    assert classify(msg) == Trigger("instance-started", "default", "web")
+    assert classify(msg) == Trigger(Kind.INCUS, "instance-started", "default", "web")
 
 
 def test_debounce_waits_for_quiet() -> None:
@@ -205,16 +211,63 @@ def test_hurry_applies_an_awaited_change_without_quiet_time() -> None:
 def test_a_rename_refreshes_the_new_and_the_old_name() -> None:
     """Incus renames only stopped instances, so no route shows it; the cache must still
     drop the old name (else a later start of another instance under it would be stale)."""
-    from incus_caddyfile.settings import Settings
-    from incus_caddyfile.watch import Watcher, WatchOptions
-
-    watcher = Watcher(lambda: Settings(), WatchOptions(), clock=lambda: 5.0)
-    watcher.state.cache, watcher.state.full = {}, False  # as after the first listing
+    cache = InstanceCache(lambda api: [], lambda api, p, n: None)
+    cache.instances, cache.full = {}, False  # as after the first listing
     trigger = classify(
         event("instance-renamed", "/1.0/instances/new?project=shop", context={"old_name": "old"})
     )
     assert trigger is not None
-    watcher._want(trigger, 5.0)
-    assert watcher.state.dirty == {("shop", "new"), ("shop", "old")}
-    assert not watcher.state.full
-    assert watcher.debounce.deadline() == pytest.approx(5.05)
+    cache.want(trigger)
+    assert cache.dirty == {("shop", "new"), ("shop", "old")}
+    assert not cache.full
+
+
+def test_cache_lists_once_then_fetches_only_what_events_name() -> None:
+    fleet = {("p", "a"): inst("a", project="p"), ("p", "b"): inst("b", project="p")}
+    fetched: list[tuple[str, str]] = []
+
+    def fetch(api: object, project: str, name: str) -> object:
+        fetched.append((project, name))
+        return fleet.get((project, name))
+
+    cache = InstanceCache(lambda api: list(fleet.values()), fetch)  # type: ignore[arg-type]
+    cache.want(Trigger(Kind.START))
+    assert len(cache.refresh(None)) == 2 and fetched == []  # type: ignore[arg-type]
+    del fleet[("p", "b")]
+    cache.want(Trigger(Kind.INCUS, "instance-deleted", "p", "b"))
+    cache.want(Trigger(Kind.FILE, detail="/etc/caddy/snippets"))  # local: nothing to fetch
+    assert cache.refresh(None) == [] and fetched == [("p", "b")]  # type: ignore[arg-type]
+    assert [i.name for i in cache.listing()] == ["a"]
+    cache.want(Trigger(Kind.INCUS, "profile-updated"))
+    assert cache.full
+
+
+def test_trigger_kinds_are_local_or_fetch() -> None:
+    assert {k for k in Kind if k.local} == {Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY}
+    assert Trigger(Kind.TIMER).full and not Trigger(Kind.FILE, detail="x").full
+    assert str(Trigger(Kind.INCUS, "instance-started", "p", "a")) == "instance-started p/a"
+    assert str(Trigger(Kind.FILE, detail="/t.j2")) == "file /t.j2"
+
+
+def test_address_polls_back_off_and_expire() -> None:
+    polls = AddressPolls(first=0.05, timeout=1.0)
+    polls.start(("p", "a"), 10.0)
+    polls.start(("p", "a"), 10.5)  # already polled: unchanged
+    assert polls.deadlines() == [pytest.approx(10.05)]
+    assert polls.due(10.04) == [] and polls.due(10.05) == [("p", "a")]
+    polls.again(("p", "a"), 10.05)
+    assert polls.deadlines() == [pytest.approx(10.05 + 0.075)]
+    assert not polls.expired(("p", "a"), 10.9) and polls.expired(("p", "a"), 11.0)
+    polls.drop(("p", "a"))
+    assert ("p", "a") not in polls and polls.deadlines() == []
+
+
+def test_retry_backs_off_until_cleared() -> None:
+    retry = Retry(1.0, 3.0)
+    assert not retry.due(0.0)
+    assert [retry.schedule(0.0) for _ in range(3)] == [1.0, 2.0, 3.0]
+    assert retry.due(3.0)
+    retry.take()
+    assert not retry.due(100.0)
+    retry.clear()
+    assert retry.schedule(0.0) == 1.0

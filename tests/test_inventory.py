@@ -1,0 +1,125 @@
+"""The Incus mapping (raw API data -> model instances), against a recording of the real lab
+replayed by FakeIncus: which requests are made, where addresses come from, and the managed-
+subnet check on addresses an instance reports itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from incus_caddyfile.incus import IncusError
+from incus_caddyfile.inventory import Inventory, within
+from incus_caddyfile.model import Instance, build, wants_address
+
+from .fake_incus import FakeIncus
+
+
+@pytest.fixture
+def fake() -> FakeIncus:
+    return FakeIncus.from_recording()
+
+
+def by_name(instances: list[Instance]) -> dict[str, Instance]:
+    return {i.name: i for i in instances}
+
+
+def addresses(inst: Instance) -> dict[str, tuple[str, ...]]:
+    return {n.name: n.addresses for n in inst.nics if n.addresses}
+
+
+def test_the_listing_maps_every_status_and_keeps_only_caddy_keys(fake: FakeIncus) -> None:
+    fleet = by_name(Inventory(fake).instances())
+    assert {n: i.status for n, i in fleet.items()} == {
+        "rec-web": "Running", "rec-alt": "Running", "rec-plain": "Running",
+        "rec-stopped": "Stopped", "rec-frozen": "Frozen", "rec-profiled": "Running",
+        "rec-ready": "Ready", "rec-static": "Running", "rec-v6": "Running",
+        "rec-dual": "Running",
+    }  # fmt: skip
+    assert all(k.startswith("user.caddyserver.") for i in fleet.values() for k in i.config)
+    assert fleet["rec-profiled"].labels  # from the profile: expanded_config
+    assert fleet["rec-web"].project == "icfrec-a" and fleet["rec-web"].created_at
+
+
+def test_addresses_come_from_leases_one_request_per_project_and_network(
+    fake: FakeIncus,
+) -> None:
+    web = fake.recorded("icfrec-a", "rec-web")
+    mac = web["expanded_config"]["volatile.eth0.hwaddr"].lower()
+    lease = next(
+        lease["address"] for lease in fake.network_leases("icfrec-a", "icfbr0")
+        if lease["hwaddr"].lower() == mac
+    )  # fmt: skip
+    fake.calls.clear()
+    fleet = by_name(Inventory(fake).instances())
+    assert addresses(fleet["rec-web"]) == {"eth0": (lease,)}
+    calls = [name for name, *_ in fake.calls]
+    assert calls.count("list_instances") == 1
+    leases = [args for name, *args in fake.calls if name == "network_leases"]
+    assert len(leases) == len({tuple(a) for a in leases})  # never the same pair twice
+
+
+def test_instances_that_are_down_or_unlabelled_cost_no_address_request(fake: FakeIncus) -> None:
+    fleet = by_name(Inventory(fake).instances())
+    assert fleet["rec-stopped"].nics == () and fleet["rec-plain"].nics == ()
+    states = {args[1] for name, *args in fake.calls if name == "instance_state"}
+    assert "rec-stopped" not in states and "rec-plain" not in states
+    assert not wants_address(fleet["rec-stopped"]) and not wants_address(fleet["rec-plain"])
+
+
+def test_a_paused_instance_keeps_its_address(fake: FakeIncus) -> None:
+    frozen = by_name(Inventory(fake).instances())["rec-frozen"]
+    assert frozen.status == "Frozen" and addresses(frozen)["eth0"]
+
+
+def test_without_a_lease_the_address_comes_from_the_live_state(fake: FakeIncus) -> None:
+    fleet = by_name(Inventory(fake).instances())
+    static = fleet["rec-static"]
+    assert addresses(static) == {"eth0": ("198.18.77.254",)}  # device eth0, net0 inside
+    states = [args[1] for name, *args in fake.calls if name == "instance_state"]
+    assert "rec-static" in states and "rec-web" not in states
+
+
+def test_ipv6_on_a_second_nic(fake: FakeIncus) -> None:
+    v6 = by_name(Inventory(fake).instances())["rec-v6"]
+    assert any(":" in a for a in addresses(v6)["eth1"])
+    model = build([v6])
+    assert model.sites[0].dials[0].startswith("[fd42:")
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [
+        "198.18.77.1",  # the network's own address: the host
+        "10.0.0.5",  # outside the managed subnet
+        "127.0.0.1",  # loopback
+    ],
+)
+def test_an_address_the_instance_reports_counts_only_inside_its_managed_network(
+    fake: FakeIncus, reported: str
+) -> None:
+    state = fake.instance_state("icfrec-b", "rec-static")
+    assert state is not None
+    iface = state["network"]["net0"]
+    iface["addresses"] = [{"family": "inet", "address": reported, "scope": "global"}]
+    fake.set_state("icfrec-b", "rec-static", state)
+    static = by_name(Inventory(fake).instances())["rec-static"]
+    assert addresses(static) == {}
+    assert build([static]).sites == ()
+
+
+def test_within_keeps_everything_on_an_unmanaged_network() -> None:
+    assert within(["10.0.0.5"], [], set()) == ["10.0.0.5"]
+
+
+def test_one_instance_refresh_costs_the_instance_and_its_leases(fake: FakeIncus) -> None:
+    before = fake.requests
+    web = Inventory(fake).instance("icfrec-a", "rec-web")
+    assert web is not None and addresses(web)["eth0"]
+    assert fake.requests - before == 2
+    fake.remove("icfrec-a", "rec-web")
+    assert Inventory(fake).instance("icfrec-a", "rec-web") is None
+
+
+def test_a_failed_request_fails_the_whole_listing(fake: FakeIncus) -> None:
+    fake.fail_on = {"network_leases"}
+    with pytest.raises(IncusError):
+        Inventory(fake).instances()

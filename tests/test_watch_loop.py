@@ -1,0 +1,202 @@
+"""The watch loop as a whole, driven step by step with a fake clock, the fake Incus (replaying
+a recording of the lab) and a fake Caddy: no threads, no sleeps, no root."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from incus_caddyfile.settings import Settings
+from incus_caddyfile.watch import Watcher, WatchOptions
+
+from .fake_incus import FakeIncus, lifecycle_event
+from .fakes import FakeCaddy, MemoryFile, fake_target
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Loop:
+    """A Watcher wired to fakes, and the test's hands on them."""
+
+    def __init__(self, **options: float) -> None:
+        options.setdefault("debounce_max", 0.2)  # the hold after a reload: short here
+        self.clock = Clock()
+        self.incus = FakeIncus.from_recording()
+        self.target, self.file, self.caddy = fake_target()
+        self.log = io.StringIO()
+        self.connects = 0
+        self.watcher = Watcher(
+            lambda: Settings(scheme="http"),
+            WatchOptions(**options),  # type: ignore[arg-type]
+            connect=self._connect,
+            clock=self.clock,
+            log=None,
+            make_target=lambda settings, api: self.target,
+        )
+        self.watcher.log.stream = self.log
+        self.watcher.begin()
+
+    def _connect(self, settings: Settings) -> FakeIncus:
+        self.connects += 1
+        return self.incus
+
+    def run_for(self, seconds: float, step: float = 0.01) -> None:
+        """Advance the clock, running the loop at each step (the queue drains each time)."""
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.watcher.step()
+            self.clock.now = round(self.clock.now + step, 6)
+
+    def emit(self, project: str, name: str, action: str) -> None:
+        stream = self.incus.last_events
+        assert stream is not None
+        assert stream.emit(lifecycle_event(project, name, action))
+
+    @property
+    def text(self) -> str:
+        return (self.file.data or b"").decode()
+
+    @property
+    def cycle_lines(self) -> list[str]:
+        return [line for line in self.log.getvalue().splitlines() if "sites +" in line]
+
+
+@pytest.fixture
+def loop() -> Loop:
+    return Loop()
+
+
+def test_start_lists_once_renders_and_loads(loop: Loop) -> None:
+    loop.run_for(0.1)
+    assert loop.connects == 1 and loop.watcher.cycles == 1
+    assert "http://a.example.test" in loop.text and "http://b.example.test" in loop.text
+    assert "stopped.example.test" not in loop.text  # stopped: holds its host, no site
+    assert loop.caddy.loaded == loop.text and loop.file.writes == 1
+    assert "(after start, reconnect)" in loop.cycle_lines[0]
+
+
+def test_one_instance_event_costs_one_instance_refresh(loop: Loop) -> None:
+    loop.run_for(0.1)
+    before = loop.incus.requests
+    loop.incus.set_status("icfrec-a", "rec-web", "Stopped")
+    loop.emit("icfrec-a", "rec-web", "instance-stopped")
+    loop.run_for(0.3)
+    assert loop.watcher.cycles == 2
+    assert loop.incus.requests - before == 1  # the instance itself; no leases when stopped
+    assert "a.example.test" not in loop.text and "b.example.test" in loop.text
+
+
+def test_noise_events_cost_nothing(loop: Loop) -> None:
+    loop.run_for(0.1)
+    before = loop.incus.requests
+    for action in ("instance-exec", "instance-file-pushed", "instance-snapshot-created"):
+        loop.emit("icfrec-a", "rec-web", action)
+    loop.run_for(1.0)
+    assert loop.watcher.cycles == 1 and loop.incus.requests == before
+
+
+def test_unchanged_output_neither_writes_nor_reloads(loop: Loop) -> None:
+    loop.run_for(0.1)
+    loop.emit("icfrec-a", "rec-web", "instance-updated")  # nothing really changed
+    loop.run_for(0.3)
+    assert loop.watcher.cycles == 2 and loop.file.writes == 1 and loop.caddy.loads == 1
+    assert "unchanged" in loop.cycle_lines[-1]
+
+
+def test_a_lost_stream_keeps_the_file_and_resyncs_after_reconnect(loop: Loop) -> None:
+    loop.run_for(0.1)
+    good = loop.text
+    stream = loop.incus.last_events
+    assert stream is not None
+    loop.incus.fail_on = {"events", "list_instances"}
+    stream.drop()
+    loop.run_for(0.2)
+    assert not loop.watcher.link.connected and loop.text == good
+    assert "reconnecting in 0.5 s" in loop.log.getvalue()
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")  # missed while away
+    loop.incus.fail_on = set()
+    loop.run_for(1.5)  # the retry after 0.5 s, then 1 s backoff at most
+    assert loop.watcher.link.connected and loop.connects >= 2
+    assert "b.example.test" not in loop.text  # the full resync saw the missed change
+
+
+def test_a_failed_listing_is_never_rendered(loop: Loop) -> None:
+    loop.run_for(0.1)
+    good = loop.text
+    loop.incus.fail_on = {"get_instance"}
+    loop.emit("icfrec-a", "rec-web", "instance-stopped")
+    loop.run_for(0.3)
+    assert loop.text == good and not loop.watcher.link.connected
+
+
+def test_a_failed_reload_is_retried_with_backoff(loop: Loop) -> None:
+    loop.caddy.load_fails = True
+    loop.run_for(0.1)
+    assert loop.file.writes == 1 and loop.file.marked  # written, reload pending
+    assert "error: " in loop.cycle_lines[-1]
+    loop.caddy.load_fails = False
+    loop.run_for(1.1)  # first retry after 1 s
+    assert loop.caddy.loaded == loop.text and not loop.file.marked
+
+
+def test_a_rejected_config_keeps_the_previous_file(loop: Loop) -> None:
+    loop.run_for(0.1)
+    good = loop.text
+    loop.caddy.rejects = "frozen.example.test"  # a Caddy that refuses this host
+    loop.incus.set_config("icfrec-a", "rec-frozen", "user.caddyserver.http.upstream.port", "81")
+    loop.emit("icfrec-a", "rec-frozen", "instance-updated")
+    loop.run_for(0.3)
+    assert loop.text == good and loop.caddy.loaded == good
+    assert "Caddy rejected" in loop.cycle_lines[-1]
+
+
+def test_an_address_that_comes_later_is_polled_for_and_applied_at_once() -> None:
+    loop = Loop()
+    web = loop.incus.recorded("icfrec-a", "rec-web")
+    loop.incus.set_leases("icfrec-a", "icfbr0", [])  # no lease yet
+    loop.incus.set_state("icfrec-a", "rec-web", {"network": {}})
+    loop.run_for(0.1)
+    assert "a.example.test" not in loop.text
+    assert ("icfrec-a", "rec-web") in loop.watcher.polls
+    mac = web["expanded_config"]["volatile.eth0.hwaddr"]
+    loop.incus.set_leases(
+        "icfrec-a", "icfbr0", [{"hwaddr": mac, "address": "198.18.77.166", "type": "dynamic"}]
+    )
+    loop.run_for(0.3)
+    assert "http://a.example.test" in loop.text
+    assert "198.18.77.166:80" in loop.text
+    assert ("icfrec-a", "rec-web") not in loop.watcher.polls
+
+
+def test_a_file_trigger_reloads_caddy_though_the_bytes_are_the_same(loop: Loop) -> None:
+    loop.run_for(0.1)
+    loop.watcher.on_file(str(Path("/etc/caddy/snippets.caddy")))
+    loop.run_for(0.3)
+    assert loop.caddy.loads == 2 and loop.file.writes == 1
+
+
+def test_periodic_resync_lists_everything_again() -> None:
+    loop = Loop(resync_interval=5.0)
+    loop.run_for(0.1)
+    listed = loop.incus.requests
+    loop.run_for(5.1, step=0.05)
+    assert loop.watcher.cycles == 2 and loop.incus.requests > listed
+    assert "(after timer)" in loop.cycle_lines[-1]
+
+
+def test_the_loop_sleeps_until_its_next_deadline(loop: Loop) -> None:
+    loop.run_for(0.1)
+    deadline = loop.watcher.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(loop.clock.now - 0.1 + 300, abs=0.2)
+
+
+def test_memory_file_and_fake_caddy_defaults() -> None:
+    assert MemoryFile().read() is None and FakeCaddy().running("x") is False
