@@ -9,6 +9,7 @@ help:
 	@echo "make install   create $(VENV) and install the package with test tools"
 	@echo "make lab       install and start the local Incus lab (root; Debian bookworm)"
 	@echo "make test      unit, snapshot and integration tests (integration needs the lab)"
+	@echo "make unit      the fast suite: no root, no Incus, no Caddy (fakes), with coverage"
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     benchmarks under bench/ (needs the lab)"
 	@echo "make demo      lab + labelled instances + Caddy, render, curl through Caddy"
@@ -27,7 +28,8 @@ test: install lab
 	$(PY) -m pytest
 
 unit: install
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration and not caddy and not root" \
+		--cov=incus_caddyfile --cov-report=term-missing:skip-covered
 
 lint: install
 	$(VENV)/bin/ruff check incus_caddyfile tests bench

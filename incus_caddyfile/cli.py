@@ -379,7 +379,7 @@ def watch(
         incus-caddyfile watch -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
         incus-caddyfile watch --config /etc/incus-caddyfile.toml --log-format json
     """
-    from .watch import Watcher, WatchOptions
+    from .watch.loop import Watcher, WatchOptions
 
     ctx = click.get_current_context()
     load = _settings_loader(ctx, kwargs)

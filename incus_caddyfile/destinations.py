@@ -23,7 +23,7 @@ class Destination(Protocol):
     def name(self) -> str: ...
 
     def read(self) -> bytes | None: ...  # None: no file yet
-    def write(self, data: bytes) -> bool: ...  # True: rewritten in place (no rename possible)
+    def write(self, data: bytes) -> str | None: ...  # a note for the operator, if any
     def restore(self, previous: bytes | None) -> None: ...
     def pending(self) -> bool: ...
     def set_pending(self, pending: bool) -> None: ...
@@ -42,8 +42,13 @@ class LocalFile:
     def read(self) -> bytes | None:
         return output.read_current(self.path)
 
-    def write(self, data: bytes) -> bool:
-        return output.write_atomic(self.path, data).in_place
+    def write(self, data: bytes) -> str | None:
+        if output.write_atomic(self.path, data).in_place:
+            return (
+                f"{self.path} could not be replaced by rename (a single-file bind mount?);"
+                " it was rewritten in place"
+            )
+        return None
 
     def restore(self, previous: bytes | None) -> None:
         if previous is None:
@@ -92,7 +97,7 @@ class InstanceFile:
     def read(self) -> bytes | None:
         return self.files.get(self.path)
 
-    def write(self, data: bytes) -> bool:
+    def write(self, data: bytes) -> str | None:
         temp = temp_path(self.path)
         self.files.put(temp, data)
         code, message = self.files.sh(
@@ -100,7 +105,7 @@ class InstanceFile:
         )
         if code != 0:
             raise OutputError(f"cannot write {self.name}: {message}")
-        return False
+        return None
 
     def restore(self, previous: bytes | None) -> None:
         if previous is None:

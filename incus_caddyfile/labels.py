@@ -37,7 +37,7 @@ KNOWN_KEYS = frozenset(
 )  # fmt: skip
 
 FAMILIES = ("ipv4", "ipv6", "any")
-SCHEMES = ("http", "https", "h2c")
+UPSTREAM_SCHEMES = ("http", "https", "h2c")  # how Caddy speaks to an instance
 LB_POLICIES = (
     "random", "round_robin", "least_conn", "first", "ip_hash", "client_ip_hash", "uri_hash",
 )  # fmt: skip
@@ -286,7 +286,7 @@ def parse(
     hosts = r.required(KEY_HOST, parse_hosts, "at least one hostname")
     reach = _read_reach(r)
     options = RouteOptions(
-        scheme=r.get(KEY_SCHEME, lambda v: parse_choice(v, SCHEMES), "http"),
+        scheme=r.get(KEY_SCHEME, lambda v: parse_choice(v, UPSTREAM_SCHEMES), "http"),
         tls_insecure=r.get(KEY_TLS_INSECURE, parse_bool, False),
         lb_policy=r.get(KEY_LB_POLICY, lambda v: parse_choice(v, LB_POLICIES), None),
         health_uri=r.get(KEY_HEALTH_URI, parse_uri_path, None),

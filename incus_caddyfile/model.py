@@ -138,8 +138,9 @@ class Site:
         return list(dict.fromkeys(f"{u.project}/{u.instance}" for u in self.upstreams))
 
     @property
-    def simple(self) -> Route | None:
-        """The one plain route when the site needs no `handle` blocks."""
+    def only_route(self) -> Route | None:
+        """The site's one route, when it has a single route for the whole host (no path), so
+        it needs no `handle` blocks; None otherwise."""
         if len(self.routes) == 1 and self.routes[0].path is None:
             return self.routes[0]
         return None

@@ -80,7 +80,6 @@ class Report:
     model: Model | None = None
     changed: Changed | None = None
     written: bool = False
-    in_place: bool = False
     reloaded: bool = False
     diff: str | None = None
     error: Status | None = None
@@ -209,15 +208,12 @@ def _write_and_reload(settings: Settings, target: Target, report: Report) -> Rep
         return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
 
     try:
-        report.in_place = target.destination.write(new)
+        note = target.destination.write(new)
     except OutputError as exc:
         return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
     report.written = True
-    if report.in_place:
-        report.warnings.append(
-            f"{target.name} could not be replaced by rename (a single-file bind mount?);"
-            " it was rewritten in place"
-        )
+    if note:
+        report.warnings.append(note)
     if settings.reload:
         _reload(target, current, report)
     return report

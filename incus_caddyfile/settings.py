@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model import InvalidValue, Policy, parse_hostname
+from .labels import InvalidValue, parse_hostname
+from .policy import Policy
 
 ENV_PREFIX = "INCUS_CADDYFILE_"
-SCHEMES = ("https", "http")
+SITE_SCHEMES = ("https", "http")  # how Caddy serves the generated sites (--scheme)
 
 # TOML key -> click parameter name. TOML keys are the long option names.
 FILE_KEYS = {
@@ -136,8 +137,8 @@ def validate(s: Settings) -> None:
             raise SettingsError(f"--wildcard {wildcard!r}: {exc}") from None
     if s.acme_dns is not None:
         _one_line("--acme-dns", s.acme_dns)
-    if s.scheme not in SCHEMES:
-        raise SettingsError(f"--scheme: must be one of {', '.join(SCHEMES)}, got {s.scheme!r}")
+    if s.scheme not in SITE_SCHEMES:
+        raise SettingsError(f"--scheme: must be one of {', '.join(SITE_SCHEMES)}, got {s.scheme!r}")
     for name, path in (("--snippets", s.snippets), ("--sites-dir", s.sites_dir)):
         if path is not None and not _PATH_TOKEN.fullmatch(str(path)):
             raise SettingsError(

@@ -23,12 +23,12 @@ class MemoryFile:
     def read(self) -> bytes | None:
         return self.data
 
-    def write(self, data: bytes) -> bool:
+    def write(self, data: bytes) -> str | None:
         if self.fail_write:
             raise OutputError(f"cannot write {self.name}: Read-only file system")
         self.data = data
         self.writes += 1
-        return False
+        return None
 
     def restore(self, previous: bytes | None) -> None:
         self.data = previous

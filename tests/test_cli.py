@@ -142,7 +142,7 @@ def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_pat
     template = tmp_path / "list.j2"
     template.write_text(
         "{% for s in sites %}{{ s.host }} {{ s.dials|join(',') }} {{ s.instances|join(',') }}"
-        " {{ s.simple.urls|join(',') }} {{ s.has_default }} {{ s.matcher }}|{% endfor %}"
+        " {{ s.only_route.urls|join(',') }} {{ s.has_default }} {{ s.matcher }}|{% endfor %}"
         "{% for w in wildcard_sites %}{{ w.domain }}:"
         "{% for s in w.sites %}{% for r in s.routes %}{{ s.host }}{{ r.path }} {{ r.matcher }}"
         " {{ r.urls|join(',') }} {{ r.upstreams[0].scheme }} {{ r.upstreams[0].url }}"

@@ -27,6 +27,8 @@ from incus_caddyfile.settings import Settings
 from .harness import Caddy
 from .helpers import skip_or_fail
 
+pytestmark = pytest.mark.caddy  # every test here asks the real Caddy
+
 CORPUS = json.loads((Path(__file__).parent / "corpus" / "hostile_values.json").read_text())
 KEYS = {"host": KEY_HOST, "port": KEY_PORT, "enable": KEY_ENABLE}
 GOOD = {"host": "good.example.org", "port": "80", "enable": "true"}

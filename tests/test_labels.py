@@ -160,7 +160,7 @@ def test_paths_are_routes_longest_first_and_default_last() -> None:
     ]
     [site] = build(fleet).sites
     assert [r.path for r in site.routes] == ["/a/b", "/a", None]
-    assert site.simple is None and site.has_default
+    assert site.only_route is None and site.has_default
 
 
 def test_fallback_keeps_a_stopped_host() -> None:

@@ -72,6 +72,7 @@ def bind_mounted_file(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(target)], check=False)
 
 
+@pytest.mark.root
 def test_bind_mounted_file_falls_back_to_in_place_write(
     bind_mounted_file: Path, tmp_path: Path
 ) -> None:

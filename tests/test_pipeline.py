@@ -4,15 +4,17 @@ accepted"."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 
-from incus_caddyfile import pipeline
+from incus_caddyfile import pipeline, targets
 from incus_caddyfile.output import Changed
 from incus_caddyfile.pipeline import RunMode, Status, apply
 from incus_caddyfile.settings import Settings
 
+from .fake_incus import FakeIncus
 from .fakes import fake_target
 from .helpers import inst
 
@@ -139,10 +141,87 @@ def test_a_broken_template_is_exit_8(tmp_path: Path) -> None:
 
 
 def test_an_incus_failure_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from .fake_incus import FakeIncus
-
     fake = FakeIncus.from_recording()
     fake.fail_on = {"list_instances"}
     monkeypatch.setattr(pipeline, "connect", lambda settings: fake)
     report = pipeline.run(Settings(output=Path("/nonexistent/Caddyfile")))
     assert report.return_code() == Status.INCUS_ERROR and "nothing was written" in report.message
+
+
+class CaddyInInstance:
+    """What `incus exec` does in an instance that runs Caddy: caddy adapt/reload/version,
+    and sh -c "chmod && mv" over the FakeIncus file map."""
+
+    def __init__(self, fake: FakeIncus, rejects: str | None = None) -> None:
+        self.fake, self.rejects, self.reloads = fake, rejects, 0
+
+    def __call__(self, project: str, name: str, argv: list[str]) -> tuple[int, str, str]:
+        files = self.fake.files.setdefault((project, name), {})
+        if argv[:2] == ["caddy", "adapt"]:
+            text = files.get(argv[3], b"").decode()
+            if self.rejects and self.rejects in text:
+                return 1, "", f'{{"level":"error","msg":"adapt: {self.rejects} refused"}}'
+            return 0, "{}", ""
+        if argv[:2] == ["caddy", "reload"]:
+            self.reloads += 1
+            return 0, "", ""
+        if argv[:2] == ["sh", "-c"]:
+            words = shlex.split(argv[2].replace("&&", " && "))
+            if "mv" in words:
+                source, dest = words[-2], words[-1]
+                files[dest] = files.pop(source)
+            elif words[:2] == ["rm", "-f"]:
+                files.pop(words[2], None)
+            return 0, "", ""
+        if argv[:2] == ["rm", "-f"]:
+            files.pop(argv[2], None)
+            return 0, "", ""
+        return 127, "", f"{argv[0]}: not found"
+
+
+INSTANCE = ("icfrec-a", "rec-plain")
+IN_INSTANCE = Settings(scheme="http", caddy_instance="/".join(INSTANCE))
+
+
+def test_a_caddy_inside_an_instance_is_checked_written_and_reloaded_there() -> None:
+    fake = FakeIncus.from_recording()
+    caddy = CaddyInInstance(fake)
+    fake.exec_result = caddy
+    target = targets.for_settings(IN_INSTANCE, fake)
+    assert target is not None and target.name == "icfrec-a/rec-plain:/etc/caddy/Caddyfile"
+    report = apply(IN_INSTANCE, FLEET, target)
+    files = fake.files[INSTANCE]
+    assert report.written and report.reloaded and caddy.reloads == 1
+    assert files["/etc/caddy/Caddyfile"] == (report.text or "").encode()
+    assert set(files) == {"/etc/caddy/Caddyfile"}  # the temp file is gone
+    fake.exec_result = CaddyInInstance(fake, rejects="api.example.org")
+    again = apply(IN_INSTANCE, [*FLEET, inst("x", host="x.example.org")], target)
+    assert again.return_code() == Status.CADDY_REJECTED
+    assert "api.example.org refused" in again.message
+    assert files["/etc/caddy/Caddyfile"] == (report.text or "").encode()
+
+
+def test_a_caddy_instance_that_cannot_reload_leaves_a_pending_mark_there() -> None:
+    fake = FakeIncus.from_recording()
+    caddy = CaddyInInstance(fake)
+
+    def no_reload(project: str, name: str, argv: list[str]) -> tuple[int, str, str]:
+        if argv[:2] == ["caddy", "reload"]:
+            return 1, "", "Error: connection refused"
+        return caddy(project, name, argv)
+
+    fake.exec_result = no_reload
+    target = targets.for_settings(IN_INSTANCE, fake)
+    report = apply(IN_INSTANCE, FLEET, target)
+    assert report.return_code() == Status.RELOAD_FAILED
+    assert "/etc/caddy/.Caddyfile.reload-pending" in fake.files[INSTANCE]
+    fake.exec_result = caddy
+    again = apply(IN_INSTANCE, FLEET, target)  # unchanged file, but the mark says reload
+    assert again.reloaded and "/etc/caddy/.Caddyfile.reload-pending" not in fake.files[INSTANCE]
+
+
+def test_an_unreachable_instance_is_a_write_failure() -> None:
+    fake = FakeIncus.from_recording()
+    fake.fail_on = {"read_file"}
+    report = apply(IN_INSTANCE, FLEET, targets.for_settings(IN_INSTANCE, fake))
+    assert report.return_code() == Status.WRITE_FAILED

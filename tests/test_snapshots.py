@@ -141,6 +141,7 @@ def test_there_are_snapshots_to_check() -> None:
     assert len(_snapshot_files()) >= 15
 
 
+@pytest.mark.caddy
 @pytest.mark.parametrize("path", _snapshot_files(), ids=lambda p: p.stem)
 def test_snapshot_is_accepted_and_formatted_by_real_caddy(path: Path) -> None:
     caddy = find_caddy()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from incus_caddyfile.settings import Settings
-from incus_caddyfile.watch import Watcher, WatchOptions
+from incus_caddyfile.watch.loop import Watcher, WatchOptions
 
 from .fake_incus import FakeIncus, lifecycle_event
 from .fakes import FakeCaddy, MemoryFile, fake_target
