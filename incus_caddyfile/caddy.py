@@ -240,21 +240,17 @@ class AdminCaddy:
         return f"Caddy answers at {self.admin}"
 
 
-class CommandCaddy:
+class CommandCaddy(AdminCaddy):
     """A Caddy reloaded by the operator's command (e.g. `systemctl reload caddy`), split with
-    shlex and run without a shell. It cannot say what it runs."""
+    shlex and run without a shell; checked like AdminCaddy. It cannot say what it runs."""
 
     def __init__(self, command: str, admin: str | None = None, caddy_bin: str | None = None):
+        super().__init__(admin, caddy_bin)
         self.command = command
-        self.admin = admin
-        self.caddy_bin = caddy_bin
 
     @property
     def name(self) -> str:
         return f"reload command {self.command!r}"
-
-    def check(self, text: str) -> str:
-        return _check_with(text, self.admin, self.caddy_bin)
 
     def load(self, text: str) -> None:
         try:
