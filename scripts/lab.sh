@@ -4,6 +4,11 @@
 #   scripts/lab.sh start   start incusd only (after it was stopped or killed)
 #   scripts/lab.sh status  exit 0 when the lab is ready
 #   scripts/lab.sh down    stop incusd (instances and projects created by tests are theirs to remove)
+#   scripts/lab.sh forget-leases
+#                          restart incusd and the bridges' dnsmasq on empty lease files, as an
+#                          incusd restart once did: running instances keep their addresses but
+#                          Incus lists (almost) no leases until they renew (half the 1 h lease
+#                          time), so every render asks each labelled instance for its state
 # The bridge uses 198.18.77.0/24 (RFC 2544 test range), no NAT, no IPv6: nothing leaves the host.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -102,6 +107,65 @@ setup() {
   build_image
 }
 
+# The pid of the lab's dnsmasq for bridge $1 (from the file incusd keeps), if it still runs.
+dnsmasq_pid() {
+  local dir=/var/lib/incus/networks/$1 pid cmd
+  pid=$(sed -n 's/^pid: *//p' "$dir/dnsmasq.pid" 2>/dev/null || true)
+  [ -n "$pid" ] || return 0
+  cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)
+  case "$cmd" in *"--dhcp-leasefile=$dir/dnsmasq.leases"*) echo "$pid" ;; esac
+}
+
+# The daemon itself, not its helpers (/usr/libexec/incus/incusd forkfile ... and the like).
+incusd_pids() { pgrep -f '^/usr/libexec/incus/incusd( --|$)' || true; }
+
+# Dynamic leases Incus lists on bridge $1, over all projects.
+lease_count() {
+  local n=0 project
+  for project in $(incus project list -f csv -c n | sed 's/ (current)$//'); do
+    n=$((n + $(incus query "/1.0/networks/$1/leases?project=$project" | grep -c '"dynamic"' || true)))
+  done
+  echo "$n"
+}
+
+forget_leases() {
+  local pids pid net
+  # Stop incusd (instances keep running), then each bridge's dnsmasq, which holds the
+  # leases in memory and would write them back; empty the lease files while none runs.
+  pids=$(incusd_pids)
+  if [ -n "$pids" ]; then
+    kill $pids 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      [ -z "$(incusd_pids)" ] && break
+      sleep 0.2
+    done
+    pids=$(incusd_pids)
+    if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null || true; sleep 0.5; fi
+  fi
+  for net in "$NET" "$NET2"; do
+    pid=$(dnsmasq_pid "$net")
+    if [ -n "$pid" ]; then
+      kill -KILL "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do
+        [ -d "/proc/$pid" ] || break
+        sleep 0.1
+      done
+    fi
+    if [ -f "/var/lib/incus/networks/$net/dnsmasq.leases" ]; then
+      : > "/var/lib/incus/networks/$net/dnsmasq.leases"
+    fi
+  done
+  start_daemon  # which starts each bridge's dnsmasq again, on its empty file
+  for net in "$NET" "$NET2"; do
+    for _ in $(seq 1 100); do
+      [ -n "$(dnsmasq_pid "$net")" ] && break
+      sleep 0.2
+    done
+    echo "lab: $net lists $(lease_count "$net") lease(s); running instances keep their" \
+      "addresses and are listed again as they renew"
+  done
+}
+
 case "${1:-up}" in
   up)
     [ "$(id -u)" = 0 ] && bash "$here/install-deps.sh" >/dev/null
@@ -119,5 +183,8 @@ case "${1:-up}" in
   down)
     pkill -f '/usr/libexec/incus/incusd' || true
     ;;
-  *) echo "usage: $0 up|start|status|down" >&2; exit 2 ;;
+  forget-leases)
+    forget_leases
+    ;;
+  *) echo "usage: $0 up|start|status|down|forget-leases" >&2; exit 2 ;;
 esac

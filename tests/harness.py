@@ -33,6 +33,11 @@ IMAGE = os.environ.get("INCUS_CADDYFILE_LAB_IMAGE", "icf-busybox")
 POOL = "default"
 INCUS_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 3.0
+# How long a test waits for a state that takes Incus work (a watch cycle, a route through
+# Caddy) before it gives up. A bound, not an expectation: when the bridges list no leases
+# (after an incusd restart, say) every full listing asks each labelled instance for its state,
+# and one render takes seconds. Tests wait for the state itself; this only ends a hang.
+STATE_TIMEOUT = 120.0
 
 
 # ---------------------------------------------------------------- small helpers
@@ -239,7 +244,9 @@ class Caddy:
         status, body = self.get(host, path)
         return status == 200 and needle in body
 
-    def wait_body(self, host: str, needle: str, timeout: float = 10, path: str = "/") -> str:
+    def wait_body(
+        self, host: str, needle: str, timeout: float = STATE_TIMEOUT, path: str = "/"
+    ) -> str:
         """Request (bounded in time) until the body contains needle; returns the last answer."""
         last: list[str] = [""]
 
@@ -270,6 +277,13 @@ class Caddy:
 
 
 # ---------------------------------------------------------------- watch
+
+
+def triggered_by(trigger: str) -> Callable[[dict[str, Any]], bool]:
+    """Matches a logged watch cycle with that trigger ("file" matches "file /the/path")."""
+    return lambda cycle: any(
+        t == trigger or t.startswith(trigger + " ") for t in cycle.get("triggers", [])
+    )
 
 
 @dataclass
@@ -325,13 +339,33 @@ class WatchProcess:
         with self._lock:
             return "".join(self.raw if lines is None else self.raw[-lines:])
 
-    def wait_cycles(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+    def wait_cycles(self, count: int, timeout: float = STATE_TIMEOUT) -> list[dict[str, Any]]:
         wait_for(lambda: len(self.cycle_records()) >= count, timeout, interval=0.05)
         cycles = self.cycles()
         assert len(cycles) >= count, f"expected {count} cycles, log: {self.log_text()}"
         return cycles
 
-    def wait_log(self, needle: str, timeout: float = 15) -> None:
+    def wait_cycle(
+        self,
+        match: Callable[[dict[str, Any]], bool],
+        after: int = 0,
+        timeout: float = STATE_TIMEOUT,
+    ) -> int:
+        """Wait for the first logged cycle from index `after` on that matches; its index."""
+
+        def find() -> int | None:
+            for index, cycle in enumerate(self.cycles()[after:], start=after):
+                if match(cycle):
+                    return index
+            return None
+
+        found = wait_for(lambda: find() is not None, timeout, interval=0.05)
+        assert found, f"no such cycle after #{after}, log: {self.log_text()}"
+        index = find()
+        assert index is not None
+        return index
+
+    def wait_log(self, needle: str, timeout: float = STATE_TIMEOUT) -> None:
         def logged() -> bool:
             with self._lock:
                 return any(needle in line for line in self.raw)

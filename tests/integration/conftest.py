@@ -24,6 +24,7 @@ from ..harness import (
     IMAGE,
     NETWORK2,
     ROOT,
+    STATE_TIMEOUT,
     Caddy,
     WatchProcess,
     create_project,
@@ -33,13 +34,14 @@ from ..harness import (
     launch,
     projects_named,
     remove_project,
+    triggered_by,
     wait_for,
 )
 from ..helpers import skip_or_fail
 
 __all__ = [  # re-exported: the test modules import these from here
-    "LABELS", "NETWORK2", "ROOT", "Caddy", "WatchProcess", "free_port", "incus", "labels",
-    "wait_for",
+    "LABELS", "NETWORK2", "ROOT", "STATE_TIMEOUT", "Caddy", "WatchProcess", "free_port", "incus",
+    "labels", "triggered_by", "wait_for",
 ]  # fmt: skip
 
 PREFIX = "icft-"

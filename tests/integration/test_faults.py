@@ -4,12 +4,14 @@ write failure, and a writer killed at any point leaves the old or the new file, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from incus_caddyfile.settings import default_incus_socket
 
 from ..helpers import skip_or_fail
-from .conftest import ROOT, Lab, run_cli, wait_for
+from .conftest import ROOT, STATE_TIMEOUT, Lab, run_cli, wait_for
 from .faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -129,15 +131,19 @@ def test_disk_full(routed: str, lab: Lab, tmpfs: Path) -> None:
     assert temp_files(tmpfs) == []
 
 
+# Times one round of its loop (as long as this disk's fsyncs take), says so, then loops.
 WRITER = """
-import sys
+import sys, time
 from pathlib import Path
 from incus_caddyfile.output import write_atomic
 target, a, b = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]).read_bytes()
-print("ready", flush=True)
+started = time.monotonic()
+write_atomic(target, b)
+write_atomic(target, a)
+print("ready", time.monotonic() - started, flush=True)
 while True:
-    write_atomic(target, a)
     write_atomic(target, b)
+    write_atomic(target, a)
 """
 
 
@@ -151,14 +157,19 @@ def test_sigkill_while_writing_leaves_old_or_new_file(tmp_path: Path) -> None:
     target.parent.mkdir()
     target.write_bytes(a.read_bytes())
     kills, seen = 150, set()
-    for _ in range(kills):
+    # each kill at its own point of the writer's next two rounds, spread evenly over them
+    points = [2 * (i + rng.random()) / kills for i in range(kills)]
+    rng.shuffle(points)
+    for point in points:
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(target), str(a), str(b)],
             stdout=subprocess.PIPE,
             cwd=ROOT,
         )
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        wait_for(lambda: False, rng.uniform(0.0, 0.05), interval=0.005)
+        assert proc.stdout is not None
+        word, round_s = proc.stdout.readline().split()
+        assert word == b"ready"
+        wait_for(lambda: False, point * float(round_s), interval=0.0005)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         content = target.read_bytes()
@@ -173,25 +184,43 @@ def test_sigkill_during_render_leaves_old_or_new_file(
     out = tmp_path / "Caddyfile"
     only_ours = tmp_path / "settings.toml"  # other projects may change meanwhile
     only_ours.write_text(f'[projects]\ninclude = ["{lab.projects[-1]}"]\n')
-    args = [*NO_CADDY, "--config", str(only_ours)]
-    first = run_cli("render", "-o", out, *args)
-    assert first.returncode == 0, first.stderr
-    new = out.read_bytes()
-    rng = random.Random(99)
-    outcomes = set()
-    for _ in range(20):
+    command = [sys.executable, "-m", "incus_caddyfile", "render", "-o", str(out), *NO_CADDY]
+    command += ["--config", str(only_ours)]
+
+    def start(stderr: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
         out.write_text(OLD)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "incus_caddyfile", "render", "-o", str(out), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
-        wait_for(lambda p=proc: p.poll() is not None, rng.uniform(0.05, 0.45), interval=0.005)
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT)
+
+    def written_or_exited(proc: subprocess.Popen[bytes]) -> bool:
+        return out.read_bytes() != OLD.encode() or proc.poll() is not None
+
+    # One render, unharmed, measured: how long this lab takes to the write (seconds when
+    # every instance's address costs a request of its own), and what it writes.
+    began = time.monotonic()
+    first = start(stderr=subprocess.PIPE)
+    wait_for(lambda: written_or_exited(first), STATE_TIMEOUT, interval=0.002)
+    to_write = time.monotonic() - began
+    _, err = first.communicate(timeout=STATE_TIMEOUT)
+    assert first.returncode == 0, err.decode()
+    new = out.read_bytes()
+    assert new != OLD.encode()
+
+    rng = random.Random(99)
+    spread, after_write = 15, 5
+    # kills spread evenly over the measured time to the write (the next render may be a
+    # little faster: then a late one lands after its write), then kills once the new file
+    # is seen, while the process finishes
+    points = [(i + rng.random()) / spread * to_write for i in range(spread)]
+    points += [STATE_TIMEOUT] * after_write
+    outcomes = []
+    for point in points:
+        proc = start()
+        wait_for(functools.partial(written_or_exited, proc), point, interval=0.002)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         content = out.read_bytes()
-        assert content in (OLD.encode(), new)
-        outcomes.add(content == new)
-    assert outcomes == {True, False}  # killed both before and after the write
+        assert content in (OLD.encode(), new), f"killed at {point:.3f} s: {content[:200]!r}"
+        outcomes.append(content == new)
+    # killed both before and after the write
+    assert set(outcomes) == {True, False}, f"{outcomes}, {to_write:.3f} s to the write"

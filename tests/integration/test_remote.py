@@ -20,7 +20,6 @@ from .conftest import (
     labels,
     run_cli,
     self_signed_cert,
-    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -112,6 +111,8 @@ def test_watch_over_https_follows_events(lab: Lab, remote: Remote, tmp_path: Pat
         project = lab.project()
         name = f"rw-{project[-4:]}"
         lab.launch(project, name, labels(f"{name}.localhost"))
-        assert wait_for(lambda: f"{name}.localhost" in out.read_text(), 15), "".join(watch.raw)
+        # the cycle that added it, after the full resync the new project asks for
+        watch.wait_cycle(lambda c: f"{name}.localhost" in c.get("added", []))
+        assert f"{name}.localhost" in out.read_text()
     finally:
         assert watch.stop() == 0
