@@ -266,7 +266,11 @@ class CommandCaddy(AdminCaddy):
             raise CaddyError(f"reload command {self.command!r} failed: {reason}")
 
     def running(self, text: str) -> bool | None:
-        return None  # a reload command gives no way to ask
+        """Asked of the admin endpoint when one answers; None when it cannot be known."""
+        try:
+            return AdminAPI(self.admin).running(text)
+        except CaddyError:
+            return None
 
     def ping(self) -> str:
         return f"not used (reload command {self.command!r})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,38 @@ from . import __version__, pipeline, targets
 from .incus import IncusError
 from .model import RouteRow
 from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
-from .settings import ENV_PREFIX, Settings, SettingsError, load_file, load_policy
+from .render import TemplateError
+from .settings import (
+    ENV_PREFIX,
+    FILE_KEYS,
+    Settings,
+    SettingsError,
+    check_paths,
+    load_file,
+    load_policy,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
+FILE_KEY_OF = {param: key for key, param in FILE_KEYS.items()}
+
+
+class _Option(click.Option):
+    """An option whose bad value is blamed on where it came from: the flag, the environment
+    variable, or the settings file's key."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        source = ctx.get_parameter_source(self.name) if ctx and self.name else None
+        if source is click.core.ParameterSource.ENVIRONMENT and self.envvar:
+            names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar)
+            used = next((n for n in names if n in os.environ), names[0])
+            return f"the environment variable {used}"
+        if source is click.core.ParameterSource.DEFAULT_MAP and self.name:
+            return f"'{FILE_KEY_OF.get(self.name, self.name)}' in the settings file"
+        return super().get_error_hint(ctx)
+
+
+def option(*names: str, **attrs: Any) -> Callable[[F], F]:
+    return click.option(*names, cls=_Option, **attrs)
 
 
 class _LinesType(click.ParamType):  # type: ignore[type-arg]
@@ -51,12 +81,18 @@ def _apply(func: F, options: list[Callable[[Any], Any]]) -> F:
 
 
 def settings_options(func: F) -> F:
-    """The options every command that renders shares (settings, in precedence order)."""
+    """The options every command that renders and writes shares (settings, in precedence
+    order)."""
+    return _apply(func, SOURCE_OPTIONS + RENDER_OPTIONS + WRITE_OPTIONS)
+
+
+def view_options(func: F) -> F:
+    """The options of a command that renders but writes nothing (`routes`)."""
     return _apply(func, SOURCE_OPTIONS + RENDER_OPTIONS)
 
 
 SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
-    click.option(
+    option(
         "--config",
         "config_file",
         type=click.Path(dir_okay=False),
@@ -66,26 +102,26 @@ SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
         callback=_load_config,
         help="TOML settings file; keys are the long option names (e.g. caddy-admin).",
     ),
-    click.option(
+    option(
         "--incus",
         envvar=_env("INCUS"),
         metavar="PATH|URL",
         help="Incus unix socket, or https://HOST:8443 for a remote one. Default: $INCUS_SOCKET,"
         " $INCUS_DIR/unix.socket, /var/lib/incus/unix.socket or /run/incus/unix.socket.",
     ),
-    click.option(
+    option(
         "--incus-cert",
         envvar=_env("INCUS_CERT"),
         metavar="FILE",
         help="Client certificate for a remote Incus (default: the incus client's own).",
     ),
-    click.option(
+    option(
         "--incus-key",
         envvar=_env("INCUS_KEY"),
         metavar="FILE",
         help="Key of --incus-cert.",
     ),
-    click.option(
+    option(
         "--incus-server-cert",
         envvar=_env("INCUS_SERVER_CERT"),
         metavar="FILE",
@@ -93,28 +129,21 @@ SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
     ),
 ]
 RENDER_OPTIONS: list[Callable[[Any], Any]] = [
-    click.option(
+    option(
         "--template",
         type=click.Path(dir_okay=False, path_type=Path),
         envvar=_env("TEMPLATE"),
         help="Your own Jinja template instead of the default.",
     ),
-    click.option(
-        "--output",
-        "-o",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar=_env("OUTPUT"),
-        help="Write here (atomically) instead of printing.",
-    ),
     click.option("--email", envvar=_env("EMAIL"), help="ACME account email (global option)."),
-    click.option(
+    option(
         "--caddy-admin",
         envvar=_env("CADDY_ADMIN"),
         metavar="ADDR",
         help="Caddy admin endpoint, host:port or unix//path; rendered as the admin option"
         " and used to check and reload. Default: localhost:2019.",
     ),
-    click.option(
+    option(
         "--global-option",
         "global_options",
         multiple=True,
@@ -124,7 +153,7 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         help="Extra global option line, repeatable, e.g. 'http_port 8080'"
         " (one per line in the environment variable).",
     ),
-    click.option(
+    option(
         "--wildcard",
         "wildcards",
         multiple=True,
@@ -133,13 +162,13 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         help="Serve hosts under this wildcard from one site with one wildcard"
         " certificate; repeatable.",
     ),
-    click.option(
+    option(
         "--acme-dns",
         envvar=_env("ACME_DNS"),
         metavar="'PROVIDER ARGS'",
         help="acme_dns global option, needed for wildcard certificates.",
     ),
-    click.option(
+    option(
         "--scheme",
         type=click.Choice(["https", "http"]),
         default="https",
@@ -148,27 +177,14 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         help="https: Caddy's automatic HTTPS; http: plain-HTTP sites (behind another"
         " TLS terminator, or a lab).",
     ),
-    click.option(
-        "--reload-command",
-        envvar=_env("RELOAD_COMMAND"),
-        metavar="CMD",
-        help="Reload with this command (e.g. 'systemctl reload caddy') instead of the admin API.",
-    ),
-    click.option(
-        "--reload/--no-reload",
-        default=True,
-        envvar=_env("RELOAD"),
-        show_default=True,
-        help="Reload Caddy after the file changed.",
-    ),
-    click.option(
+    option(
         "--caddy-instance",
         envvar=_env("CADDY_INSTANCE"),
         metavar="PROJECT/NAME",
         help="Caddy runs in this Incus instance: write --output (default /etc/caddy/Caddyfile)"
         " there through the Incus file API, check and reload it with caddy (exec).",
     ),
-    click.option(
+    option(
         "--snippets",
         type=click.Path(dir_okay=False, path_type=Path),
         envvar=_env("SNIPPETS"),
@@ -176,14 +192,14 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         help="Caddyfile of your snippets `(name) { ... }`; imported, and instances may name"
         " them in user.caddyserver.http.import.",
     ),
-    click.option(
+    option(
         "--sites-dir",
         type=click.Path(file_okay=False, path_type=Path),
         envvar=_env("SITES_DIR"),
         metavar="DIR",
         help="Directory of your own hand-written site files, imported at the end.",
     ),
-    click.option(
+    option(
         "--caddy-bin",
         envvar=_env("CADDY_BIN"),
         metavar="PATH",
@@ -193,19 +209,53 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
 ]
 
 
+# What only a command that writes the file uses (not `routes`).
+WRITE_OPTIONS: list[Callable[[Any], Any]] = [
+    option(
+        "--output",
+        "-o",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("OUTPUT"),
+        help="Write here (atomically) instead of printing.",
+    ),
+    option(
+        "--reload-command",
+        envvar=_env("RELOAD_COMMAND"),
+        metavar="CMD",
+        help="Reload with this command (e.g. 'systemctl reload caddy') instead of the admin"
+        " API. Split like a shell would (quotes group words) but run without a shell: no"
+        " pipes, redirections or $VARS (write a script for those).",
+    ),
+    option(
+        "--reload/--no-reload",
+        default=True,
+        envvar=_env("RELOAD"),
+        show_default=True,
+        help="Reload Caddy after the file changed.",
+    ),
+]
+
+
 def make_settings(**kwargs: Any) -> Settings:
     """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
     config = Path(kwargs.pop("config_file")) if kwargs.get("config_file") else None
     values = {k: v for k, v in kwargs.items() if v is not None}
+    if str(values.get("output")) == "-":  # -o - : stdout, as if no --output
+        del values["output"]
     for name in ("template", "output", "snippets", "sites_dir"):
         if name in values:
             values[name] = Path(values[name])
+    for name in ("snippets", "sites_dir"):  # rendered into import lines, which Caddy
+        if name in values:  # resolves against its own working directory, not ours
+            values[name] = Path(os.path.abspath(values[name]))
     if "global_options" in values:
         values["global_options"] = tuple(o for o in values["global_options"] if o)  # blank lines
     if "wildcards" in values:
         values["wildcards"] = tuple(values["wildcards"])
     try:
-        return Settings(**values, config_file=config, policy=load_policy(config))
+        settings = Settings(**values, config_file=config, policy=load_policy(config))
+        check_paths(settings)
+        return settings
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -219,9 +269,10 @@ def print_report(report: Report, quiet: bool) -> None:
     if report.model is not None:
         for rejection in report.model.rejections:
             _say(f"warning: {rejection}")
-        if not quiet:
+        if not quiet:  # projects the settings leave out are not news
             for skip in report.model.skipped:
-                _say(str(skip))
+                if not skip.excluded:
+                    _say(str(skip))
     for warning in report.warnings:
         _say(f"warning: {warning}")
     if report.error is not None:
@@ -248,9 +299,9 @@ def main() -> None:
 
 @main.command(epilog=EXIT_EPILOG)
 @settings_options
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 if the file would change.")
-@click.option("--diff", is_flag=True, help="Write nothing; print a unified diff against --output.")
-@click.option("--quiet", "-q", is_flag=True, help="Do not report skipped (stopped ...) instances.")
+@option("--check", is_flag=True, help="Write nothing; exit 1 if the file would change.")
+@option("--diff", is_flag=True, help="Write nothing; print a unified diff against --output.")
+@option("--quiet", "-q", is_flag=True, help="Do not report skipped (stopped ...) instances.")
 def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
     """Render the Caddyfile once: print it, or write it and reload Caddy if it changed.
 
@@ -323,7 +374,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
 
 @main.command(epilog=EXIT_EPILOG)
 @settings_options
-@click.option(
+@option(
     "--debounce",
     default="0.05:2",
     envvar=_env("DEBOUNCE"),
@@ -333,7 +384,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     help="Seconds of quiet to wait after an event; MAX: the longest wait, and the least"
     " time between two reloads in a burst.",
 )
-@click.option(
+@option(
     "--resync-interval",
     type=click.FloatRange(min=1),
     default=300.0,
@@ -342,7 +393,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     metavar="SECONDS",
     help="Full re-listing of Incus as a safety net, besides events.",
 )
-@click.option(
+@option(
     "--address-timeout",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -351,7 +402,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     metavar="SECONDS",
     help="How long to poll (from 50 ms, backing off) for a started instance's address.",
 )
-@click.option(
+@option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -389,6 +440,10 @@ def watch(
         raise click.UsageError(str(exc)) from None
     if not targets.writes_file(settings):
         raise click.UsageError("watch needs --output (the Caddyfile to keep up to date)")
+    directory = settings.output.parent if settings.output else None
+    if settings.caddy_instance is None and directory is not None and not directory.is_dir():
+        # fail now, so that a supervisor (Restart=on-failure) sees it, not retry forever
+        raise click.UsageError(f"--output: the directory {directory} does not exist")
     options = WatchOptions(
         debounce_min=debounce[0],
         debounce_max=debounce[1],
@@ -399,9 +454,15 @@ def watch(
     sys.exit(Watcher(load, options).run())
 
 
-@main.command(epilog=EXIT_EPILOG)
-@settings_options
-@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
+ROUTES_EPILOG = (
+    "Exit codes:\n\n\b\n  0  listed\n  2  usage: bad option, setting or settings file\n"
+    "  4  Incus unreachable or the listing failed\n  8  the template failed"
+)
+
+
+@main.command(epilog=ROUTES_EPILOG)
+@view_options
+@option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
 def routes(as_json: bool, **kwargs: Any) -> None:
     """Show every instance with user.caddyserver.* keys: routed, or exactly why not.
 
@@ -415,12 +476,17 @@ def routes(as_json: bool, **kwargs: Any) -> None:
     """
     settings = make_settings(**kwargs)
     try:
-        rows = pipeline.routes(settings)
+        rows, warnings = pipeline.routes(settings)
     except IncusError as exc:
         _say(f"error: {exc}")
         sys.exit(int(Status.INCUS_ERROR))
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
+    except TemplateError as exc:
+        _say(f"error: template error: {exc}")
+        sys.exit(int(Status.TEMPLATE_ERROR))
+    for warning in warnings:
+        _say(f"warning: {warning}")
     if as_json:
         click.echo(json.dumps([_row_json(r) for r in rows], indent=2))
     else:
@@ -441,7 +507,7 @@ def format_routes(rows: list[RouteRow]) -> str:
             r.status,
             r.location or "-",
             r.state,
-            " ".join(r.hosts) or "-",
+            " ".join(r.asked) or "-",
             r.upstream or "-",
         )
         for r in rows

@@ -8,6 +8,7 @@ the next run, even by a Caddy that cannot say what it runs).
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,8 @@ class LocalFile:
         return None
 
     def restore(self, previous: bytes | None) -> None:
-        if previous is None:
-            self.path.unlink(missing_ok=True)
+        if previous is None:  # there was no file: remove the new one (not a link to it)
+            Path(os.path.realpath(self.path)).unlink(missing_ok=True)
         else:
             output.write_atomic(self.path, previous)
 

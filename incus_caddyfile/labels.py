@@ -67,6 +67,15 @@ def show(value: str) -> str:
     return shown
 
 
+_PLAIN_KEY = re.compile(r"[a-z0-9._-]+")
+
+
+def show_key(key: str) -> str:
+    """A config key for a message: as it is when plain, else escaped (a trailing space or a
+    control character must be visible)."""
+    return key if _PLAIN_KEY.fullmatch(key) else show(key)
+
+
 def parse_hostname(raw: str) -> str:
     """One hostname: LDH labels, optionally a single leading `*.`; returned lowercased."""
     if not raw.isascii():
@@ -95,6 +104,18 @@ def parse_hostname(raw: str) -> str:
 def split_list(raw: str) -> list[str]:
     """Values separated by spaces, tabs or commas (never newlines: those are refused)."""
     return [p for p in _SEPARATORS.split(raw.strip()) if p]
+
+
+def valid_hosts(raw: str) -> list[str]:
+    """The hostnames of a host label that are valid, the others left out (a holder whose
+    labels became invalid still holds the valid hosts it names)."""
+    hosts = []
+    for part in split_list(raw):
+        try:
+            hosts.append(parse_hostname(part))
+        except InvalidValue:
+            continue
+    return list(dict.fromkeys(hosts))
 
 
 def parse_hosts(raw: str) -> list[str]:
@@ -274,6 +295,40 @@ def _read_reach(r: _Reader) -> Reach | None:
     return None if port is None else reach
 
 
+# Caddy refuses an upstream whose scheme and port conflict (reverseproxy's
+# parseUpstreamDialAddress): the well-known port of the other protocol.
+_CONFLICTING_PORT = {"http": 443, "https": 80, "h2c": 443}
+
+
+def combination_problems(
+    labels: dict[str, str], reach: Reach, options: RouteOptions
+) -> list[Problem]:
+    """Values valid alone that Caddy refuses together, or that would make every request fail."""
+    problems = []
+    scheme_set = KEY_SCHEME in labels
+    if reach.port == _CONFLICTING_PORT[options.scheme]:
+        what = "the HTTPS port" if reach.port == 443 else "the HTTP port"
+        fix = "set upstream.scheme=https" if options.scheme == "http" else "use another port"
+        problems.append(
+            Problem(
+                KEY_SCHEME if scheme_set else KEY_PORT,
+                labels.get(KEY_SCHEME if scheme_set else KEY_PORT),
+                f"scheme {options.scheme} with {KEY_PORT}={reach.port} ({what}): Caddy refuses"
+                f" this pair; {fix}",
+            )
+        )
+    if options.tls_insecure and options.scheme != "https":
+        problems.append(
+            Problem(
+                KEY_TLS_INSECURE,
+                labels.get(KEY_TLS_INSECURE),
+                f"only for {KEY_SCHEME}=https (with {options.scheme}, Caddy would speak TLS to a"
+                " plain-HTTP port and every request would fail)",
+            )
+        )
+    return problems
+
+
 def parse(
     labels: dict[str, str], snippets: Iterable[str] = ()
 ) -> tuple[Labels | None, list[Problem]]:
@@ -294,6 +349,8 @@ def parse(
     )
     path = r.get(KEY_PATH, parse_path, None)
     fallback = r.get(KEY_FALLBACK, parse_bool, False)
+    if reach is not None and not any(not p.ignored for p in r.problems):
+        r.problems.extend(combination_problems(labels, reach, options))
     if not hosts or reach is None or any(not p.ignored for p in r.problems):
         return None, r.problems
     return Labels(tuple(dict.fromkeys(hosts)), path, reach, options, fallback), r.problems

@@ -24,6 +24,7 @@ from .labels import (  # re-exported: the model's vocabulary
     parse_hosts,
     parse_port,
     show,
+    show_key,
     usable_address,
 )
 from .policy import Policy, parent_domain
@@ -39,7 +40,10 @@ __all__ = [
 # The statuses that route. A paused instance (Frozen) keeps its route: Incus freezes
 # containers for a moment while it snapshots them, and dropping the site for that would cost
 # two reloads and an outage. Every edge asks `is_up` (and the functions below), never the set.
-ROUTABLE_STATUSES = frozenset({"Running", "Frozen"})
+# Ready is Running as the guest reported it through the guest API (`/dev/incus/sock`).
+ROUTABLE_STATUSES = frozenset({"Running", "Frozen", "Ready"})
+# Error: Incus cannot tell (an instance on an unreachable cluster member): unknown, not down.
+UNKNOWN_STATUSES = frozenset({"Error"})
 
 
 @dataclass(frozen=True)
@@ -180,19 +184,32 @@ class Rejection:
     reason: str
     ignored: bool = False
 
-    def __str__(self) -> str:
+    @property
+    def what(self) -> str:
+        """The key and value, or nothing for a verdict on the whole instance (key "")."""
+        if not self.key:
+            return ""
         value = "(not set)" if self.value is None else show(self.value)
+        return f"{show_key(self.key)}={value}: "
+
+    def __str__(self) -> str:
         verb = "ignored" if self.ignored else "rejected"
-        return f"{verb} {self.project}/{self.instance}: {self.key}={value}: {self.reason}"
+        return f"{verb} {self.project}/{self.instance}: {self.what}{self.reason}"
 
 
 @dataclass(frozen=True)
 class Skip:
-    """An instance that carries labels but is deliberately not routed (stopped, disabled ...)."""
+    """An instance that carries labels but is not routed now (stopped, disabled ...).
+
+    unknown: Incus cannot say whether it runs (status Error: its cluster member is
+    unreachable); excluded: its project is not included by the settings (not reported by
+    render and watch, shown by routes)."""
 
     project: str
     instance: str
     reason: str
+    unknown: bool = False
+    excluded: bool = False
 
     def __str__(self) -> str:
         return f"skipped {self.project}/{self.instance}: {self.reason}"
@@ -302,14 +319,19 @@ class _Claim:
     options: RouteOptions
     fallback: bool
     upstream: Upstream | None  # None: valid labels, but not routable now (stopped ...)
+    holds_only: bool = False  # invalid labels (or refused by Caddy): holds the host, no route
 
 
 def _unroutable(inst: Instance, wanted: lb.Labels, address: str | None) -> str | None:
     """Why an instance with valid labels gets no upstream right now, if it does not."""
+    if inst.status in UNKNOWN_STATUSES:
+        return f"unknown: Incus cannot reach it (status {inst.status}, its cluster member is down?)"
     if not is_up(inst):
         return f"not running ({inst.status})"
     if address is None:
         reach = wanted.reach
+        if reach.network and not any(reach.network in (n.name, n.network) for n in inst.nics):
+            return f"has no NIC or network named {reach.network}"
         where = f" on {reach.network}" if reach.network else ""
         family = {"ipv4": "IPv4 ", "ipv6": "IPv6 ", "any": ""}[reach.family]
         return f"running but has no {family}address{where} yet"
@@ -318,13 +340,28 @@ def _unroutable(inst: Instance, wanted: lb.Labels, address: str | None) -> str |
     return None
 
 
+def _order(inst: Instance) -> tuple[tuple[str, int], str, str]:
+    return (creation_key(inst.created_at), inst.project, inst.name)
+
+
+def _holding(inst: Instance) -> list[_Claim]:
+    """Claims that only hold the valid hosts an instance names, without a route: its labels
+    became invalid (or Caddy refused its route), and a typo must not hand its hosts to
+    another project. Only dropping the host label, enable=false or deleting it releases them."""
+    return [
+        _Claim(h, inst.project, inst.name, _order(inst), None, RouteOptions(), False, None, True)
+        for h in lb.valid_hosts(inst.labels.get(KEY_HOST, ""))
+    ]
+
+
 def _claims_of(
-    inst: Instance, snippets: Iterable[str]
+    inst: Instance, snippets: Iterable[str], refused: str | None = None
 ) -> tuple[list[_Claim], list[Rejection], Skip | None]:
     """Validate one instance's labels; return its host claims, rejections, or why it is skipped.
 
     A stopped instance with valid labels still claims its hosts (without an upstream), so that
-    another project cannot take a host over while its holder is down.
+    another project cannot take a host over while its holder is down; so does one whose labels
+    are invalid, or whose route Caddy refused (`refused`: Caddy's reason).
     """
     values = inst.labels
     if KEY_ENABLE not in values:
@@ -334,26 +371,32 @@ def _claims_of(
             return [], [], Skip(inst.project, inst.name, f"{KEY_ENABLE} is false")
     except InvalidValue as exc:
         reject = Rejection(inst.project, inst.name, KEY_ENABLE, values[KEY_ENABLE], str(exc))
-        return [], [reject], None
+        return _holding(inst), [reject], None
     wanted, problems = lb.parse({k: v for k, v in values.items() if k != KEY_ENABLE}, snippets)
     rejections = [
         Rejection(inst.project, inst.name, p.key, p.value, p.reason, p.ignored) for p in problems
     ]
     if wanted is None:
-        return [], rejections, None
+        return _holding(inst), rejections, None
+    if refused is not None:
+        verdict = Rejection(
+            inst.project, inst.name, "", None, f"Caddy refused its route: {refused}"
+        )
+        return _holding(inst), [*rejections, verdict], None
     reach = wanted.reach
     address = address_of(inst, reach)
     why_not = _unroutable(inst, wanted, address)
     upstream = None
     if why_not is None and address is not None:
         upstream = Upstream(inst.project, inst.name, address, reach.port, wanted.options.scheme)
-    order = (creation_key(inst.created_at), inst.project, inst.name)
     claims = [
-        _Claim(h, inst.project, inst.name, order, wanted.path, wanted.options, wanted.fallback,
-               upstream)
+        _Claim(h, inst.project, inst.name, _order(inst), wanted.path, wanted.options,
+               wanted.fallback, upstream)
         for h in wanted.hosts
     ]  # fmt: skip
-    skip = Skip(inst.project, inst.name, why_not) if why_not else None
+    skip = None
+    if why_not:
+        skip = Skip(inst.project, inst.name, why_not, unknown=inst.status in UNKNOWN_STATUSES)
     return claims, rejections, skip
 
 
@@ -423,7 +466,8 @@ def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | Non
             continue
         members.append(c)
         for attr, key in _POOL_OPTIONS.items():
-            if getattr(c.options, attr) != getattr(first.options, attr):
+            mine = getattr(c.options, attr)
+            if mine and mine != getattr(first.options, attr):  # set, and not the pool's
                 rejections.append(Rejection(
                     c.project, c.instance, key, str(getattr(c.options, attr)),
                     f"the pool for {host}{path or ''} takes it from"
@@ -439,6 +483,8 @@ def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | Non
 def _sites(claims: list[_Claim]) -> tuple[list[Site], list[Rejection]]:
     by_route: dict[tuple[str, str | None], list[_Claim]] = {}
     for c in claims:
+        if c.holds_only:
+            continue  # holds its host against other projects, routes nothing
         by_route.setdefault((c.host, c.path), []).append(c)
     routes: dict[str, list[Route]] = {}
     rejections: list[Rejection] = []
@@ -490,9 +536,13 @@ def build(
     wildcards: Iterable[str] = (),
     policy: Policy | None = None,
     snippets: Iterable[str] = (),
+    refused: Mapping[tuple[str, str], str] | None = None,
 ) -> Model:
-    """Turn the listing into a model. Invalid values are rejected one by one, never fatal."""
+    """Turn the listing into a model. Invalid values are rejected one by one, never fatal.
+    `refused`: instances whose routes Caddy refused, with Caddy's reason; they hold their
+    hosts but get no route."""
     policy = policy or Policy()
+    refused = refused or {}
     snippets = tuple(snippets)
     claims: list[_Claim] = []
     rejections: list[Rejection] = []
@@ -501,11 +551,13 @@ def build(
         if not inst.labels:
             continue
         if not policy.considers(inst.project):
-            skipped.append(Skip(inst.project, inst.name, "project not included by the settings"))
+            reason = "project not included by the settings"
+            skipped.append(Skip(inst.project, inst.name, reason, excluded=True))
             continue
-        inst_claims, inst_rejections, skip = _claims_of(inst, snippets)
-        inst_claims, refused = _allowed(inst_claims, policy)
-        rejections.extend(inst_rejections + refused)
+        verdict = refused.get((inst.project, inst.name))
+        inst_claims, inst_rejections, skip = _claims_of(inst, snippets, verdict)
+        inst_claims, disallowed = _allowed(inst_claims, policy)
+        rejections.extend(inst_rejections + disallowed)
         claims.extend(inst_claims)
         if skip is not None:
             skipped.append(skip)
@@ -537,10 +589,19 @@ class RouteRow:
     upstream: str | None  # address:port, when it has one
     routed: tuple[str, ...]  # hosts (with path) Caddy sends to it
     reasons: tuple[str, ...]  # why (some) hosts are not routed, or what was ignored
+    path: str | None = None  # the path prefix it asks for
+    unknown: bool = False  # Incus cannot tell its status (cluster member unreachable)
+
+    @property
+    def asked(self) -> tuple[str, ...]:
+        """The hosts it asks for, with its path: what `routed` is compared with."""
+        return tuple(h + (self.path or "") for h in self.hosts)
 
     @property
     def state(self) -> str:
-        if self.routed and len(self.routed) >= len(self.hosts):
+        if self.unknown and not self.routed:
+            return "unknown"
+        if self.routed and set(self.asked) <= set(self.routed):
             return "routed"
         return "partly routed" if self.routed else "not routed"
 
@@ -563,6 +624,7 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
         reasons.setdefault((r.project, r.instance), []).append(
             f"{prefix} {r.key}={value}: {r.reason}"
         )
+    unknown = {(sk.project, sk.instance) for sk in model.skipped if sk.unknown}
     for sk in model.skipped:
         reasons.setdefault((sk.project, sk.instance), []).append(sk.reason)
     rows = []
@@ -570,10 +632,11 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
         if not inst.labels:
             continue
         key = (inst.project, inst.name)
+        hosts = tuple(lb.valid_hosts(inst.labels.get(KEY_HOST, "")))
         try:
-            hosts = tuple(parse_hosts(inst.labels.get(KEY_HOST, "")))
+            path = lb.parse_path(inst.labels.get(lb.KEY_PATH, "/"))
         except InvalidValue:
-            hosts = ()
+            path = None
         rows.append(
             RouteRow(
                 project=inst.project,
@@ -584,6 +647,8 @@ def explain(instances: Iterable[Instance], model: Model) -> list[RouteRow]:
                 upstream=dials.get(key) or _would_dial(inst),
                 routed=tuple(sorted(routed.get(key, []))),
                 reasons=tuple(reasons.get(key, [])),
+                path=path,
+                unknown=key in unknown,
             )
         )
     return rows

@@ -101,7 +101,9 @@ def remove_stale_temps(path: Path, now: float | None = None) -> list[Path]:
 
 
 def write_atomic(path: Path, data: bytes) -> Written:
-    """Replace `path` with `data` so a reader sees the old or the new file, never a mix."""
+    """Replace `path` with `data` so a reader sees the old or the new file, never a mix.
+    A symbolic link is kept: the file it points to is replaced, beside itself."""
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     directory = path.parent if str(path.parent) else Path(".")
     remove_stale_temps(path)
     tmp_name: str | None = None

@@ -8,11 +8,12 @@ put the previous file back, so the file on disk is always a config Caddy accepte
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from . import output, probe, targets
-from .caddy import CaddyError, CaddyRejected, CaddyUnreachable
+from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
 from .inventory import Inventory
 from .model import Instance, Model, RouteRow, build, explain
@@ -126,11 +127,83 @@ def fetch(api: IncusApi, project: str, name: str) -> Instance | None:
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
 
 
-def model_for(settings: Settings, instances: list[Instance]) -> Model:
+def model_for(
+    settings: Settings,
+    instances: list[Instance],
+    refused: Mapping[tuple[str, str], str] | None = None,
+) -> Model:
     """Step 2 with every setting that shapes it (wildcards, policy, the operator's snippets);
-    render, routes and doctor all build their model here. Raises SettingsError when the
-    snippets file cannot be read."""
-    return build(instances, settings.wildcards, settings.policy, snippet_names(settings))
+    render, routes and doctor all build their model here. `refused`: instances whose routes
+    Caddy refused (see `accepted_config`). Raises SettingsError when the snippets file cannot
+    be read."""
+    return build(instances, settings.wildcards, settings.policy, snippet_names(settings), refused)
+
+
+Key = tuple[str, str]
+
+
+class WholeConfigRejected(Exception):
+    """Caddy refuses the config even without any instance's route: the operator's template,
+    global options, snippets or sites are at fault. The message is Caddy's."""
+
+
+def accepted_config(
+    settings: Settings, instances: list[Instance], caddy: Caddy, reason: str
+) -> tuple[Model, str, dict[Key, str]]:
+    """Caddy refused the rendered config (`reason`): find the instances whose routes cause
+    it, by asking Caddy about parts of the config, and return the model and text without
+    their routes, and Caddy's reason for each. Cost only on this failure path: about
+    2 log2(n) checks for one culprit among n instances.
+
+    Raises WholeConfigRejected when the config fails without any instance's route, and
+    CaddyError when Caddy stops answering meanwhile.
+    """
+    candidates = sorted((i.project, i.name) for i in instances if i.labels)
+    found: dict[Key, str] = {}
+
+    def attempt(keep: set[Key]) -> tuple[Model, str, str | None]:
+        refused = {k: "" for k in candidates if k not in keep} | found
+        model = model_for(settings, instances, refused)
+        text = render(model, settings)
+        try:
+            caddy.check(text)
+        except CaddyRejected as exc:
+            return model, text, str(exc)
+        return model, text, None
+
+    if attempt(set())[2] is not None:
+        raise WholeConfigRejected(reason)
+
+    def search(group: list[Key]) -> None:
+        why = attempt(set(group))[2]
+        if why is None:
+            return
+        if len(group) == 1:
+            found[group[0]] = why
+            return
+        half = len(group) // 2
+        search(group[:half])
+        search(group[half:])
+
+    search(candidates)
+    model, text, why = attempt(set(candidates))
+    if why is not None:
+        # Routes that fail only together: admit instances oldest first, refusing each whose
+        # route makes the config fail (who was there first keeps its route, as with hosts).
+        kept: set[Key] = set()
+        for inst in sorted(instances, key=lambda i: (i.created_at, i.project, i.name)):
+            key = (inst.project, inst.name)
+            if key not in candidates or key in found:
+                continue
+            why = attempt(kept | {key})[2]
+            if why is None:
+                kept.add(key)
+            else:
+                found[key] = why
+        model, text, why = attempt(kept)
+        if why is not None:
+            raise WholeConfigRejected(why)
+    return model, text, found
 
 
 def snippet_names(settings: Settings) -> tuple[str, ...]:
@@ -174,10 +247,12 @@ def apply(
     if target is None:
         return report
     report.target = target.name
-    return _write_and_reload(settings, target, report)
+    return _write_and_reload(settings, instances, target, report)
 
 
-def _write_and_reload(settings: Settings, target: Target, report: Report) -> Report:
+def _write_and_reload(
+    settings: Settings, instances: list[Instance], target: Target, report: Report
+) -> Report:
     assert report.text is not None
     mode = report.mode
     new = report.text.encode()
@@ -198,10 +273,14 @@ def _write_and_reload(settings: Settings, target: Target, report: Report) -> Rep
     try:
         target.caddy.check(report.text)
     except CaddyRejected as exc:
-        return report.fail(
-            Status.CADDY_REJECTED,
-            f"Caddy rejected the new config, {target.name} kept as it was: {exc}",
-        )
+        if not _without_refused_routes(settings, instances, target.caddy, report, str(exc)):
+            return report
+        new = (report.text or "").encode()
+        report.changed = output.compare(current, new)
+        if report.changed is Changed.NO:
+            if settings.reload:
+                _reload_if_stale(target, report)
+            return report
     except CaddyUnreachable as exc:
         report.warnings.append(f"the new config was not checked by Caddy: {exc}")
     except OutputError as exc:
@@ -217,6 +296,32 @@ def _write_and_reload(settings: Settings, target: Target, report: Report) -> Rep
     if settings.reload:
         _reload(target, current, report)
     return report
+
+
+def _without_refused_routes(
+    settings: Settings, instances: list[Instance], caddy: Caddy, report: Report, reason: str
+) -> bool:
+    """Caddy refused the config: drop the routes that cause it (the report's model and text
+    become the accepted config, the instances are rejected with Caddy's reason). False (the
+    report failed) when the config fails as a whole, or Caddy stopped answering."""
+    try:
+        report.model, report.text, _ = accepted_config(settings, instances, caddy, reason)
+    except WholeConfigRejected as exc:
+        report.fail(
+            Status.CADDY_REJECTED,
+            f"Caddy rejected the new config even without any instance's route (check the"
+            f" template, global options, snippets and sites), {report.target} kept as it was:"
+            f" {exc}",
+        )
+        return False
+    except CaddyError as exc:
+        report.fail(
+            Status.CADDY_REJECTED,
+            f"Caddy rejected the new config, {report.target} kept as it was: {reason}"
+            f" (and could not be asked which routes cause it: {exc})",
+        )
+        return False
+    return True
 
 
 def _reload(target: Target, previous: bytes | None, report: Report) -> None:
@@ -252,6 +357,11 @@ def _reload_if_stale(target: Target, report: Report) -> None:
                 target.destination.set_pending(False)
                 return
             if running is None and not target.destination.pending():
+                if mode.verify_running:
+                    report.warnings.append(
+                        f"cannot tell whether Caddy runs the current file ({target.caddy.name}"
+                        " cannot say); not reloaded"
+                    )
                 return
         target.caddy.load(report.text)
     except CaddyRejected as exc:
@@ -276,8 +386,59 @@ def _restore(target: Target, previous: bytes | None, report: Report) -> None:
         report.warnings.append(f"could not restore the previous {target.name}: {exc}")
 
 
-def routes(settings: Settings) -> list[RouteRow]:
-    """Every labelled instance with its verdict (for `routes`). Raises IncusError, and
-    SettingsError when the snippets file cannot be read."""
-    instances = collect(connect(settings))
-    return explain(instances, model_for(settings, instances))
+@dataclass(frozen=True)
+class Verdict:
+    """What Caddy says of the rendered config: accepted (maybe without the routes of some
+    instances, `refused`), refused as a whole (`whole`), or not asked (`unasked`)."""
+
+    model: Model
+    text: str
+    refused: dict[Key, str] = field(default_factory=dict)
+    whole: str | None = None
+    unasked: str | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        if self.whole:
+            return [f"Caddy refuses the config even without any instance's route: {self.whole}"]
+        if self.unasked:
+            return [f"Caddy could not be asked, so its verdict is missing: {self.unasked}"]
+        return []
+
+
+def ask_caddy(settings: Settings, instances: list[Instance], caddy: Caddy) -> Verdict:
+    """The model and text as Caddy would take them (for `routes` and `doctor`, which show
+    what render would apply). Raises SettingsError and TemplateError."""
+    model = model_for(settings, instances)
+    text = render(model, settings)
+    try:
+        caddy.check(text)
+    except CaddyRejected as exc:
+        try:
+            accepted, accepted_text, refused = accepted_config(settings, instances, caddy, str(exc))
+        except WholeConfigRejected as whole:
+            return Verdict(model, text, whole=str(whole))
+        except (CaddyError, OutputError) as error:
+            return Verdict(model, text, unasked=str(error))
+        return Verdict(accepted, accepted_text, refused)
+    except (CaddyError, OutputError) as exc:
+        return Verdict(model, text, unasked=str(exc))
+    return Verdict(model, text)
+
+
+def checker(settings: Settings, api: IncusApi | None) -> Caddy:
+    """The Caddy that render would ask: the target's, or the admin endpoint (with `caddy
+    adapt` as the fallback) when the Caddyfile goes to stdout."""
+    target = targets.for_settings(settings, api)
+    if target is not None:
+        return target.caddy
+    return AdminCaddy(settings.caddy_admin, settings.caddy_bin)
+
+
+def routes(settings: Settings) -> tuple[list[RouteRow], list[str]]:
+    """Every labelled instance with its verdict, Caddy's included (for `routes`), and
+    warnings. Raises IncusError, SettingsError and TemplateError."""
+    api = connect(settings)
+    instances = collect(api)
+    verdict = ask_caddy(settings, instances, checker(settings, api))
+    return explain(instances, verdict.model), verdict.warnings

@@ -103,7 +103,12 @@ def render(model: Model, settings: Settings) -> str:
         else:
             template = environment(template_dir).get_template(name)
         return template.render(context(model, settings))
-    except jinja2.TemplateNotFound:
+    except jinja2.TemplateNotFound as exc:
+        if exc.name != name:  # an {% include %} or {% import %} inside the template
+            raise TemplateError(
+                f"{template_dir / name}:{_error_line(exc, name)}: template {exc.name!r} not"
+                f" found (looked in {template_dir})"
+            ) from None
         raise TemplateError(f"template not found: {template_dir / name}") from None
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{exc.filename or name}:{exc.lineno}: {exc.message}") from None

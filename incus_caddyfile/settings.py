@@ -7,8 +7,10 @@ file); this module defines the value, reads the file and validates what the oper
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,10 +118,15 @@ def validate(s: Settings) -> None:
     """Operator settings are trusted but checked, so a typo fails here, not inside Caddy."""
     if s.email is not None and not _EMAIL.fullmatch(s.email):
         raise SettingsError(f"--email: not an email address: {s.email!r}")
-    if s.caddy_admin is not None and not _ADMIN.fullmatch(s.caddy_admin):
-        raise SettingsError(
-            f"--caddy-admin: expected host:port, unix//path or off, got {s.caddy_admin!r}"
-        )
+    if s.caddy_admin is not None:
+        port = s.caddy_admin.rpartition(":")[2] if not s.caddy_admin.startswith("unix/") else "1"
+        if not _ADMIN.fullmatch(s.caddy_admin) or not (
+            s.caddy_admin == "off" or 1 <= int(port) <= 65535
+        ):
+            raise SettingsError(
+                f"--caddy-admin: expected host:port (port 1-65535), unix//path or off,"
+                f" got {s.caddy_admin!r}"
+            )
     for option in s.global_options:
         _one_line("--global-option", option, balanced=False)
     for option, depth in zip(s.global_options, block_depths(s.global_options), strict=True):
@@ -156,6 +163,31 @@ def validate(s: Settings) -> None:
         raise SettingsError("--reload-command: empty command")
 
 
+def check_paths(s: Settings) -> None:
+    """What the settings name on this host exists and is of the right kind (called by the
+    CLI: the Settings value itself stays free of file system reads)."""
+    if s.sites_dir is not None and not s.sites_dir.is_dir():
+        raise SettingsError(f"--sites-dir: {s.sites_dir} is not a directory")
+    if s.output is not None and s.caddy_instance is None:
+        check_output_path(s.output)
+
+
+def check_output_path(path: Path) -> None:
+    """The output must be a regular file (or a link to one), or not exist yet: the atomic
+    write replaces it by rename, which would replace a device, a FIFO or a link itself."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SettingsError(f"--output: cannot use {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device or FIFO?)"
+        raise SettingsError(
+            f"--output: {path} is {kind}; give a file path, or -o - (or no --output) for stdout"
+        )
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -186,8 +218,14 @@ def load_policy(path: Path | None) -> Policy:
         if project in ("include", "exclude"):
             continue
         where = f"[projects.{project}]"
-        if not isinstance(entry, dict) or set(entry) - {"domains"}:
-            raise SettingsError(f"{path}: {where} may only hold `domains = [...]`")
+        if not isinstance(entry, dict):
+            raise SettingsError(f"{path}: {_misplaced(project)}")
+        if set(entry) - {"domains"}:
+            unknown = sorted(set(entry) - {"domains"})[0]
+            raise SettingsError(
+                f"{path}: unknown key {unknown!r} in {where}{_did_you_mean(unknown, ['domains'])}"
+                f"; {where} may only hold `domains = [...]`"
+            )
         patterns = _strings(path, f"{where} domains", entry.get("domains", []))
         for pattern in patterns:
             try:
@@ -196,6 +234,25 @@ def load_policy(path: Path | None) -> Policy:
                 raise SettingsError(f"{path}: {where} domains: {pattern!r}: {exc}") from None
         domains.append((project, tuple(p.lower() for p in patterns)))
     return Policy(include=include, exclude=exclude, domains=tuple(domains))
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _misplaced(key: str) -> str:
+    """A plain key found in [projects]: a misspelt include/exclude, or a setting written
+    after the [projects] header (TOML puts every key after a header into that table)."""
+    if key in FILE_KEYS:
+        return (
+            f"{key!r} is inside [projects]: settings go before the first [table] header"
+            " (TOML puts every key after `[projects]` into that table)"
+        )
+    return (
+        f"unknown key 'projects.{key}'{_did_you_mean(key, ['include', 'exclude'])}:"
+        " [projects] holds include, exclude and [projects.NAME] tables of domains"
+    )
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -208,7 +265,8 @@ def load_file(path: Path) -> dict[str, Any]:
             continue
         if key not in FILE_KEYS:
             known = ", ".join(sorted(FILE_KEYS))
-            raise SettingsError(f"{path}: unknown setting {key!r} (known: {known})")
+            hint = _did_you_mean(key, sorted(FILE_KEYS))
+            raise SettingsError(f"{path}: unknown setting {key!r}{hint} (known: {known})")
         if key in ("global-option", "wildcard"):
             if isinstance(value, str):
                 value = [value]

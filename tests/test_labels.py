@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from incus_caddyfile import labels as lb
@@ -100,8 +102,16 @@ def test_ipv6_upstream_is_bracketed() -> None:
 def test_waiting_for_ipv6_address_is_explained() -> None:
     model = build([inst("web", **{L + "upstream.family": "ipv6"})])
     assert model.skipped[0].reason == "running but has no IPv6 address yet"
-    model = build([inst("web", **{L + "upstream.network": "back"})])
+    web = inst("web", **{L + "upstream.network": "back"})
+    with_back = dataclasses.replace(web, nics=(*web.nics, Nic("eth1", (), "back")))
+    model = build([with_back])
     assert model.skipped[0].reason == "running but has no IPv4 address on back yet"
+
+
+@pytest.mark.parametrize("network", ["eth9", "nosuchnet"])
+def test_a_nic_or_network_the_instance_does_not_have_is_named(network: str) -> None:
+    model = build([inst("web", **{L + "upstream.network": network})])
+    assert model.skipped[0].reason == f"has no NIC or network named {network}"
 
 
 @pytest.mark.parametrize(("ready", "routed"), [(None, False), (False, False), (True, True)])
@@ -143,6 +153,7 @@ def test_a_different_scheme_cannot_join_a_pool() -> None:
     later = inst(
         "b",
         address="198.18.0.2",
+        port="8443",
         created_at="2026-01-01T00:00:00Z",
         **{L + "upstream.scheme": "https"},
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from incus_caddyfile.labels import HTTP, KEY_ENABLE, KEY_HOST, KEY_PORT
@@ -420,3 +422,145 @@ def test_explain_gives_each_labelled_instance_its_verdict() -> None:
 def test_a_paused_instance_keeps_its_route() -> None:
     """Incus freezes containers while it snapshots them: no outage, no reloads for that."""
     assert [s.host for s in build([inst("web", status="Frozen")]).sites] == ["web.example.org"]
+
+
+# ---- a holder keeps its hosts, whatever happens to its labels (issue: typo hands a host over)
+
+HOLDER_AT = "2025-01-01T00:00:00Z"
+
+
+def _holder(**change: str) -> Instance:
+    params: dict[str, str] = {"project": "tenant-a", "host": "shop.example.org"}
+    return inst("web", created_at=HOLDER_AT, **{**params, **change})
+
+
+RIVAL = inst("x", project="tenant-b", host="shop.example.org", address="198.18.0.99")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"port": "80/tcp"},
+        {"port": "0"},
+        {HTTP + "import": "auth"},  # a snippet this run does not know (--snippets missing)
+        {HTTP + "upstream.scheme": "gopher"},
+        {HTTP + "upstream.scheme": "https"},  # with port 80: a pair Caddy refuses
+        {HTTP + "matchers.path": "/api/*"},
+        {"enable": "yes"},
+        {"host": "shop.example.org bad_host!"},  # the valid host is still held
+    ],
+    ids=str,
+)
+def test_a_holder_whose_labels_became_invalid_keeps_its_hosts(change: dict[str, str]) -> None:
+    holder = _holder(**change)
+    model = build([holder, RIVAL])
+    assert model.sites == ()  # neither routes it: the holder is invalid, the rival refused
+    reasons = [r.reason for r in model.rejections if r.instance == "x"]
+    assert reasons == ["host already claimed by tenant-a/web (created earlier, in another project)"]
+    assert any(r.instance == "web" and not r.ignored for r in model.rejections)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"enable": "false"}, "disabled"),
+        ({"host": None}, "host label dropped"),
+        ({"host": "other.example.org"}, "host label changed"),
+    ],
+)
+def test_a_holder_releases_its_hosts_only_on_purpose(
+    change: dict[str, str | None], why: str
+) -> None:
+    holder = inst("web", project="tenant-a", host="shop.example.org", created_at=HOLDER_AT)
+    labels = dict(holder.config)
+    for key, value in change.items():
+        full = {"enable": KEY_ENABLE, "host": KEY_HOST}[key]
+        if value is None:
+            labels.pop(full)
+        else:
+            labels[full] = value
+    model = build([dataclasses.replace(holder, config=labels), RIVAL])
+    shop = {s.host: s for s in model.sites}["shop.example.org"]
+    assert shop.instances == ["tenant-b/x"], why
+
+
+def test_a_holder_refused_by_caddy_keeps_its_hosts() -> None:
+    model = build([_holder(), RIVAL], refused={("tenant-a", "web"): "bad route"})
+    assert model.sites == ()
+    verdict = next(r for r in model.rejections if r.instance == "web")
+    assert verdict.key == "" and verdict.reason == "Caddy refused its route: bad route"
+
+
+# ---- every status an instance can be in
+
+
+@pytest.mark.parametrize("status", ["Running", "Frozen", "Ready"])
+def test_up_statuses_route(status: str) -> None:
+    assert build([inst("web", status=status)]).sites[0].instances == ["default/web"]
+
+
+def test_error_is_unknown_not_stopped_and_keeps_its_hosts() -> None:
+    model = build([inst("web", status="Error", created_at=HOLDER_AT), inst("x", project="b")])
+    assert model.sites == ()
+    [skip] = model.skipped
+    assert skip.unknown and skip.reason.startswith("unknown:")
+    [row] = [
+        r for r in explain([inst("web", status="Error")], build([inst("web", status="Error")]))
+    ]
+    assert row.state == "unknown"
+
+
+@pytest.mark.parametrize("status", ["Stopped", "Stopping", "Starting", "Aborting"])
+def test_other_statuses_do_not_route_but_hold(status: str) -> None:
+    model = build([inst("web", status=status, created_at=HOLDER_AT), inst("x", project="b")])
+    assert model.sites == () and not model.skipped[0].unknown
+
+
+# ---- combinations of values that are valid alone
+
+
+@pytest.mark.parametrize(
+    ("labels", "key", "words"),
+    [
+        ({"upstream.scheme": "https"}, "upstream.scheme", "port=80 (the HTTP port)"),
+        ({"upstream.scheme": "h2c", "port": "443"}, "upstream.scheme", "(the HTTPS port)"),
+        ({"port": "443"}, "upstream.port", "set upstream.scheme=https"),
+        ({"upstream.scheme": "http", "port": "443"}, "upstream.scheme", "(the HTTPS port)"),
+        ({"upstream.tls_insecure": "true"}, "upstream.tls_insecure", "only for"),
+        (
+            {"upstream.tls_insecure": "true", "upstream.scheme": "h2c", "port": "8080"},
+            "upstream.tls_insecure",
+            "plain-HTTP port",
+        ),
+    ],
+)
+def test_pairs_caddy_refuses_are_rejected_naming_the_keys(
+    labels: dict[str, str], key: str, words: str
+) -> None:
+    port = labels.pop("port", "80")
+    model = build([inst("web", port=port, **{HTTP + k: v for k, v in labels.items()})])
+    assert model.sites == ()
+    [rejection] = [r for r in model.rejections if not r.ignored]
+    assert rejection.key == HTTP + key and words in rejection.reason
+
+
+@pytest.mark.parametrize(
+    ("scheme", "port"), [("https", "443"), ("https", "8443"), ("h2c", "80"), ("http", "8080")]
+)
+def test_pairs_caddy_accepts_route(scheme: str, port: str) -> None:
+    labels = {HTTP + "upstream.scheme": scheme}
+    if scheme == "https":
+        labels[HTTP + "upstream.tls_insecure"] = "true"
+    assert build([inst("web", port=port, **labels)]).sites
+
+
+def test_an_unknown_key_with_a_trailing_space_is_shown_quoted() -> None:
+    [notice] = build([inst("web", **{HTTP + "upstream.port ": "80"})]).rejections
+    assert "'user.caddyserver.http.upstream.port '=" in str(notice)
+
+
+def test_a_pool_member_that_sets_no_option_is_not_warned_about() -> None:
+    first = inst("a", created_at=HOLDER_AT, **{HTTP + "upstream.lb_policy": "first"})
+    plain = inst("b", address="198.18.0.11")
+    model = build([first, plain])
+    assert model.rejections == () and len(model.sites[0].upstreams) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from incus_caddyfile import probe
 from incus_caddyfile.settings import Settings
 from incus_caddyfile.watch.loop import Watcher, WatchOptions
 
@@ -26,15 +27,16 @@ class Clock:
 class Loop:
     """A Watcher wired to fakes, and the test's hands on them."""
 
-    def __init__(self, **options: float) -> None:
+    def __init__(self, settings: Settings | None = None, **options: float) -> None:
         options.setdefault("debounce_max", 0.2)  # the hold after a reload: short here
+        self.settings = settings or Settings(scheme="http")
         self.clock = Clock()
         self.incus = FakeIncus.from_recording()
         self.target, self.file, self.caddy = fake_target()
         self.log = io.StringIO()
         self.connects = 0
         self.watcher = Watcher(
-            lambda: Settings(scheme="http"),
+            lambda: self.settings,
             WatchOptions(**options),  # type: ignore[arg-type]
             connect=self._connect,
             clock=self.clock,
@@ -66,7 +68,13 @@ class Loop:
 
     @property
     def cycle_lines(self) -> list[str]:
-        return [line for line in self.log.getvalue().splitlines() if "sites +" in line]
+        return [line for line in self.log.getvalue().splitlines() if " (after " in line]
+
+
+@pytest.fixture(autouse=True)
+def ports_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readiness probes answer at once (the recorded addresses are not dialled)."""
+    monkeypatch.setattr(probe, "accepts", lambda *args, **kwargs: True)
 
 
 @pytest.fixture
@@ -147,12 +155,25 @@ def test_a_failed_reload_is_retried_with_backoff(loop: Loop) -> None:
     assert loop.caddy.loaded == loop.text and not loop.file.marked
 
 
-def test_a_rejected_config_keeps_the_previous_file(loop: Loop) -> None:
+def test_a_route_caddy_refuses_costs_only_its_instance(loop: Loop) -> None:
     loop.run_for(0.1)
-    good = loop.text
     loop.caddy.rejects = "frozen.example.test"  # a Caddy that refuses this host
     loop.incus.set_config("icfrec-a", "rec-frozen", "user.caddyserver.http.upstream.port", "81")
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")  # another change meanwhile
     loop.emit("icfrec-a", "rec-frozen", "instance-updated")
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    loop.run_for(0.3)
+    assert "frozen.example.test" not in loop.text and "b.example.test" not in loop.text
+    assert "a.example.test" in loop.text and loop.caddy.loaded == loop.text
+    assert "rejected icfrec-a/rec-frozen: Caddy refused its route" in loop.log.getvalue()
+
+
+def test_a_config_refused_as_a_whole_keeps_the_previous_file(loop: Loop) -> None:
+    loop.run_for(0.1)
+    good = loop.text
+    loop.caddy.rejects = "# Generated"  # refused whatever the instances
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
     loop.run_for(0.3)
     assert loop.text == good and loop.caddy.loaded == good
     assert "Caddy rejected" in loop.cycle_lines[-1]
@@ -176,11 +197,28 @@ def test_an_address_that_comes_later_is_polled_for_and_applied_at_once() -> None
     assert ("icfrec-a", "rec-web") not in loop.watcher.polls
 
 
-def test_a_file_trigger_reloads_caddy_though_the_bytes_are_the_same(loop: Loop) -> None:
+def test_an_imported_file_reloads_caddy_though_the_bytes_are_the_same(tmp_path: Path) -> None:
+    snippets = tmp_path / "snippets.caddy"
+    snippets.write_text("(auth) {\n}\n")
+    loop = Loop(Settings(scheme="http", snippets=snippets))
     loop.run_for(0.1)
-    loop.watcher.on_file(str(Path("/etc/caddy/snippets.caddy")))
+    loop.watcher.on_file(str(snippets))
     loop.run_for(0.3)
     assert loop.caddy.loads == 2 and loop.file.writes == 1
+
+
+def test_a_settings_file_change_with_the_same_output_does_not_reload(tmp_path: Path) -> None:
+    loop = Loop(Settings(scheme="http", config_file=tmp_path / "settings.toml"))
+    loop.run_for(0.1)
+    loop.watcher.on_file(str(tmp_path / "settings.toml"))
+    loop.run_for(0.3)
+    assert loop.watcher.cycles == 2 and loop.caddy.loads == 1
+
+
+def test_the_first_cycle_says_what_the_file_holds(loop: Loop) -> None:
+    loop.run_for(0.1)
+    assert loop.cycle_lines[0].startswith("incus-caddyfile: 7 sites: a.example.test")
+    assert "sites +" not in loop.cycle_lines[0]
 
 
 def test_periodic_resync_lists_everything_again() -> None:

@@ -66,18 +66,27 @@ class CycleLog:
         changes: dict[str, list[str]],
         duration: float,
         requests: int,
+        first: bool = False,
     ) -> None:
+        """One line; the first cycle of a process says what the file holds (there is no
+        "before" to compare with), later ones what changed."""
         if report.model is not None:
             self.rejections(report.model)
         for warning in report.warnings:
             self.log("warning", warning)
-        counts = {k: len(v) for k, v in changes.items()}
-        detail = "; ".join(f"{k} {some(v)}" for k, v in changes.items() if v)
+        if first:
+            hosts = [s.host for s in report.model.all_sites] if report.model else []
+            what = f"{len(hosts)} sites{': ' + some(hosts) if hosts else ''}"
+        else:
+            counts = {k: len(v) for k, v in changes.items()}
+            detail = "; ".join(f"{k} {some(v)}" for k, v in changes.items() if v)
+            what = (
+                f"sites +{counts.get('added', 0)} -{counts.get('removed', 0)}"
+                f" ~{counts.get('changed', 0)}{': ' + detail if detail else ''}"
+            )
         self.log(
             "cycle",
-            f"sites +{counts.get('added', 0)} -{counts.get('removed', 0)}"
-            f" ~{counts.get('changed', 0)}{': ' + detail if detail else ''}; {report.summary()}"
-            f" (after {summarise(triggers)})",
+            f"{what}; {report.summary()} (after {summarise(triggers)})",
             **changes,
             triggers=[str(t) for t in triggers],
             written=report.written,

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from .. import pipeline, targets
@@ -254,8 +255,8 @@ class Watcher:
         if not self.link.connected or client is None:
             return False  # keep the last good file; the reconnect will resync
         triggers, self.triggers = self.triggers, []
-        changed_files = any(t.kind is Kind.FILE for t in triggers)
-        if changed_files:
+        files = [Path(t.detail) for t in triggers if t.kind is Kind.FILE]
+        if files:
             self._reload_settings()
         started = self.clock()
         requests_before = client.requests
@@ -269,7 +270,7 @@ class Watcher:
         mode = RunMode(
             verify_running=self.verify_caddy,
             # a snippet or site file changed: the Caddyfile's bytes may not, Caddy's must
-            force_reload=changed_files,
+            force_reload=any(self._imported(f) for f in files),
         )
         target = self.make_target(self.settings, client)
         report = pipeline.apply(self.settings, self.cache.listing(), target, mode)
@@ -280,6 +281,7 @@ class Watcher:
     def _after(
         self, report: Report, triggers: list[Trigger], started: float, requests: int
     ) -> None:
+        first = self.model is None
         changes = site_changes(self.model, report.model) if report.model else {}
         if report.error is None or report.error == Status.RELOAD_FAILED:
             self.model = report.model  # the file now holds this model
@@ -289,7 +291,15 @@ class Watcher:
         elif report.error is None:
             self.reload_retry.clear()
             self.verify_caddy = False
-        self.cycle_log.cycle(report, triggers, changes, self.clock() - started, requests)
+        duration = self.clock() - started
+        self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
+
+    def _imported(self, path: Path) -> bool:
+        """A file the Caddyfile imports (so Caddy reads it), not one only we read."""
+        snippets, sites = self.settings.snippets, self.settings.sites_dir
+        return (snippets is not None and path == snippets.resolve()) or (
+            sites is not None and path.parent == sites.resolve()
+        )
 
     def _reload_settings(self) -> None:
         try:

@@ -79,10 +79,10 @@ def test_doctor_and_routes_see_the_snippets_render_sees(lab: Lab, tmp_path: Path
     lab.address(project, name)
     snippets = tmp_path / "snippets.caddy"
     snippets.write_text("(via) {\n\theader X-Via incus-caddyfile\n}\n")
-    args = ["--snippets", snippets, "--scheme", "http", "--no-reload"]
+    args = ["--snippets", snippets, "--scheme", "http"]
 
-    assert run_cli("render", *args).returncode == 0
-    doctor = run_cli("doctor", *args)
+    assert run_cli("render", *args, "--no-reload").returncode == 0
+    doctor = run_cli("doctor", *args, "--no-reload")
     assert "ok    template: renders 1 site(s), 0 rejected value(s)" in doctor.stdout
     rows = json.loads(run_cli("routes", "--json", *args).stdout)
     assert [r["state"] for r in rows if r["instance"] == name] == ["routed"]
