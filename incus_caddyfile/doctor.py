@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import pipeline, targets
-from .caddy import CaddyError, CaddyRejected
+from .caddy import CaddyError
 from .destinations import LocalFile
 from .incus import IncusApi, IncusError, connect
-from .inventory import Inventory
+from .model import Instance
 from .output import OutputError
 from .render import TemplateError, render
 from .settings import Settings, SettingsError, default_incus_socket
@@ -70,13 +70,13 @@ def _projects_check(api: IncusApi) -> Check:
     )
 
 
-def _render_check(settings: Settings, api: IncusApi | None) -> tuple[str | None, Check]:
+def _render_check(settings: Settings, api: IncusApi | None) -> tuple[list[Instance] | None, Check]:
     """The template over the fleet (over no instances when Incus cannot be listed, so the
-    operator's own settings are still checked)."""
+    operator's own settings are still checked). The instances, when it renders."""
     try:
-        instances = Inventory(api).instances() if api is not None else []
+        instances = pipeline.collect(api) if api is not None else []
         model = pipeline.model_for(settings, instances)
-        text = render(model, settings)
+        render(model, settings)
     except IncusError as exc:
         return None, Check("template", False, str(exc), "see the Incus checks above")
     except SettingsError as exc:
@@ -88,12 +88,12 @@ def _render_check(settings: Settings, api: IncusApi | None) -> tuple[str | None,
     rejected = len([r for r in model.rejections if not r.ignored])
     fleet = "" if api is not None else " (without instances: Incus is not reachable)"
     detail = f"renders {len(model.all_sites)} site(s), {rejected} rejected value(s){fleet}"
-    return text, Check("template", True, detail)
+    return instances, Check("template", True, detail)
 
 
 def _target_checks(settings: Settings, api: IncusApi | None) -> list[Check]:
     """Caddy, the template, Caddy's verdict on the result, and the output file."""
-    text, rendered = _render_check(settings, api)
+    instances, rendered = _render_check(settings, api)
     try:
         target = targets.for_settings(settings, api)
     except ValueError:
@@ -108,8 +108,8 @@ def _target_checks(settings: Settings, api: IncusApi | None) -> list[Check]:
     if target is None:
         return [rendered, Check("output", True, "stdout (no --output)")]
     checks = [_caddy_check(settings, target), rendered]
-    if text is not None:
-        checks.append(_accepts_check(target, text))
+    if instances is not None:
+        checks.append(_accepts_check(settings, instances, target))
     checks.append(_output_check(target))
     return checks
 
@@ -133,24 +133,34 @@ def _caddy_check(settings: Settings, target: targets.Target) -> Check:
         return Check("caddy admin", False, str(exc), fix)
 
 
-def _accepts_check(target: targets.Target, text: str) -> Check:
-    try:
-        by = target.caddy.check(text)
-    except CaddyRejected as exc:
+def _accepts_check(settings: Settings, instances: list[Instance], target: targets.Target) -> Check:
+    """Caddy's verdict, as render would meet it: the config, and each instance's route."""
+    verdict = pipeline.ask_caddy(settings, instances, target.caddy)
+    if verdict.whole is not None:
         return Check(
             "caddy accepts",
             False,
-            f"Caddy rejects the config: {exc}",
-            "fix the --global-option/--acme-dns values or the template",
+            f"Caddy rejects the config: {verdict.whole}",
+            "fix the --global-option/--acme-dns values, the snippets or sites, or the template",
         )
-    except (CaddyError, OutputError) as exc:
+    if verdict.unasked is not None:
         return Check(
             "caddy accepts",
             False,
-            str(exc),
+            verdict.unasked,
             "start Caddy, or install caddy on PATH / set --caddy-bin",
         )
-    return Check("caddy accepts", True, f"the rendered config is valid ({by})")
+    if verdict.refused:
+        listed = "; ".join(f"{p}/{n}: {why}" for (p, n), why in sorted(verdict.refused.items()))
+        return Check(
+            "caddy accepts",
+            False,
+            f"valid without the routes of {len(verdict.refused)} instance(s), which Caddy"
+            f" refuses (Caddy refused its route): {listed}",
+            "their labels (or the template's use of them) must change; the other routes are"
+            " applied (see `incus-caddyfile routes`)",
+        )
+    return Check("caddy accepts", True, f"the rendered config is valid ({verdict.checked_by})")
 
 
 def _output_check(target: targets.Target) -> Check:

@@ -396,6 +396,7 @@ class Verdict:
     refused: dict[Key, str] = field(default_factory=dict)
     whole: str | None = None
     unasked: str | None = None
+    checked_by: str = ""  # who said so (the admin API, `caddy adapt` ...)
 
     @property
     def warnings(self) -> list[str]:
@@ -412,7 +413,7 @@ def ask_caddy(settings: Settings, instances: list[Instance], caddy: Caddy) -> Ve
     model = model_for(settings, instances)
     text = render(model, settings)
     try:
-        caddy.check(text)
+        checked_by = caddy.check(text)
     except CaddyRejected as exc:
         try:
             accepted, accepted_text, refused = accepted_config(settings, instances, caddy, str(exc))
@@ -420,10 +421,10 @@ def ask_caddy(settings: Settings, instances: list[Instance], caddy: Caddy) -> Ve
             return Verdict(model, text, whole=str(whole))
         except (CaddyError, OutputError) as error:
             return Verdict(model, text, unasked=str(error))
-        return Verdict(accepted, accepted_text, refused)
+        return Verdict(accepted, accepted_text, refused, checked_by=caddy.name)
     except (CaddyError, OutputError) as exc:
         return Verdict(model, text, unasked=str(exc))
-    return Verdict(model, text)
+    return Verdict(model, text, checked_by=checked_by)
 
 
 def checker(settings: Settings, api: IncusApi | None) -> Caddy:

@@ -61,7 +61,6 @@ from tests.harness import create_project, incus, projects_named  # noqa: E402
 
 PREFIX = "icfrec-"
 PROJECTS = [PREFIX + "a", PREFIX + "b", PREFIX + "c"]
-GUEST_READY_C = HERE / "guest_ready.c"
 
 
 def log(message: str) -> None:
@@ -169,31 +168,12 @@ def free_static_address(network: str) -> str:
     raise RuntimeError(f"no free address on {network}")
 
 
-def build_guest_ready(workdir: Path) -> Path | None:
-    """scripts/guest_ready.c, compiled static for the busybox image (None: no gcc)."""
-    gcc = shutil.which("gcc")
-    if gcc is None or not GUEST_READY_C.exists():
-        log("no gcc or no scripts/guest_ready.c: rec-ready stays Running")
-        return None
-    exe = workdir / "guest_ready"
-    proc = subprocess.run(
-        [gcc, "-static", "-Os", "-o", str(exe), str(GUEST_READY_C)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        log(f"gcc failed, rec-ready stays Running: {proc.stderr.strip()}")
-        return None
-    return exe
-
-
-def mark_ready(project: str, name: str, exe: Path) -> bool:
-    incus("file", "push", str(exe), f"{name}/guest_ready", "--mode", "0755", "--project", project)
-    proc = subprocess.run(
-        ["incus", "exec", name, "--project", project, "--", "/guest_ready"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        log(f"guest_ready in {project}/{name} failed: {proc.stdout}{proc.stderr}")
+def mark_ready(project: str, name: str, workdir: Path) -> bool:
+    """rec-ready tells Incus through the guest API that it is Ready (needs gcc)."""
+    try:
+        harness.set_guest_state(project, name, harness.build_guest_ready(workdir))
+    except (OSError, subprocess.CalledProcessError, harness.HarnessError) as exc:
+        log(f"guest_ready in {project}/{name} failed, it stays Running: {exc}")
         return False
     wait_status(project, name, "Ready")
     return True
@@ -252,8 +232,7 @@ def build_fleet(workdir: Path) -> None:
     incus("stop", "--force", "rec-stopped", "--project", a)
     incus("pause", "rec-frozen", "--project", a)
     wait_status(a, "rec-frozen", "Frozen")
-    exe = build_guest_ready(workdir)
-    if exe is not None and mark_ready(b, "rec-ready", exe):
+    if mark_ready(b, "rec-ready", workdir):
         log("rec-ready is Ready")
 
 

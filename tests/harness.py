@@ -156,6 +156,34 @@ def remove_project(project: str, run: Callable[..., str] = incus) -> None:
     run("project", "delete", project, check=False)
 
 
+GUEST_READY_C = ROOT / "scripts" / "guest_ready.c"
+
+
+def build_guest_ready(workdir: Path) -> Path:
+    """scripts/guest_ready.c compiled static (for the busybox image): it tells Incus through
+    the guest API (/dev/incus/sock) that the instance is Ready."""
+    exe = workdir / "guest_ready"
+    if not exe.exists():
+        subprocess.run(
+            ["gcc", "-static", "-Os", "-o", str(exe), str(GUEST_READY_C)],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+    return exe
+
+
+def set_guest_state(
+    project: str, name: str, exe: Path, state: str = "Ready", run: Callable[..., str] = incus
+) -> None:
+    """Run the guest API call inside the instance (state Ready, or Started to undo it)."""
+    run("file", "push", str(exe), f"{name}/guest_ready", "--mode", "0755", "--project", project)
+    run("exec", name, "--project", project, "--", "/guest_ready", state)
+
+
+def status_of(project: str, name: str, run: Callable[..., str] = incus) -> str:
+    data = json.loads(run("query", f"/1.0/instances/{name}?project={project}"))
+    return str(data["status"])
+
+
 def projects_named(prefix: str, run: Callable[..., str] = incus) -> list[str]:
     """The projects whose name starts with prefix."""
     data = json.loads(run("project", "list", "--format", "json"))

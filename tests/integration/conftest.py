@@ -180,7 +180,7 @@ def caddy_unix(tmp_path: Path) -> Iterator[Caddy]:
 
 
 def run_cli(
-    *args: str | Path, env: dict[str, str] | None = None
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     """The real command, as a process: `python -m incus_caddyfile ARGS`."""
     return subprocess.run(
@@ -190,14 +190,14 @@ def run_cli(
         timeout=120,
         check=False,
         env={**os.environ, **(env or {})},
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
-def render_and_start(caddy: Caddy, out: Path, *extra: str | Path) -> str:
+def render_and_start(caddy: Caddy, out: Path, *extra: str | Path, expect: int = 0) -> str:
     """Render once to out without reloading, then start Caddy on that file. Returns stderr."""
     result = run_cli("render", "-o", out, "--no-reload", *caddy.render_args, *extra)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == expect, result.stderr
     caddy.start(out)
     return result.stderr
 
