@@ -49,19 +49,24 @@ incus profile show caddy-web --project demo-blog >/dev/null 2>&1 || {
 launch demo-blog blog -p default -p caddy-web -c $L.matchers.host="blog.localhost www.blog.localhost"
 # a label Caddy must never see
 launch demo-blog sneaky -c $L.enable=true -c $L.matchers.host='evil.localhost { import /etc/passwd }' -c $L.upstream.port=80
-sleep 1  # DHCP leases arrive ~0.1 s after start
+# wait (bounded) for the DHCP leases, which arrive ~0.1 s after start
+for _ in $(seq 100); do
+  [ "$(incus list --all-projects -c n4 -f csv | grep -cE '^(shop1|shop2|blog|sneaky),[0-9]')" = 4 ] && break
+  sleep 0.1
+done
 
 if [ ! -f "$DEMO/caddy.pid" ] || ! kill -0 "$(cat "$DEMO/caddy.pid")" 2>/dev/null; then
-  printf '{\n\tadmin %s\n}\n' "$ADMIN" > "$DEMO/Caddyfile"
+  printf '{\n\tadmin %s\n\tdefault_bind 127.0.0.1\n}\n' "$ADMIN" > "$DEMO/Caddyfile"
   XDG_CONFIG_HOME=$DEMO XDG_DATA_HOME=$DEMO setsid caddy run --config "$DEMO/Caddyfile" --adapter caddyfile \
     > "$DEMO/caddy.log" 2>&1 < /dev/null &
   echo $! > "$DEMO/caddy.pid"
   for _ in $(seq 50); do curl -sf "http://$ADMIN/config/" >/dev/null && break; sleep 0.1; done
 fi
 
-echo "+ incus-caddyfile render --output $DEMO/Caddyfile --scheme http --caddy-admin $ADMIN --global-option 'http_port $HTTP_PORT'"
+echo "+ incus-caddyfile render --output $DEMO/Caddyfile --scheme http --caddy-admin $ADMIN --global-option 'http_port $HTTP_PORT' --global-option 'default_bind 127.0.0.1'"
 set +e
-incus-caddyfile render --output "$DEMO/Caddyfile" --scheme http --caddy-admin "$ADMIN" --global-option "http_port $HTTP_PORT"
+incus-caddyfile render --output "$DEMO/Caddyfile" --scheme http --caddy-admin "$ADMIN" \
+  --global-option "http_port $HTTP_PORT" --global-option "default_bind 127.0.0.1"
 echo "(exit status $?: 3 means rendered, with a rejected instance)"
 set -e
 echo "+ cat $DEMO/Caddyfile"
