@@ -45,6 +45,10 @@ __all__ = [  # re-exported: the test modules import these from here
 ]  # fmt: skip
 
 PREFIX = "icft-"
+# Projects of this test session: icft-<pid in hex>x<random>. Several sessions can share the
+# lab (a second checkout, a benchmark, CI on the same machine); each removes only its own
+# projects and those of sessions whose process is gone.
+SESSION = f"{PREFIX}{os.getpid():x}x"
 
 
 def self_signed_cert(key: Path, cert: Path, name: str) -> Path:
@@ -64,7 +68,7 @@ class Lab:
         self.projects: list[str] = []
 
     def project(self) -> str:
-        name = PREFIX + uuid.uuid4().hex[:8]
+        name = SESSION + uuid.uuid4().hex[:6]
         create_project(name, created=self.projects)
         return name
 
@@ -145,7 +149,17 @@ def lab_ready() -> None:
     ):
         skip_or_fail(f"the lab image {IMAGE} is missing (run scripts/lab.sh up)")
     for project in projects_named(PREFIX):  # left by an interrupted run
-        remove_project(project)
+        if not _session_alive(project):
+            remove_project(project)
+
+
+def _session_alive(project: str) -> bool:
+    """The test session that made the project still runs (its pid is in the name)."""
+    pid, sep, _ = project.removeprefix(PREFIX).partition("x")
+    try:
+        return bool(sep) and int(pid, 16) != os.getpid() and Path(f"/proc/{int(pid, 16)}").exists()
+    except ValueError:
+        return False
 
 
 @pytest.fixture
