@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help install lab test unit lint bench demo clean
+.PHONY: help install lab test unit lint bench soak demo clean
 
 help:
 	@echo "make install   create $(VENV) and install the package with test tools"
@@ -12,6 +12,7 @@ help:
 	@echo "make unit      the fast suite: no root, no Incus, no Caddy (fakes), with coverage"
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     benchmarks under bench/ (needs the lab)"
+	@echo "make soak      randomized soak of watch (bench/soak.py; root, the lab; ~15 min; kills incusd)"
 	@echo "make demo      lab + labelled instances + Caddy, render, curl through Caddy"
 
 $(PY):
@@ -38,6 +39,9 @@ lint: install
 bench: install lab
 	$(PY) bench/render.py
 	$(PY) bench/watch.py
+
+soak: install lab
+	$(PY) bench/soak.py
 
 demo: install lab
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
