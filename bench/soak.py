@@ -1,6 +1,8 @@
-"""Soak: a seeded random driver against `incus-caddyfile watch`, a real Caddy and the lab's
-real incusd. After every quiet period an oracle, computed from a plain Incus listing by rules
-written out here (not the package's model), must equal what Caddy serves.
+"""Soak of `incus-caddyfile watch`: seeded random operations and faults, checked by an oracle.
+
+A seeded random driver runs against `watch`, a real Caddy and the lab's real incusd. After
+every quiet period an oracle, computed from a plain Incus listing by rules written out here
+(not the package's model), must equal what Caddy serves.
 
 Setup: --projects Incus projects `icfsoak-<random>-p<n>`, each with a profile `soak` that
 carries an upstream port, and --instances busybox containers of the lab image, created one
