@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help install lab test unit lint bench soak demo clean
+.PHONY: help install lab test unit lint bench soak demo appliance clean
 
 help:
 	@echo "make install   create $(VENV) and install the package with test tools"
@@ -14,6 +14,8 @@ help:
 	@echo "make bench     benchmarks under bench/ (needs the lab)"
 	@echo "make soak      randomized soak of watch (bench/soak.py; root, the lab; ~15 min; kills incusd)"
 	@echo "make demo      lab + labelled instances + Caddy, render, curl through Caddy"
+	@echo "make appliance the edge image (root; Debian bookworm) into dist/appliance, added to"
+	@echo "               the SimpleStreams tree dist/simplestreams"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +47,9 @@ soak: install lab
 
 demo: install lab
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+appliance: install
+	PYTHON=$(abspath $(PY)) bash scripts/appliance.sh build
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache
