@@ -238,3 +238,32 @@ def test_the_loop_sleeps_until_its_next_deadline(loop: Loop) -> None:
 
 def test_memory_file_and_fake_caddy_defaults() -> None:
     assert MemoryFile().read() is None and FakeCaddy().running("x") is False
+
+
+def test_events_of_projects_the_settings_leave_out_cost_nothing() -> None:
+    from incus_caddyfile.policy import Policy
+
+    loop = Loop(Settings(scheme="http", policy=Policy(include=("icfrec-a",))))
+    loop.run_for(0.1)
+    before = loop.incus.requests
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    loop.run_for(0.5)
+    assert loop.watcher.cycles == 1 and loop.incus.requests == before
+
+
+def test_a_policy_change_relists_everything(tmp_path: Path) -> None:
+    from incus_caddyfile.policy import Policy
+
+    settings = [Settings(scheme="http", policy=Policy(include=("icfrec-a",)))]
+    loop = Loop()
+    loop.watcher.load_settings = lambda: settings[0]
+    loop.watcher.settings = settings[0]
+    loop.run_for(0.1)
+    assert "b.example.test" not in loop.text
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")  # unseen: excluded
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    settings[0] = Settings(scheme="http")  # now every project counts
+    loop.watcher.on_file(str(tmp_path / "settings.toml"))
+    loop.run_for(0.3)
+    assert "ready.example.test" in loop.text  # icfrec-b is listed afresh
+    assert "b.example.test {" not in loop.text.replace("http://", "")  # and its stop is seen

@@ -173,6 +173,8 @@ class Watcher:
         elif item is Signal.HUP:
             self._want(Trigger(Kind.SIGNAL))
         elif isinstance(item, Trigger):
+            if item.instance and not self.settings.policy.considers(item.project):
+                return  # a project the settings leave out cannot change the output
             self._want(item)
 
     def _want(self, trigger: Trigger) -> None:
@@ -303,6 +305,10 @@ class Watcher:
 
     def _reload_settings(self) -> None:
         try:
-            self.settings = self.load_settings()
+            settings = self.load_settings()
         except Exception as exc:  # a half-saved settings file: keep the settings we have
             self.log("warning", f"settings not reloaded, keeping the previous ones: {exc}")
+            return
+        if settings.policy != self.settings.policy:
+            self.cache.missed_events()  # events of newly included projects were not followed
+        self.settings = settings
