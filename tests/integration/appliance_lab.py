@@ -593,8 +593,8 @@ def get(
         )
     except OSError as exc:
         return Answer(0, str(exc))
+    sock: socket.socket = raw
     try:
-        sock: socket.socket = raw
         if context is not None:
             sock = context.wrap_socket(raw, server_hostname=host)
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -607,6 +607,7 @@ def get(
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         return Answer(0, str(exc))
     finally:
+        sock.close()
         raw.close()
 
 
