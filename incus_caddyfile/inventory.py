@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +120,11 @@ class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
     return a partial listing."""
 
-    def __init__(self, api: IncusApi) -> None:
+    def __init__(self, api: IncusApi, considers: Callable[[str], bool] | None = None) -> None:
+        """`considers(project)`: whether the project counts (the settings' policy); the
+        instances of the others are listed without addresses, at no request of their own."""
         self.api = api
+        self.considers = considers or (lambda project: True)
         self._bounds: dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]] = {}
 
     def instances(self) -> list[Instance]:
@@ -129,7 +132,7 @@ class Inventory:
         raws = self.api.list_instances()
         bare = [bare_instance(raw) for raw in raws]
         leases = self._lease_maps(
-            (inst, raw) for inst, raw in zip(bare, raws, strict=True) if wants_address(inst)
+            (inst, raw) for inst, raw in zip(bare, raws, strict=True) if self._wants(inst)
         )
         return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
 
@@ -140,8 +143,11 @@ class Inventory:
         if raw is None:
             return None
         inst = bare_instance(raw, project)
-        wanted = [(inst, raw)] if wants_address(inst) else []
+        wanted = [(inst, raw)] if self._wants(inst) else []
         return self._addressed(inst, raw, self._lease_maps(wanted))
+
+    def _wants(self, inst: Instance) -> bool:
+        return wants_address(inst) and self.considers(inst.project)
 
     def _lease_maps(self, wanted: Iterable[tuple[Instance, Mapping[str, Any]]]) -> LeaseMaps:
         pairs = sorted(
@@ -152,7 +158,7 @@ class Inventory:
     def _addressed(self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps) -> Instance:
         """The instance with its NICs' addresses, from the leases, or from its live state
         when the leases do not give the address its labels ask for."""
-        if not wants_address(inst):
+        if not self._wants(inst):
             return inst
         refs = nic_refs(raw)
         nics = tuple(

@@ -123,3 +123,10 @@ def test_a_failed_request_fails_the_whole_listing(fake: FakeIncus) -> None:
     fake.fail_on = {"network_leases"}
     with pytest.raises(IncusError):
         Inventory(fake).instances()
+
+
+def test_projects_the_policy_leaves_out_cost_no_address_request(fake: FakeIncus) -> None:
+    fleet = by_name(Inventory(fake, considers=lambda project: project == "icfrec-a").instances())
+    asked = {args[0] for name, *args in fake.calls if name in ("network_leases", "instance_state")}
+    assert asked == {"icfrec-a"}
+    assert addresses(fleet["rec-web"]) and fleet["rec-static"].nics == ()  # icfrec-b: none

@@ -267,3 +267,18 @@ def test_a_policy_change_relists_everything(tmp_path: Path) -> None:
     loop.run_for(0.3)
     assert "ready.example.test" in loop.text  # icfrec-b is listed afresh
     assert "b.example.test {" not in loop.text.replace("http://", "")  # and its stop is seen
+
+
+def test_a_failed_write_is_retried_when_nothing_else_happens(loop: Loop) -> None:
+    """Found by the soak: a read-only output directory failed the cycle, and the change
+    waited for the next event (or the resync, minutes later) once the disk was back."""
+    loop.run_for(0.1)
+    loop.file.fail_write = True
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    loop.run_for(0.5)
+    assert "b.example.test" in loop.text  # not written
+    loop.file.fail_write = False  # the disk is back; no event comes
+    loop.run_for(2.5)
+    assert "b.example.test {" not in loop.text.replace("http://", "")
+    assert "(after retry)" in loop.cycle_lines[-1]

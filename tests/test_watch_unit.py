@@ -243,7 +243,7 @@ def test_cache_lists_once_then_fetches_only_what_events_name() -> None:
 
 
 def test_trigger_kinds_are_local_or_fetch() -> None:
-    assert {k for k in Kind if k.local} == {Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY}
+    assert {k for k in Kind if k.local} == {Kind.FILE, Kind.ADDRESS, Kind.RETRY}
     assert Trigger(Kind.TIMER).full and not Trigger(Kind.FILE, detail="x").full
     assert str(Trigger(Kind.INCUS, "instance-started", "p", "a")) == "instance-started p/a"
     assert str(Trigger(Kind.FILE, detail="/t.j2")) == "file /t.j2"

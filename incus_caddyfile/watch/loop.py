@@ -45,8 +45,8 @@ class WatchOptions:
     address_poll_first: float = 0.05
     reconnect_first: float = 0.5
     reconnect_cap: float = 30.0
-    reload_retry_first: float = 1.0
-    reload_retry_cap: float = 30.0
+    retry_first: float = 1.0  # a cycle that failed to write or reload is run again
+    retry_cap: float = 30.0
     log_format: str = "text"
 
 
@@ -57,6 +57,9 @@ class Signal(Enum):
     HUP = "hup"
     CLOSED = "closed"  # the Incus event stream ended
 
+
+# Failures that may pass by themselves: a read-only or full disk, Caddy down or restarting.
+RETRIED = frozenset({Status.WRITE_FAILED, Status.RELOAD_FAILED, Status.CADDY_REJECTED})
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
 
@@ -86,9 +89,12 @@ class Watcher:
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
         self.debounce = Debouncer(options.debounce_min, options.debounce_max)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
-        self.cache = InstanceCache(pipeline.collect, pipeline.fetch)
+        self.cache = InstanceCache(
+            lambda api: pipeline.collect(api, self.settings.policy),
+            lambda api, project, name: pipeline.fetch(api, project, name, self.settings.policy),
+        )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
-        self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
+        self.retry = Retry(options.retry_first, options.retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
@@ -141,7 +147,7 @@ class Watcher:
         deadlines = [
             self.debounce.deadline(),
             self.link.retry.at,
-            self.reload_retry.at,
+            self.retry.at,
             self.next_resync if self.link.connected else None,
             *self.polls.deadlines(),
         ]
@@ -193,10 +199,10 @@ class Watcher:
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
         self._due_polls(now)
-        if self.reload_retry.due(now):
-            self.reload_retry.take()
+        if self.retry.due(now):
+            self.retry.take()
             self.verify_caddy = True
-            self._want(Trigger(Kind.RELOAD_RETRY))
+            self._want(Trigger(Kind.RETRY))
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
             self.debounce.fired(self.clock(), changed=self._cycle())
@@ -228,7 +234,7 @@ class Watcher:
             return
         for key in self.polls.due(now):
             try:
-                inst = pipeline.fetch(client, *key)
+                inst = pipeline.fetch(client, *key, self.settings.policy)
             except IncusError as exc:
                 self._disconnected(str(exc))
                 return
@@ -247,7 +253,7 @@ class Watcher:
         """Started instances still without an address (or open port): poll them, from 50 ms
         with backoff, instead of sleeping; the route appears when the address does."""
         for inst in instances:
-            if awaits_address(inst):
+            if awaits_address(inst) and self.settings.policy.considers(inst.project):
                 self.polls.start((inst.project, inst.name), self.clock())
 
     # ---- one cycle ----
@@ -287,11 +293,13 @@ class Watcher:
         changes = site_changes(self.model, report.model) if report.model else {}
         if report.error is None or report.error == Status.RELOAD_FAILED:
             self.model = report.model  # the file now holds this model
-        if report.error == Status.RELOAD_FAILED:
-            self.reload_retry.schedule(self.clock())
+        if report.error in RETRIED:
+            # Nothing else may come to trigger the next try (the disk is writable again,
+            # Caddy is back): try again, with backoff.
+            self.retry.schedule(self.clock())
             self.verify_caddy = True
         elif report.error is None:
-            self.reload_retry.clear()
+            self.retry.clear()
             self.verify_caddy = False
         duration = self.clock() - started
         self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)

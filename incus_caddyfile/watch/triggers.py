@@ -36,12 +36,12 @@ class Kind(Enum):
     RECONNECT = "reconnect"  # the event stream is back: events were missed
     FILE = "file"  # the template, settings, snippets or a site file changed
     ADDRESS = "address"  # an instance polled for got its address (or open port)
-    RELOAD_RETRY = "reload-retry"  # a failed reload is tried again
+    RETRY = "retry"  # a cycle that failed to write or reload runs again
 
     @property
     def local(self) -> bool:
         """Re-render from the cache: nothing to fetch from Incus."""
-        return self in (Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY)
+        return self in (Kind.FILE, Kind.ADDRESS, Kind.RETRY)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 (icfa-*) with the systemd containers in them, a real ACME server (Pebble, Debian's package), an
 image server (a real Caddy serving a SimpleStreams tree over HTTPS) and verified HTTPS requests.
 
-Everything listens on 127.0.0.1 or lives in the lab's Incus. Every wait is bounded.
+Everything listens on 127.0.0.1 (Pebble's API may listen on the lab bridge's own address
+instead) or lives in the lab's Incus. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -337,8 +338,11 @@ class Pebble:
     The test DNS answers 127.0.0.1 for every name, and validation connects to http_port
     (HTTP-01) and tls_port (TLS-ALPN-01) there, where the edge's published ports listen."""
 
-    def __init__(self, workdir: Path, http_port: int, tls_port: int) -> None:
+    def __init__(
+        self, workdir: Path, http_port: int, tls_port: int, address: str = "127.0.0.1"
+    ) -> None:
         self.dir = workdir
+        self.address = address  # where the ACME API listens (a bridge's address: instances)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.tls_port = http_port, tls_port
         self.acme_port, self.mgmt_port = free_port(), free_port()
@@ -350,12 +354,13 @@ class Pebble:
 
     @property
     def directory(self) -> str:
-        return f"https://127.0.0.1:{self.acme_port}/dir"
+        return f"https://{self.address}:{self.acme_port}/dir"
 
     def _listener_certificate(self) -> None:
         """The package has no certificate for Pebble's own HTTPS: a small CA and one for
-        127.0.0.1."""
+        127.0.0.1 and the listening address."""
         d = self.dir
+        ips = dict.fromkeys(["127.0.0.1", self.address])
         openssl(
             "req",
             "-x509",
@@ -392,7 +397,8 @@ class Pebble:
             "/CN=localhost",
         )
         (d / "listener.ext").write_text(
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+            f"subjectAltName=DNS:localhost,{','.join(f'IP:{ip}' for ip in ips)}\n"
+            "basicConstraints=critical,CA:FALSE\n"
             "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n"
         )
         openssl(
@@ -417,8 +423,8 @@ class Pebble:
         self._listener_certificate()
         config = {
             "pebble": {
-                "listenAddress": f"127.0.0.1:{self.acme_port}",
-                "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
+                "listenAddress": f"{self.address}:{self.acme_port}",
+                "managementListenAddress": f"{self.address}:{self.mgmt_port}",
                 "certificate": str(self.dir / "listener.pem"),
                 "privateKey": str(self.dir / "listener.key"),
                 "httpPort": self.http_port,
@@ -462,7 +468,7 @@ class Pebble:
         ctx = ssl.create_default_context(cafile=str(self.listener_ca))
 
         def fetch_root() -> bool:
-            answer = get("127.0.0.1", self.mgmt_port, "localhost", ctx, "/roots/0")
+            answer = get(self.address, self.mgmt_port, "localhost", ctx, "/roots/0")
             if answer.status == 200:
                 self.root.write_text(answer.body)
             return answer.status == 200
