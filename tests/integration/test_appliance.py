@@ -14,6 +14,7 @@ bench/results/appliance.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -154,11 +155,11 @@ def edge(lab_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     work = tmp_path_factory.mktemp("appliance")
     remove_leftovers()
     projects = Projects()
-    image_server: ImageServer | None = None
-    pebble: Pebble | None = None
-    try:
+    with contextlib.ExitStack() as undo:  # every step undone, even when one of them fails
+        undo.callback(projects.cleanup)
         build = build_image("build", work / "image", tree=work / "simplestreams")
         image_server = ImageServer(str(caddy), work / "simplestreams", work / "image-server")
+        undo.callback(image_server.stop)
         image_server.start()
         client = IncusClient(work / "incus-conf")
         client.add_simplestreams(REMOTE, image_server)
@@ -168,6 +169,7 @@ def edge(lab_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         gateway = incus("network", "get", NETWORK, "ipv4.address").strip().split("/")[0]
         http_port, https_port = free_port(), free_port()
         pebble = Pebble(work / "pebble", http_port, https_port, address=gateway)
+        undo.callback(pebble.stop)
         pebble.start()
         ca_dir = work / "acme-ca"
         ca_dir.mkdir(mode=0o755)
@@ -236,12 +238,6 @@ def edge(lab_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         FIGURES.parent.mkdir(parents=True, exist_ok=True)
         FIGURES.write_text(json.dumps(edge.figures, indent=2) + "\n")
         print(f"\nappliance figures: {json.dumps(edge.figures)}")
-    finally:
-        projects.cleanup()
-        if pebble is not None:
-            pebble.stop()
-        if image_server is not None:
-            image_server.stop()
 
 
 def test_edge_serves_two_projects_over_verified_https(edge: Edge) -> None:
