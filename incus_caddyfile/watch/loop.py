@@ -46,7 +46,7 @@ class WatchOptions:
     reconnect_first: float = 0.5
     reconnect_cap: float = 30.0
     retry_first: float = 1.0  # a cycle that failed to write or reload is run again
-    retry_cap: float = 30.0
+    retry_cap: float = 5.0  # a retry is a render from the cache: cheap; converge fast
     log_format: str = "text"
 
 
