@@ -410,11 +410,34 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     envvar=_env("LOG_FORMAT"),
     help="One line per cycle on stderr; json for machines.",
 )
+@option(
+    "--listen",
+    envvar=_env("LISTEN"),
+    metavar="ADDR",
+    help="Serve health, readiness, routes, metrics, a status page and the on-demand TLS"
+    " ask here: 127.0.0.1:PORT or unix//path (another address needs a token). Default: off.",
+)
+@option(
+    "--listen-token",
+    envvar=_env("LISTEN_TOKEN"),
+    metavar="TOKEN",
+    help="Token every request but /healthz must carry (Bearer, or Basic password).",
+)
+@option(
+    "--listen-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("LISTEN_TOKEN_FILE"),
+    metavar="FILE",
+    help="Read the token from this file's first line.",
+)
 def watch(
     debounce: tuple[float, float],
     resync_interval: float,
     address_timeout: float,
     log_format: str,
+    listen: str | None,
+    listen_token: str | None,
+    listen_token_file: Path | None,
     **kwargs: Any,
 ) -> None:
     """Keep --output true to Incus: render at start, then on every relevant Incus event.
@@ -429,7 +452,10 @@ def watch(
     Examples:
         incus-caddyfile watch -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
         incus-caddyfile watch --config /etc/incus-caddyfile.toml --log-format json
+        incus-caddyfile watch -o /etc/caddy/Caddyfile --listen 127.0.0.1:9180
     """
+    from .edge import serve
+    from .watch.cyclelog import Log
     from .watch.loop import Watcher, WatchOptions
 
     ctx = click.get_current_context()
@@ -451,7 +477,22 @@ def watch(
         address_timeout=address_timeout,
         log_format=log_format,
     )
-    sys.exit(Watcher(load, options).run())
+    log = Log(log_format)
+    edge = None
+    if listen:
+        try:
+            edge = serve.setup(listen, listen_token, listen_token_file, settings.reload)
+        except serve.EdgeSetupError as exc:
+            raise click.UsageError(str(exc)) from None
+        edge.listener.start()
+        where = edge.listener.where
+        log("listen", f"serving the status page, /metrics and /ask on {where}", url=where)
+    try:
+        code = Watcher(load, options, log=log, observer=edge.state if edge else None).run()
+    finally:
+        if edge is not None:
+            edge.listener.stop()
+    sys.exit(code)
 
 
 ROUTES_EPILOG = (
