@@ -379,3 +379,72 @@ def test_reload_failure_outcome_names() -> None:
     assert outcome_of(Report(written=True)) == "applied"
     assert outcome_of(Report()) == "unchanged"
     assert outcome_of(Report().fail(Status.RELOAD_FAILED, "x")) == "reload_failed"
+
+
+# ---------------------------------------------------------------- routes and doctor --from
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from incus_caddyfile import cli
+
+    result = CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_routes_from_a_running_watch(served: tuple[Observed, Listener]) -> None:
+    loop, listener = served
+    loop.run_for(0.1)
+    url = f"127.0.0.1:{listener.port}"
+    code, out, err = invoke("routes", "--from", url, "--json")
+    assert code == 0 and err == ""
+    assert out == http_get(listener.port, "/routes")[2]
+    code, table, _ = invoke("routes", "--from", f"http://{url}")
+    assert code == 0 and table.splitlines()[0].split()[:2] == ["PROJECT", "INSTANCE"]
+    assert "    not running (Stopped)" in table
+
+
+def test_doctor_from_a_running_watch(served: tuple[Observed, Listener]) -> None:
+    loop, listener = served
+    url = f"127.0.0.1:{listener.port}"
+    code, out, _ = invoke("doctor", "--from", url)
+    assert code == 1 and "FAIL  ready: no full sync yet" in out
+    loop.run_for(0.1)
+    code, out, _ = invoke("doctor", "--from", url)
+    assert code == 0, out
+    assert "ok    incus: the event stream is up" in out
+    assert "ok    caddy: runs the current file" in out
+    assert "ok    last cycle: applied after start, reconnect" in out
+    assert "ok    routes: 7 site(s); 7 instance(s) routed" in out
+    loop.caddy.load_fails = True
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    loop.run_for(0.3)
+    code, out, _ = invoke("doctor", "--from", url)
+    assert code == 1 and "FAIL  caddy: a reload is pending" in out
+
+
+def test_from_without_a_watch_or_with_a_wrong_token(tmp_path: Path) -> None:
+    code, _, err = invoke("routes", "--from", f"unix/{tmp_path}/none.sock")
+    assert code == 4 and "no watch answers" in err
+    code, out, _ = invoke("doctor", "--from", f"unix/{tmp_path}/none.sock")
+    assert code == 1 and "FAIL  watch: no watch answers" in out
+    state = EdgeState(process_metrics=False)
+    listener = Listener(parse("127.0.0.1:0"), EdgeApp(state.board, state.metrics, token=TOKEN))
+    listener.start()
+    try:
+        url = f"127.0.0.1:{listener.port}"
+        code, _, err = invoke("routes", "--from", url)
+        assert code == 2 and "wants its token" in err
+        code, _, err = invoke("routes", "--from", url, "--listen-token", TOKEN)
+        assert code == 0, err
+    finally:
+        listener.stop()
+    code, _, err = invoke("routes", "--from", "example.org:80")
+    assert code == 2 and "--from" in err
+
+
+def test_watch_refuses_a_non_loopback_listener_without_a_token(tmp_path: Path) -> None:
+    code, _, err = invoke("watch", "-o", str(tmp_path / "Caddyfile"), "--listen", "0.0.0.0:9180")
+    assert code == 2 and "a token is required" in err

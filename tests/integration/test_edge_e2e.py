@@ -219,3 +219,26 @@ def test_no_token_needed_on_loopback(watched: tuple[Lab, Caddy, WatchProcess, st
     _lab, _caddy, _watch, _project, url = watched
     for path in ("/", "/readyz", "/routes", "/metrics", "/state"):
         assert get(url, path)[0] == 200, path
+
+
+def test_routes_and_doctor_from_the_running_watch(
+    watched: tuple[Lab, Caddy, WatchProcess, str, str],
+) -> None:
+    lab, _caddy, watch, project, url = watched
+    name = f"f-{project[-4:]}"
+    lab.launch(project, name, labels(f"{name}.localhost"))
+    watch.wait_cycle(lambda c: f"{name}.localhost" in c.get("added", []))
+
+    table = run_cli("routes", "--from", url)
+    assert table.returncode == 0, table.stderr
+    [line] = [ln for ln in table.stdout.splitlines() if f" {name} " in ln]
+    assert line.split()[:5] == [project, name, "Running", "none", "routed"]
+    printed = run_cli("routes", "--from", url, "--json")
+    assert printed.returncode == 0 and printed.stderr == ""
+    assert json.loads(printed.stdout) == json.loads(get(url, "/routes")[1])
+
+    doctor = run_cli("doctor", "--from", url)
+    assert doctor.returncode == 0, doctor.stdout
+    assert "ok    incus: the event stream is up" in doctor.stdout
+    assert "ok    caddy: runs the current file" in doctor.stdout
+    assert "ok    ready: ready: Caddy runs the current file" in doctor.stdout
