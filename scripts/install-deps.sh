@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the lab needs on Debian bookworm: Incus from bookworm-backports (the daemon is
-# not in main) and busybox-static for the tiny test image. Idempotent; needs root.
+# not in main) and busybox-static for the tiny test image; Chromium and Pebble for the tests of
+# watch --listen. Idempotent; needs root.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 if [ ! -x /usr/libexec/incus/incusd ] || ! command -v incus >/dev/null || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/dnsmasq ] || ! command -v curl >/dev/null; then
@@ -11,4 +12,11 @@ if [ ! -x /usr/libexec/incus/incusd ] || ! command -v incus >/dev/null || [ ! -x
   apt-get install -y -qq -t bookworm-backports --no-install-recommends incus-base incus-client >/dev/null
   apt-get install -y -qq --no-install-recommends busybox-static dnsmasq-base curl xz-utils iproute2 >/dev/null
 fi
+# The status page's browser test (Debian's Chromium, driven by Playwright from the test extras)
+# and the on-demand TLS test against a real ACME server (Pebble with its DNS test server).
+if ! command -v chromium >/dev/null || ! command -v pebble >/dev/null || ! command -v pebble-challtestsrv >/dev/null || ! command -v openssl >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core pebble openssl >/dev/null
+fi
 incus --version
+chromium --version 2>/dev/null | head -1

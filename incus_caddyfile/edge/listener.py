@@ -127,7 +127,8 @@ class EdgeApp:
             return Response(200, JSON, body.encode())
         if path == "/metrics":
             return Response(200, CONTENT_TYPE, self.metrics.exposition())
-        html = page.render(snap, self.wall(), self.clock(), __version__)
+        refresh = page.refresh_of(url.query)
+        html = page.render(snap, self.wall(), self.clock(), __version__, refresh)
         return Response(200, "text/html; charset=utf-8", html.encode(), PAGE_HEADERS)
 
 

@@ -19,7 +19,21 @@ from .metrics import rejected_instances, verdict_of
 from .snapshot import Snapshot
 
 TEMPLATE = "status.html.j2"
-REFRESH_S = 5
+REFRESH_S = 5  # the default; ?refresh=0 turns it off (WCAG 2.2.1: the user can stop it)
+REFRESH_RANGE = (2, 3600)
+
+
+def refresh_of(query: str) -> int:
+    """Seconds between reloads asked in the query (`?refresh=N`, 0: off), else the default."""
+    from urllib.parse import parse_qs
+
+    value = parse_qs(query).get("refresh", [""])[0]
+    if not value.isdigit():
+        return REFRESH_S
+    seconds = int(value)
+    return 0 if seconds == 0 else min(max(seconds, REFRESH_RANGE[0]), REFRESH_RANGE[1])
+
+
 # model.build's reason for an instance whose project the settings leave out
 EXCLUDED = "project not included by the settings"
 
@@ -83,7 +97,9 @@ def _routes(snap: Snapshot) -> list[RouteView]:
     return out
 
 
-def view(snap: Snapshot, wall_now: float, clock_now: float, version: str) -> dict[str, Any]:
+def view(
+    snap: Snapshot, wall_now: float, clock_now: float, version: str, refresh: int = REFRESH_S
+) -> dict[str, Any]:
     """The template's context."""
     ready, reason = snap.readiness()
     rejected = rejected_instances(snap)
@@ -112,7 +128,8 @@ def view(snap: Snapshot, wall_now: float, clock_now: float, version: str) -> dic
     since = None if snap.last_sync is None else clock_now - snap.last_sync
     return {
         "version": version,
-        "refresh": REFRESH_S,
+        "refresh": refresh,
+        "default_refresh": REFRESH_S,
         "now": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(wall_now)),
         "ready": ready,
         "reason": reason,
@@ -138,5 +155,7 @@ def view(snap: Snapshot, wall_now: float, clock_now: float, version: str) -> dic
     }
 
 
-def render(snap: Snapshot, wall_now: float, clock_now: float, version: str) -> str:
-    return _template().render(view(snap, wall_now, clock_now, version))
+def render(
+    snap: Snapshot, wall_now: float, clock_now: float, version: str, refresh: int = REFRESH_S
+) -> str:
+    return _template().render(view(snap, wall_now, clock_now, version, refresh))

@@ -57,6 +57,10 @@ class CycleRecord:
     ok: bool = True
 
     @property
+    def trigger_summary(self) -> str:
+        return some(list(self.triggers), 5, sep=", ")
+
+    @property
     def changes(self) -> str:
         parts = [
             f"{sign}{some(list(hosts))}"
