@@ -254,6 +254,17 @@ TOKEN_OPTIONS: list[Callable[[Any], Any]] = [
 ]
 
 
+def on_demand_option(func: F) -> F:
+    return option(
+        "--on-demand-tls/--no-on-demand-tls",
+        default=False,
+        envvar=_env("ON_DEMAND_TLS"),
+        show_default=True,
+        help="Get each site's certificate at its first TLS handshake, and only for hosts an"
+        " instance routes (Caddy asks watch --listen's /ask). watch only: render refuses it.",
+    )(func)
+
+
 def token_options(func: F) -> F:
     return _apply(func, TOKEN_OPTIONS)
 
@@ -351,6 +362,7 @@ def main() -> None:
 @option("--check", is_flag=True, help="Write nothing; exit 1 if the file would change.")
 @option("--diff", is_flag=True, help="Write nothing; print a unified diff against --output.")
 @option("--quiet", "-q", is_flag=True, help="Do not report skipped (stopped ...) instances.")
+@on_demand_option
 def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
     """Render the Caddyfile once: print it, or write it and reload Caddy if it changed.
 
@@ -366,6 +378,12 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
         incus-caddyfile render --wildcard '*.example.org' --acme-dns 'cloudflare {env.CF_API_TOKEN}'
     """
     settings = make_settings(**kwargs)
+    if settings.on_demand_tls:
+        raise click.UsageError(
+            "--on-demand-tls: Caddy asks before each certificate whether the host is routed,"
+            " and only `incus-caddyfile watch --listen 127.0.0.1:PORT --on-demand-tls` is there"
+            " to answer; render cannot (without the ask, every name would get a certificate)"
+        )
     to_file = targets.writes_file(settings)
     if (check or diff) and not to_file:
         raise click.UsageError("--check and --diff compare with a file: give --output")
@@ -467,6 +485,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     " ask here: 127.0.0.1:PORT or unix//path (another address needs a token). Default: off.",
 )
 @token_options
+@on_demand_option
 def watch(
     debounce: tuple[float, float],
     resync_interval: float,
@@ -519,8 +538,17 @@ def watch(
     if listen:
         try:
             edge = serve.setup(listen, listen_token, listen_token_file, settings.reload)
+            if settings.on_demand_tls:
+                serve.check_ask(edge)
         except serve.EdgeSetupError as exc:
             raise click.UsageError(str(exc)) from None
+    elif settings.on_demand_tls:
+        raise click.UsageError(
+            "--on-demand-tls needs --listen 127.0.0.1:PORT: Caddy asks the watch there before"
+            " it gets a certificate"
+        )
+    load = serve.with_ask(load, edge.ask_url if edge is not None else None)
+    if edge is not None:
         edge.listener.start()
         where = edge.listener.where
         log("listen", f"serving the status page, /metrics and /ask on {where}", url=where)

@@ -448,3 +448,59 @@ def test_from_without_a_watch_or_with_a_wrong_token(tmp_path: Path) -> None:
 def test_watch_refuses_a_non_loopback_listener_without_a_token(tmp_path: Path) -> None:
     code, _, err = invoke("watch", "-o", str(tmp_path / "Caddyfile"), "--listen", "0.0.0.0:9180")
     assert code == 2 and "a token is required" in err
+
+
+# ---------------------------------------------------------------- on-demand TLS
+
+ASK = "http://127.0.0.1:9180/ask"
+
+
+def test_render_refuses_on_demand_tls(tmp_path: Path) -> None:
+    code, out, err = invoke("render", "--on-demand-tls")
+    assert code == 2 and out == "" and "render cannot" in err
+    settings = tmp_path / "s.toml"
+    settings.write_text("on-demand-tls = true\n")
+    code, _, err = invoke("render", "--config", str(settings))
+    assert code == 2 and "render cannot" in err
+    settings.write_text('on-demand-tls = "yes"\n')
+    code, _, err = invoke("render", "--config", str(settings))
+    assert code == 2 and "on-demand-tls must be true or false" in err
+
+
+def test_watch_on_demand_tls_needs_a_loopback_tcp_listener(tmp_path: Path) -> None:
+    out = str(tmp_path / "Caddyfile")
+    code, _, err = invoke("watch", "-o", out, "--on-demand-tls")
+    assert code == 2 and "needs --listen 127.0.0.1:PORT" in err
+    code, _, err = invoke(
+        "watch", "-o", out, "--on-demand-tls", "--listen", f"unix/{tmp_path}/edge.sock"
+    )
+    assert code == 2 and "loopback TCP address" in err
+    assert not (tmp_path / "edge.sock").exists()  # the listener that was bound is gone
+    code, _, err = invoke("watch", "-o", out, "--on-demand-tls", "--scheme", "http",
+                          "--listen", "127.0.0.1:0")  # fmt: skip
+    assert code == 2 and "drop --scheme http" in err
+
+
+def on_demand_text(wildcards: tuple[str, ...] = ()) -> str:
+    from incus_caddyfile.render import render
+    from incus_caddyfile.settings import Settings
+
+    fleet = [inst("web", host="web.example.org"), inst("shop", host="shop.apps.example.org")]
+    settings = Settings(on_demand_tls=True, on_demand_ask=ASK, wildcards=wildcards)
+    return render(build(fleet, wildcards), settings)
+
+
+def test_on_demand_tls_renders_the_ask_and_each_site_on_demand() -> None:
+    text = on_demand_text(("*.apps.example.org",))
+    assert f"\ton_demand_tls {{\n\t\task {ASK}\n\t}}\n}}\n" in text
+    assert "web.example.org {\n\ttls {\n\t\ton_demand\n\t}\n\n\treverse_proxy" in text
+    assert "*.apps.example.org {\n\ttls {\n\t\ton_demand\n\t}\n\n\t@shop_apps" in text
+
+
+@pytest.mark.caddy
+def test_caddy_takes_the_on_demand_config(caddy_admin: object) -> None:
+    config = caddy_admin.adapt(on_demand_text(("*.apps.example.org",)))  # type: ignore[attr-defined]
+    tls = config["apps"]["tls"]["automation"]
+    assert tls["on_demand"]["permission"] == {"endpoint": ASK, "module": "http"}
+    subjects = {s for p in tls["policies"] if p.get("on_demand") for s in p["subjects"]}
+    assert subjects == {"web.example.org", "*.apps.example.org"}

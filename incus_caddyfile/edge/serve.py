@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import Settings, SettingsError
 from .address import AddressError, parse
 from .keeper import EdgeState
 from .listener import EdgeApp, Listener
@@ -70,3 +73,30 @@ def setup(listen: str, token: str | None, token_file: Path | None, reloading: bo
     except OSError as exc:
         raise EdgeSetupError(f"--listen {listen}: {exc.strerror or exc}") from None
     return Edge(state, listener)
+
+
+def check_ask(edge: Edge) -> None:
+    """On-demand TLS: Caddy asks over plain HTTP and sends no token, so the listener must be
+    on a loopback TCP address (Caddy runs on this host, next to the file the watch writes)."""
+    address = edge.listener.address
+    if address.unix or not address.loopback:
+        edge.listener.stop()
+        raise EdgeSetupError(
+            f"--on-demand-tls: Caddy asks the watch over HTTP, without a token: --listen must"
+            f" be a loopback TCP address such as 127.0.0.1:9180, not {address}"
+        )
+
+
+def with_ask(load: Callable[[], Settings], ask_url: str | None) -> Callable[[], Settings]:
+    """The settings, with the ask URL filled in when they turn on-demand TLS on (the settings
+    file may turn it on later: without a listener that reload is refused and logged)."""
+
+    def load_with_ask() -> Settings:
+        settings = load()
+        if not settings.on_demand_tls:
+            return settings
+        if ask_url is None:
+            raise SettingsError("--on-demand-tls needs --listen 127.0.0.1:PORT")
+        return dataclasses.replace(settings, on_demand_ask=ask_url)
+
+    return load_with_ask
