@@ -1,0 +1,111 @@
+"""The cost of `watch --listen`, for bench/watch.py (measure 5): a paced load of `/ask`
+questions (as Caddy asks them with on-demand TLS) on one keep-alive connection, its latency,
+and the watch's cycle latency with the listener on and under that load, against the same
+figures with the listener off. Loopback only; the load is bounded in count and time."""
+
+from __future__ import annotations
+
+import http.client
+import math
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tests.harness import WatchProcess, wait_for
+
+ASK_RATE = 200.0  # questions per second
+MAX_SECONDS = 900.0  # the load stops by itself after this, whatever happens
+
+
+def listen_url(watch: WatchProcess, timeout: float = 30.0) -> str:
+    """The address the watch logged it listens on (given port 0)."""
+
+    def find() -> str | None:
+        return next(
+            (str(r.data["url"]) for r in watch.records if r.data.get("event") == "listen"), None
+        )
+
+    url = wait_for(find, timeout, 0.05)
+    if not url:
+        raise RuntimeError(f"watch logged no listen address:\n{watch.log_text(10)}")
+    return str(url)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest rank."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class AskLoad:
+    """`GET /ask?domain=NAME` at `rate` per second on one keep-alive connection (a new one if
+    it breaks), cycling through `names`, from `start` until `stop` (or MAX_SECONDS)."""
+
+    def __init__(self, url: str, names: Sequence[str], rate: float = ASK_RATE) -> None:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.names, self.rate = list(names), rate
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.errors = 0
+        self.late = 0  # questions sent later than their slot (the client fell behind)
+        self.elapsed = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ask-load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        interval = 1.0 / self.rate
+        began = time.perf_counter()
+        limit = int(self.rate * MAX_SECONDS)
+        for n in range(limit):
+            slot = began + n * interval
+            delay = slot - time.perf_counter()
+            if delay > 0:
+                if self._stop.wait(delay):
+                    break
+            elif delay < -interval:
+                self.late += 1
+            if self._stop.is_set():
+                break
+            name = self.names[n % len(self.names)]
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+                sent = time.perf_counter()
+                conn.request("GET", f"/ask?domain={name}")
+                response = conn.getresponse()
+                response.read()
+                self.latencies.append(time.perf_counter() - sent)
+                self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
+            except (OSError, http.client.HTTPException):
+                self.errors += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+        self.elapsed = time.perf_counter() - began
+        if conn is not None:
+            conn.close()
+
+    def figures(self) -> dict[str, Any]:
+        done = self.latencies
+        return {
+            "requests": len(done),
+            "rate_per_s": round(len(done) / self.elapsed, 1) if self.elapsed else None,
+            "target_rate_per_s": self.rate,
+            "p50_ms": round(statistics.median(done) * 1000, 3) if done else None,
+            "p99_ms": round(percentile(done, 0.99) * 1000, 3) if done else None,
+            "max_ms": round(max(done) * 1000, 3) if done else None,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "errors": self.errors,
+            "late": self.late,
+        }
