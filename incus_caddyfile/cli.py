@@ -537,7 +537,7 @@ def watch(
     edge = None
     if listen:
         try:
-            edge = serve.setup(listen, listen_token, listen_token_file, settings.reload)
+            edge = serve.setup(listen, listen_token, listen_token_file, settings.reload, log)
             if settings.on_demand_tls:
                 serve.check_ask(edge)
         except serve.EdgeSetupError as exc:

@@ -504,3 +504,18 @@ def test_caddy_takes_the_on_demand_config(caddy_admin: object) -> None:
     assert tls["on_demand"]["permission"] == {"endpoint": ASK, "module": "http"}
     subjects = {s for p in tls["policies"] if p.get("on_demand") for s in p["subjects"]}
     assert subjects == {"web.example.org", "*.apps.example.org"}
+
+
+def test_a_fault_in_the_state_is_logged_and_the_loop_goes_on() -> None:
+    logged: list[str] = []
+    state = EdgeState(process_metrics=False, log=lambda event, message, **_: logged.append(message))
+    broken = Report(model=build([inst("web")]))
+    state.cycle(broken, [Trigger(Kind.START)], {}, 0.01, None, 1.0)  # type: ignore[arg-type]
+    assert logged and "was not updated" in logged[0]
+    assert state.board.current().cycle_count == 0  # the last good state stays
+
+
+def test_the_authorization_header_in_any_case() -> None:
+    state = EdgeState(process_metrics=False)
+    app = EdgeApp(state.board, state.metrics, token=TOKEN)
+    assert app.handle("GET", "/routes", {"AUTHORIZATION": f"bearer {TOKEN}"}).status == 200

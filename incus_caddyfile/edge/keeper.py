@@ -4,8 +4,10 @@ thread only), counts the metrics, and publishes a new immutable snapshot at each
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..model import Instance, explain
 from ..pipeline import Report, Status
@@ -35,6 +37,27 @@ def trigger_label(triggers: Sequence[Trigger]) -> str:
     return first.action if first.kind is Kind.INCUS and first.action else first.kind.value
 
 
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def _guarded(method: F) -> F:
+    """A fault in keeping the served state must not stop the watch from routing: it is
+    logged, and the state stays as it was."""
+
+    @functools.wraps(method)
+    def call(self: EdgeState, *args: Any, **kwargs: Any) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception as exc:  # the loop goes on; the page shows the last good state
+            self.log("warning", f"the listener's state was not updated: {exc!r}")
+
+    return call  # type: ignore[return-value]
+
+
+def _no_log(event: str, message: str, **fields: Any) -> None:
+    pass
+
+
 class EdgeState:
     """Implements watch.observer.Observer. `clock` is the loop's clock (durations, ages);
     `wall` gives the times the page shows."""
@@ -45,8 +68,9 @@ class EdgeState:
         wall: Callable[[], float] = time.time,
         reloading: bool = True,
         process_metrics: bool = True,
+        log: Callable[..., None] = _no_log,
     ) -> None:
-        self.clock, self.wall = clock, wall
+        self.clock, self.wall, self.log = clock, wall, log
         self.board = Board(Snapshot(started_wall=wall(), reloading=reloading))
         self.metrics = Metrics(self.board, clock, process=process_metrics)
         self.state = self.board.current()  # the loop's copy; replaced, never changed
@@ -58,10 +82,12 @@ class EdgeState:
         self.board.publish(self.state)
 
     # ---- Observer ----
+    @_guarded
     def noted(self, trigger: Trigger, now: float) -> None:
         if trigger.kind is Kind.INCUS and self.first_event is None:
             self.first_event = now
 
+    @_guarded
     def connected(self, now: float) -> None:
         reconnect = self.ever_connected
         self.ever_connected = True
@@ -74,9 +100,11 @@ class EdgeState:
             reconnects=self.state.reconnects + reconnect,
         )
 
+    @_guarded
     def disconnected(self, why: str, now: float) -> None:
         self._publish(incus_connected=False, incus_reason=why)
 
+    @_guarded
     def cycle(
         self,
         report: Report | None,
@@ -121,6 +149,7 @@ class EdgeState:
             "cycle_count": self.state.cycle_count + 1,
             "last_error": None if ok else report.message,
             "reload_pending": report.error == Status.RELOAD_FAILED,
+            "resync_pending": False,  # the listing (full after a reconnect) succeeded
         }
         if report.model is not None:
             sites = tuple(report.model.all_sites)
@@ -131,7 +160,5 @@ class EdgeState:
                 hosts=frozenset(s.host for s in sites),
             )
         if ok:
-            fields.update(
-                synced=True, resync_pending=False, last_sync=now, last_sync_wall=self.wall()
-            )
+            fields.update(synced=True, last_sync=now, last_sync_wall=self.wall())
         self._publish(**fields)

@@ -80,7 +80,7 @@ class EdgeApp:
     def authorized(self, headers: Mapping[str, str]) -> bool:
         if self.token is None:
             return True
-        given = headers.get("Authorization", headers.get("authorization", ""))
+        given = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
         scheme, _, credentials = given.partition(" ")
         secret = ""
         if scheme.lower() == "bearer":

@@ -53,7 +53,13 @@ class Edge:
         return self.listener.address.url(self.listener.port) + "/ask"
 
 
-def setup(listen: str, token: str | None, token_file: Path | None, reloading: bool = True) -> Edge:
+def setup(
+    listen: str,
+    token: str | None,
+    token_file: Path | None,
+    reloading: bool = True,
+    log: Callable[..., None] | None = None,
+) -> Edge:
     """Check the address and token, bind the listener (not serving yet). Raises
     EdgeSetupError: a non-loopback address without a token, a bad address, a busy port."""
     try:
@@ -67,7 +73,9 @@ def setup(listen: str, token: str | None, token_file: Path | None, reloading: bo
             " --listen-token-file FILE (or INCUS_CADDYFILE_LISTEN_TOKEN); or listen on"
             " 127.0.0.1:PORT or unix//path"
         )
-    state = EdgeState(reloading=reloading)
+    state = (
+        EdgeState(reloading=reloading) if log is None else EdgeState(reloading=reloading, log=log)
+    )
     try:
         listener = Listener(address, EdgeApp(state.board, state.metrics, secret))
     except OSError as exc:
