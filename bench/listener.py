@@ -109,3 +109,48 @@ class AskLoad:
             "errors": self.errors,
             "late": self.late,
         }
+
+
+def publish_cost(size: int, repeat: int = 20) -> dict[str, Any]:
+    """What the listener adds to each cycle, without a lab: the keeper's work after a cycle
+    (explain the fleet, count, publish the snapshot) over a synthetic fleet of `size`
+    labelled instances, against building the model and rendering (which every cycle does)."""
+    from incus_caddyfile.edge.keeper import EdgeState
+    from incus_caddyfile.labels import KEY_ENABLE, KEY_HOST, KEY_PORT
+    from incus_caddyfile.model import Instance, Nic, build
+    from incus_caddyfile.pipeline import Report
+    from incus_caddyfile.render import render
+    from incus_caddyfile.settings import Settings
+    from incus_caddyfile.watch.triggers import Kind, Trigger
+
+    fleet = [
+        Instance(
+            project=f"p{n % 3}", name=f"i{n}", status="Running" if n % 10 else "Stopped",
+            config={KEY_ENABLE: "true", KEY_HOST: f"h{n}.bench.localhost", KEY_PORT: "80"},
+            nics=(Nic("eth0", (f"198.18.{n // 250}.{n % 250 + 1}",)),),
+        )
+        for n in range(size)
+    ]  # fmt: skip
+    settings = Settings(scheme="http")
+    state = EdgeState(process_metrics=False)
+    cycle, keep = [], []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        model = build(fleet)
+        render(model, settings)
+        cycle.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        state.cycle(Report(model=model, written=True), [Trigger(Kind.TIMER)], {}, 0.0, fleet, 0.0)
+        keep.append(time.perf_counter() - began)
+    return {
+        "instances": size,
+        "model_and_render_ms": round(statistics.median(cycle) * 1000, 2),
+        "keeper_ms": round(statistics.median(keep) * 1000, 2),
+    }
+
+
+if __name__ == "__main__":
+    import repo_root  # noqa: F401  (sys.path: the repository root)
+
+    for n in (150, 1000):
+        print(publish_cost(n))
