@@ -16,7 +16,7 @@ import jinja2
 from ..model import RouteRow
 from ..render import default_template_dir
 from .metrics import rejected_instances, verdict_of
-from .snapshot import Snapshot
+from .snapshot import EXCLUDED, Snapshot
 
 TEMPLATE = "status.html.j2"
 REFRESH_S = 5  # the default; ?refresh=0 turns it off (WCAG 2.2.1: the user can stop it)
@@ -34,8 +34,6 @@ def refresh_of(query: str) -> int:
     return 0 if seconds == 0 else min(max(seconds, REFRESH_RANGE[0]), REFRESH_RANGE[1])
 
 
-# model.build's reason for an instance whose project the settings leave out
-EXCLUDED = "project not included by the settings"
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,6 +14,8 @@ from ..policy import parent_domain
 from ..watch.triggers import some
 
 CYCLES_KEPT = 20  # the last cycles the page and /state show
+# model.build's reason for an instance whose project the settings leave out
+EXCLUDED = "project not included by the settings"
 
 
 def row_json(row: RouteRow) -> dict[str, Any]:
@@ -135,13 +137,16 @@ class Snapshot:
         return name in self.hosts or ("*." + parent_domain(name)) in self.hosts
 
     def counts(self) -> dict[str, int]:
-        states = [r.state for r in self.rows]
+        """Labelled instances by route state; those of projects left out counted apart."""
+        left_out = [r for r in self.rows if r.reasons == (EXCLUDED,)]
+        states = [r.state for r in self.rows if r.reasons != (EXCLUDED,)]
         return {
             "sites": len(self.sites),
             "instances": len(self.rows),
             "routed": sum(s in ("routed", "partly routed") for s in states),
             "not_routed": sum(s == "not routed" for s in states),
             "unknown": sum(s == "unknown" for s in states),
+            "left_out": len(left_out),
             "rejected_labels": sum(not r.ignored for r in self.rejections),
         }
 
