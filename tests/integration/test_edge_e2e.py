@@ -55,14 +55,16 @@ def get(url: str, path: str, **headers: str) -> tuple[int, str]:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    """One sample of /metrics (0 when absent), parsed by prometheus_client's parser."""
+    """The sum of the samples of /metrics with that name and those labels (0 when none),
+    parsed by prometheus_client's parser."""
     status, text = get(url, "/metrics")
     assert status == 200, text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @pytest.fixture
@@ -110,34 +112,38 @@ def test_readyz_follows_incus_through_a_proxy_switched_off_and_on(
 def test_metrics_move_as_instances_start_and_stop(
     watched: tuple[Lab, Caddy, WatchProcess, str, str],
 ) -> None:
+    """Counters only go up and gauges follow the fleet. The lab is shared: a cycle's `trigger`
+    label is whichever event opened it, maybe another session's, so cycles are counted over
+    every trigger."""
     lab, caddy, watch, project, url = watched
     reloads = metric(url, "incus_caddyfile_reloads_total")
+    applied = metric(url, "incus_caddyfile_cycles_total", outcome="applied")
     name = f"m-{project[-4:]}"
     host = f"{name}.localhost"
     lab.launch(project, name, labels(host))
     assert "hello from" in caddy.wait_body(host, "hello from")
-    routed = lambda: metric(url, "incus_caddyfile_instances", verdict="routed", project=project)  # noqa: E731
+
+    def routed() -> float:
+        return metric(url, "incus_caddyfile_instances", verdict="routed", project=project)
+
+    def skipped() -> float:
+        return metric(url, "incus_caddyfile_instances", verdict="skipped", project=project)
+
     assert wait_for(lambda: routed() == 1, STATE_TIMEOUT)
     assert metric(url, "incus_caddyfile_reloads_total") > reloads
-    assert (
-        metric(url, "incus_caddyfile_cycles_total", trigger="instance-started", outcome="applied")
-        >= 1
-    )
+    assert metric(url, "incus_caddyfile_cycles_total", outcome="applied") > applied
     assert metric(url, "incus_caddyfile_event_to_reload_seconds_count") >= 1
+    assert metric(url, "incus_caddyfile_cycle_duration_seconds_count") >= 2
     assert get(url, f"/ask?domain={host}")[0] == 200
 
     before = len(watch.cycles())
+    reloads = metric(url, "incus_caddyfile_reloads_total")
+    applied = metric(url, "incus_caddyfile_cycles_total", outcome="applied")
     incus("stop", "--force", name, "--project", project)
     watch.wait_cycle(lambda c: host in c.get("removed", []), after=before)
-    skipped = lambda: metric(url, "incus_caddyfile_instances", verdict="skipped", project=project)  # noqa: E731
     assert wait_for(lambda: skipped() == 1 and routed() == 0, 10)
-    stopped = metric(
-        url, "incus_caddyfile_cycles_total", trigger="instance-stopped", outcome="applied"
-    )
-    shutdown = metric(
-        url, "incus_caddyfile_cycles_total", trigger="instance-shutdown", outcome="applied"
-    )
-    assert stopped + shutdown >= 1
+    assert metric(url, "incus_caddyfile_reloads_total") > reloads
+    assert metric(url, "incus_caddyfile_cycles_total", outcome="applied") > applied
     assert get(url, f"/ask?domain={host}")[0] == 404
     seconds = metric(url, "incus_caddyfile_seconds_since_last_sync")
     assert 0 <= seconds < STATE_TIMEOUT
