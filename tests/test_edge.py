@@ -519,3 +519,25 @@ def test_the_authorization_header_in_any_case() -> None:
     state = EdgeState(process_metrics=False)
     app = EdgeApp(state.board, state.metrics, token=TOKEN)
     assert app.handle("GET", "/routes", {"AUTHORIZATION": f"bearer {TOKEN}"}).status == 200
+
+
+def test_ask_on_a_kept_alive_connection_answers_at_once(
+    served: tuple[Observed, Listener],
+) -> None:
+    """As Caddy asks: many questions on one connection. (Without TCP_NODELAY each answer
+    waited ~40 ms for the client's delayed ACK.)"""
+    loop, listener = served
+    loop.run_for(0.1)
+    conn = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=5)
+    took = []
+    try:
+        for n in range(100):
+            started = time.perf_counter()
+            conn.request("GET", f"/ask?domain={'a' if n % 2 else 'nobody'}.example.test")
+            response = conn.getresponse()
+            response.read()
+            took.append(time.perf_counter() - started)
+            assert response.status == (200 if n % 2 else 404)
+    finally:
+        conn.close()
+    assert sorted(took)[50] < 0.005, f"median {sorted(took)[50] * 1000:.1f} ms"

@@ -34,8 +34,6 @@ def refresh_of(query: str) -> int:
     return 0 if seconds == 0 else min(max(seconds, REFRESH_RANGE[0]), REFRESH_RANGE[1])
 
 
-
-
 @functools.lru_cache(maxsize=1)
 def _template() -> jinja2.Template:
     env = jinja2.Environment(
