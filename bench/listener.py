@@ -1,4 +1,6 @@
-"""The cost of `watch --listen`, for bench/watch.py (measure 5): a paced load of `/ask`
+"""The cost of `watch --listen`, for bench/watch.py (measure 5) and on its own
+(`python bench/listener.py [--watch]`: the listener's work per cycle, without a lab; with
+--watch, /ask under load against a real watch of the lab). A paced load of `/ask`
 questions (as Caddy asks them with on-demand TLS) on one keep-alive connection, its latency,
 and the watch's cycle latency with the listener on and under that load, against the same
 figures with the listener off. Loopback only; the load is bounded in count and time."""
@@ -149,8 +151,41 @@ def publish_cost(size: int, repeat: int = 20) -> dict[str, Any]:
     }
 
 
+def ask_against_watch(seconds: float = 15.0) -> dict[str, Any]:
+    """/ask at ASK_RATE against a real `watch --listen` of this Incus (all projects; the file
+    goes to a temp directory, Caddy is not reloaded), while it runs its cycles as they come."""
+    import json
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="icf-listener-") as workdir:
+        watch = WatchProcess(
+            Path(workdir) / "Caddyfile", "--scheme", "http", "--no-reload",
+            "--caddy-admin", "127.0.0.1:9", "--listen", "127.0.0.1:0",
+        )  # fmt: skip
+        try:
+            url = listen_url(watch)
+            watch.wait_cycles(1, timeout=120)
+            with urllib.request.urlopen(url + "/routes", timeout=10) as answer:
+                rows = json.loads(answer.read())
+            hosts = [h for r in rows if r["state"] == "routed" for h in r["routed"]][:20]
+            load = AskLoad(url, hosts + [f"nobody{n}.example.test" for n in range(20)])
+            cycles = len(watch.cycles())
+            load.start()
+            time.sleep(min(seconds, MAX_SECONDS))
+            load.stop()
+            return {**load.figures(), "watch_cycles_during": len(watch.cycles()) - cycles}
+        finally:
+            watch.stop()
+
+
 if __name__ == "__main__":
+    import sys
+
     import repo_root  # noqa: F401  (sys.path: the repository root)
 
     for n in (150, 1000):
         print(publish_cost(n))
+    if "--watch" in sys.argv:  # needs the lab (a reachable Incus)
+        print(ask_against_watch())
