@@ -42,6 +42,7 @@ FILE_KEYS = {
     "snippets": "snippets",
     "caddy-instance": "caddy_instance",
     "sites-dir": "sites_dir",
+    "on-demand-tls": "on_demand_tls",
 }
 # Tables the file may hold that are not options (reserved for per-project policy).
 FILE_TABLES = frozenset({"projects"})
@@ -73,6 +74,8 @@ class Settings:
     snippets: Path | None = None
     sites_dir: Path | None = None
     caddy_instance: str | None = None  # PROJECT/NAME: Caddy runs in this Incus instance
+    on_demand_tls: bool = False  # certificates at the first handshake, for routed hosts only
+    on_demand_ask: str | None = None  # what Caddy asks first: watch's /ask (set by watch)
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
@@ -161,6 +164,12 @@ def validate(s: Settings) -> None:
             raise SettingsError("--output: with --caddy-instance, an absolute path in it")
     if s.reload_command is not None and not s.reload_command.strip():
         raise SettingsError("--reload-command: empty command")
+    if s.on_demand_tls and s.scheme != "https":
+        raise SettingsError("--on-demand-tls: certificates are for HTTPS sites; drop --scheme http")
+    if s.on_demand_ask is not None and not re.fullmatch(r"http://[^\s{}]+/ask", s.on_demand_ask):
+        raise SettingsError(
+            f"on-demand ask URL: expected http://HOST:PORT/ask, got {s.on_demand_ask!r}"
+        )
 
 
 def check_paths(s: Settings) -> None:
@@ -272,9 +281,9 @@ def load_file(path: Path) -> dict[str, Any]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SettingsError(f"{path}: {key} must be a string or a list of strings")
-        elif key == "reload":
+        elif key in ("reload", "on-demand-tls"):
             if not isinstance(value, bool):
-                raise SettingsError(f"{path}: reload must be true or false")
+                raise SettingsError(f"{path}: {key} must be true or false")
         elif not isinstance(value, str):
             raise SettingsError(f"{path}: {key} must be a string")
         out[FILE_KEYS[key]] = value

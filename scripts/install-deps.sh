@@ -2,7 +2,8 @@
 # Install what the lab needs on Debian bookworm: Incus from bookworm-backports (the daemon is
 # not in main) and busybox-static for the tiny test image; for the edge appliance
 # (scripts/appliance.sh and its tests): debootstrap, squashfs-tools, incus-simplestreams
-# (incus-extra, bookworm-backports) and Pebble, a real ACME server. Idempotent; needs root.
+# (incus-extra, bookworm-backports) and Pebble, a real ACME server; Chromium and Pebble for the
+# tests of watch --listen. Idempotent; needs root.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 backports() {
@@ -29,4 +30,11 @@ for tool in $appliance_tools; do
     break
   fi
 done
+# The status page's browser test (Debian's Chromium, driven by Playwright from the test extras)
+# and the on-demand TLS test against a real ACME server (Pebble with its DNS test server).
+if ! command -v chromium >/dev/null || ! command -v pebble >/dev/null || ! command -v pebble-challtestsrv >/dev/null || ! command -v openssl >/dev/null; then
+  update
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core pebble openssl >/dev/null
+fi
 incus --version
+chromium --version 2>/dev/null | head -1

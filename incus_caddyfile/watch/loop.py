@@ -31,6 +31,7 @@ from .cache import InstanceCache
 from .cyclelog import CycleLog, Log, site_changes
 from .inputs import FileWatcher, install_signals
 from .link import IncusLink
+from .observer import Observer, Unobserved
 from .polls import AddressPolls
 from .timing import Debouncer, Retry
 from .triggers import Kind, Trigger, classify
@@ -77,6 +78,7 @@ class Watcher:
         clock: Callable[[], float] = time.monotonic,
         log: Log | None = None,
         make_target: MakeTarget = targets.for_settings,
+        observer: Observer | None = None,
     ) -> None:
         self.load_settings = load_settings
         self.settings = load_settings()
@@ -85,6 +87,7 @@ class Watcher:
         self.log = log or Log(options.log_format)
         self.cycle_log = CycleLog(self.log)
         self.make_target = make_target
+        self.observer: Observer = observer or Unobserved()  # what `watch --listen` serves
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
         self.debounce = Debouncer(options.debounce_min, options.debounce_max)
@@ -188,6 +191,7 @@ class Watcher:
         self.triggers.append(trigger)
         self.cache.want(trigger)
         self.debounce.note(self.clock())
+        self.observer.noted(trigger, self.clock())
 
     def _run_timers(self) -> None:
         now = self.clock()
@@ -212,7 +216,9 @@ class Watcher:
         failure = self.link.open(self.settings, self.on_event, self.on_close, now)
         if failure is not None:
             self.log("incus", failure)
+            self.observer.disconnected(failure, now)
             return
+        self.observer.connected(now)
         self.next_resync = now + self.options.resync_interval
         if self.cache.instances is not None:
             self.log("incus", "reconnected to Incus; full resync")
@@ -224,6 +230,7 @@ class Watcher:
         if delay is None:
             return
         self.cache.missed_events()  # re-list everything once back
+        self.observer.disconnected(why, self.clock())
         self.log("incus", f"{why}; keeping the last good Caddyfile, reconnecting in {delay:.1f} s")
 
     def _due_polls(self, now: float) -> None:
@@ -273,6 +280,7 @@ class Watcher:
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
+            self.observer.cycle(None, triggers, {}, self.clock() - started, [], self.clock())
             return False
         self._poll_waiting(fetched)
         mode = RunMode(
@@ -303,6 +311,7 @@ class Watcher:
             self.verify_caddy = False
         duration = self.clock() - started
         self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
+        self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
 
     def _imported(self, path: Path) -> bool:
         """A file the Caddyfile imports (so Caddy reads it), not one only we read."""
