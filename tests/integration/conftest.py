@@ -119,16 +119,19 @@ class Lab:
         self.projects.clear()
 
 
-ONLY_TEST_PROJECTS = f'[projects]\ninclude = ["{PREFIX}*"]\n'
+# Only this session's projects: another session on the same lab (another checkout, another
+# engineer's run) has icft-* projects too, whose instances would change what a test renders.
+ONLY_TEST_PROJECTS = f'[projects]\ninclude = ["{SESSION}*"]\n'
 
 
 @pytest.fixture(autouse=True)
 def only_test_projects(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
-    """Every command a test runs sees only the tests' own projects (icft-*), through the
-    settings file's policy: a demo, a benchmark or anything else in the same Incus cannot
-    change what a test renders. (The listing itself is still across all projects.)"""
+    """Every command a test runs sees only this session's own projects (icft-<pid>x*),
+    through the settings file's policy: a demo, a benchmark, another test session or anything
+    else in the same Incus cannot change what a test renders. (The listing itself is still
+    across all projects.)"""
     path = tmp_path_factory.getbasetemp() / "only-test-projects.toml"
     path.write_text(ONLY_TEST_PROJECTS)
     monkeypatch.setenv("INCUS_CADDYFILE_CONFIG", str(path))
