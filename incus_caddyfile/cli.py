@@ -14,6 +14,13 @@ import click
 
 from . import __version__, pipeline, targets
 from .incus import IncusError
+from .labels import (
+    DEFAULT_DIAL_TIMEOUT,
+    DEFAULT_FAIL_DURATION,
+    DEFAULT_LB_RETRIES,
+    DEFAULT_LB_TRY_DURATION,
+    DEFAULT_STREAM_CLOSE_DELAY,
+)
 from .model import RouteRow
 from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
 from .render import TemplateError
@@ -198,6 +205,53 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         envvar=_env("SITES_DIR"),
         metavar="DIR",
         help="Directory of your own hand-written site files, imported at the end.",
+    ),
+    option(
+        "--stream-close-delay",
+        default=DEFAULT_STREAM_CLOSE_DELAY,
+        show_default=True,
+        envvar=_env("STREAM_CLOSE_DELAY"),
+        metavar="DURATION",
+        help="Websockets and other upgraded connections outlive a reload by this long"
+        " (stream_close_delay); 0: closed at every reload. An instance's"
+        " upstream.stream_close_delay label sets its pool's.",
+    ),
+    option(
+        "--lb-try-duration",
+        default=DEFAULT_LB_TRY_DURATION,
+        show_default=True,
+        envvar=_env("LB_TRY_DURATION"),
+        metavar="DURATION",
+        help="A request whose upstream cannot be reached is tried on another for up to this"
+        " long (lb_try_duration); 0: off.",
+    ),
+    option(
+        "--lb-retries",
+        type=click.IntRange(0, 100),
+        default=DEFAULT_LB_RETRIES,
+        show_default=True,
+        envvar=_env("LB_RETRIES"),
+        metavar="N",
+        help="At most this many retries of such a request (lb_retries); 0: no limit but"
+        " --lb-try-duration (both 0: no retries).",
+    ),
+    option(
+        "--dial-timeout",
+        default=DEFAULT_DIAL_TIMEOUT,
+        show_default=True,
+        envvar=_env("DIAL_TIMEOUT"),
+        metavar="DURATION",
+        help="How long a connection to an instance may take before the request is retried"
+        " elsewhere (transport dial_timeout); 0: Caddy's default (3s).",
+    ),
+    option(
+        "--fail-duration",
+        default=DEFAULT_FAIL_DURATION,
+        show_default=True,
+        envvar=_env("FAIL_DURATION"),
+        metavar="DURATION",
+        help="Passive health in pools of two or more: a member that failed is left out for"
+        " this long (fail_duration); 0: off.",
     ),
     option(
         "--caddy-bin",

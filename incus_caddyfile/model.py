@@ -7,6 +7,7 @@ routes and sorts everything, so that equal fleets render equal bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .labels import (  # re-exported: the model's vocabulary
     PREFIX,
     InvalidValue,
     RouteOptions,
+    Tuning,
     parse_bool,
     parse_hostname,
     parse_hosts,
@@ -31,8 +33,8 @@ from .policy import Policy, parent_domain
 
 __all__ = [
     "KEY_ENABLE", "KEY_HOST", "KEY_PORT", "PREFIX", "Instance", "InvalidValue", "Model", "Nic",
-    "Policy", "Rejection", "Route", "RouteOptions", "RouteRow", "Site", "Skip", "Upstream",
-    "WildcardSite", "build", "explain", "parse_bool", "parse_hostname", "parse_hosts",
+    "Policy", "Rejection", "Route", "RouteOptions", "RouteRow", "Site", "Skip", "Tuning",
+    "Upstream", "WildcardSite", "build", "explain", "parse_bool", "parse_hostname", "parse_hosts",
     "parse_port", "pick_address",
 ]  # fmt: skip
 
@@ -103,6 +105,12 @@ class Route:
     upstreams: tuple[Upstream, ...]
     options: RouteOptions = field(default_factory=RouteOptions)
     fallback: bool = False  # with no upstream up: answer 503 with a short page
+    tuning: Tuning = field(default_factory=Tuning)  # the settings, as this route takes them
+
+    @property
+    def block(self) -> bool:
+        """True when reverse_proxy needs a `{ }` block (options or tuning to write)."""
+        return self.options.block or self.tuning.any
 
     @property
     def urls(self) -> list[str]:
@@ -446,10 +454,24 @@ _POOL_OPTIONS = {
     "lb_policy": lb.KEY_LB_POLICY,
     "health_uri": lb.KEY_HEALTH_URI,
     "imports": lb.KEY_IMPORT,
+    "stream_close_delay": lb.KEY_STREAM_CLOSE_DELAY,
 }
 
 
-def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | None, list[Rejection]]:
+def _tuning(base: Tuning, options: RouteOptions, members: int) -> Tuning:
+    """The settings as one route takes them: the pool's own stream_close_delay label wins;
+    passive health only where another member can take over (two or more upstreams), since
+    a lone upstream marked down would turn every request away until fail_duration ends."""
+    return dataclasses.replace(
+        base,
+        stream_close_delay=options.stream_close_delay or base.stream_close_delay,
+        fail_duration=base.fail_duration if members > 1 else None,
+    )
+
+
+def _pool(
+    host: str, path: str | None, group: list[_Claim], tuning: Tuning
+) -> tuple[Route | None, list[Rejection]]:
     """One route from the claims of one host and path (all of one project): the earliest
     claim sets the pool's options; a different scheme cannot share the pool."""
     group = sorted(group, key=lambda c: c.order)
@@ -477,10 +499,11 @@ def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | Non
     fallback = any(c.fallback for c in members)
     if not upstreams and not fallback:
         return None, rejections
-    return Route(path, upstreams, first.options, fallback), rejections
+    route_tuning = _tuning(tuning, first.options, len(upstreams))
+    return Route(path, upstreams, first.options, fallback, route_tuning), rejections
 
 
-def _sites(claims: list[_Claim]) -> tuple[list[Site], list[Rejection]]:
+def _sites(claims: list[_Claim], tuning: Tuning) -> tuple[list[Site], list[Rejection]]:
     by_route: dict[tuple[str, str | None], list[_Claim]] = {}
     for c in claims:
         if c.holds_only:
@@ -489,7 +512,7 @@ def _sites(claims: list[_Claim]) -> tuple[list[Site], list[Rejection]]:
     routes: dict[str, list[Route]] = {}
     rejections: list[Rejection] = []
     for (host, path), group in sorted(by_route.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
-        route, refused = _pool(host, path, group)
+        route, refused = _pool(host, path, group, tuning)
         rejections.extend(refused)
         if route is not None:
             routes.setdefault(host, []).append(route)
@@ -537,10 +560,11 @@ def build(
     policy: Policy | None = None,
     snippets: Iterable[str] = (),
     refused: Mapping[tuple[str, str], str] | None = None,
+    tuning: Tuning | None = None,
 ) -> Model:
     """Turn the listing into a model. Invalid values are rejected one by one, never fatal.
     `refused`: instances whose routes Caddy refused, with Caddy's reason; they hold their
-    hosts but get no route."""
+    hosts but get no route. `tuning`: how Caddy treats the routes' traffic (the settings)."""
     policy = policy or Policy()
     refused = refused or {}
     snippets = tuple(snippets)
@@ -562,7 +586,7 @@ def build(
         if skip is not None:
             skipped.append(skip)
     held, conflicts = _hold(claims)
-    sites, pool_rejections = _sites(held)
+    sites, pool_rejections = _sites(held, tuning or Tuning())
     plain, grouped = _group_wildcards(sites, wildcards)
     return Model(
         sites=tuple(plain),

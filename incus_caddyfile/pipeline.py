@@ -136,7 +136,14 @@ def model_for(
     render, routes and doctor all build their model here. `refused`: instances whose routes
     Caddy refused (see `accepted_config`). Raises SettingsError when the snippets file cannot
     be read."""
-    return build(instances, settings.wildcards, settings.policy, snippet_names(settings), refused)
+    return build(
+        instances,
+        settings.wildcards,
+        settings.policy,
+        snippet_names(settings),
+        refused,
+        tuning=settings.tuning,
+    )
 
 
 Key = tuple[str, str]

@@ -8,12 +8,14 @@ asserts); deciding between a skip and a failure is the caller's business.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -179,6 +181,40 @@ def set_guest_state(
     run("exec", name, "--project", project, "--", "/guest_ready", state)
 
 
+ICF_SERVER_C = ROOT / "scripts" / "icf_server.c"
+ICF_SERVER_PORT = 8081
+
+
+def build_icf_server(workdir: Path) -> Path:
+    """scripts/icf_server.c compiled static: a small HTTP/1.1 (keep-alive, /sleep/MS) and
+    websocket echo server with a graceful shutdown, for the busybox lab image."""
+    exe = workdir / "icf_server"
+    if not exe.exists():
+        subprocess.run(
+            ["gcc", "-static", "-Os", "-o", str(exe), str(ICF_SERVER_C)],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+    return exe
+
+
+def install_icf_server(
+    project: str,
+    name: str,
+    exe: Path,
+    port: int = ICF_SERVER_PORT,
+    run: Callable[..., str] = incus,
+) -> None:
+    """Push icf_server into a running lab instance and have its init respawn it on `port`
+    (inittab, re-read on SIGHUP), so it is back after every restart; returns once the
+    instance has it (the port itself is the caller's to wait for)."""
+    run("file", "push", str(exe), f"{name}/icf_server", "--mode", "0755", "--project", project)
+    line = f"::respawn:/icf_server {port} {name}"
+    script = (
+        f"grep -qxF '{line}' /etc/inittab || echo '{line}' >> /etc/inittab; kill -HUP 1"
+    )
+    run("exec", name, "--project", project, "--", "sh", "-c", script)
+
+
 def status_of(project: str, name: str, run: Callable[..., str] = incus) -> str:
     data = json.loads(run("query", f"/1.0/instances/{name}?project={project}"))
     return str(data["status"])
@@ -302,6 +338,91 @@ class Caddy:
                 if float(record["ts"]) >= since:
                     out.append((float(record["ts"]), str(record["uri"])))
         return out
+
+
+# ---------------------------------------------------------------- websocket client
+
+
+class WebSocketClosed(ConnectionError):
+    """The websocket ended (closed by the other side, or the connection broke)."""
+
+
+class WebSocket:
+    """A minimal websocket client (RFC 6455): text messages, masked as a client must; enough
+    to hold one long-lived connection through Caddy and see whether it survives."""
+
+    def __init__(self, port: int, host: str, path: str = "/", timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise WebSocketClosed(f"no handshake answer: {head!r}")
+            head += chunk
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            self.sock.close()
+            raise WebSocketClosed(f"handshake refused: {status.decode(errors='replace')}")
+        self.buffer = head.split(b"\r\n\r\n", 1)[1]
+
+    def send(self, text: str) -> None:
+        data = text.encode()
+        mask = os.urandom(4)
+        if len(data) < 126:
+            header = struct.pack("!BB", 0x81, 0x80 | len(data))
+        else:
+            header = struct.pack("!BBH", 0x81, 0x80 | 126, len(data))
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        try:
+            self.sock.sendall(header + mask + masked)
+        except OSError as exc:
+            raise WebSocketClosed(str(exc)) from None
+
+    def _read(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError as exc:
+                raise WebSocketClosed(str(exc)) from None
+            if not chunk:
+                raise WebSocketClosed("the connection was closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def receive(self) -> str:
+        """The next text message (an echo); WebSocketClosed when the stream ended."""
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack("!H", self._read(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", self._read(8))
+            payload = self._read(length)
+            opcode = first & 0x0F
+            if opcode == 0x8:
+                raise WebSocketClosed("closed by the other side")
+            if opcode == 0x1:
+                return payload.decode()
+
+    def echo(self, text: str) -> bool:
+        """Send a message and read it back: True while the websocket works."""
+        try:
+            self.send(text)
+            return self.receive() == text
+        except (WebSocketClosed, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 # ---------------------------------------------------------------- watch

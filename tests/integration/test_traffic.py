@@ -1,0 +1,90 @@
+"""Traffic never breaks because of us: real clients through real Caddy to real instances while
+watch reloads Caddy for other instances' changes, drains members that stop, and retries.
+
+The instances run scripts/icf_server.c (pushed into the busybox image): HTTP/1.1 with
+keep-alive and a graceful stop, and a websocket echo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ..harness import WebSocket
+from .conftest import (
+    ICF_SERVER_PORT,
+    STATE_TIMEOUT,
+    Caddy,
+    Lab,
+    WatchProcess,
+    incus,
+    labels,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+StartWatch = Callable[..., WatchProcess]
+
+
+def reloaded(caddy: Caddy, before: int, timeout: float = STATE_TIMEOUT) -> int:
+    """Wait until Caddy received another /load after `before`; the new count."""
+    wait_for(lambda: caddy.load_count() > before, timeout, interval=0.05)
+    count = caddy.load_count()
+    assert count > before, "Caddy was not reloaded"
+    return count
+
+
+def websocket_server(lab: Lab, icf_server: Path, project: str, tag: str) -> str:
+    """A running instance labelled for <name>.localhost on icf_server's port; its host."""
+    name = f"{tag}-{project[-4:]}"
+    lab.launch(project, name, labels(f"{name}.localhost", ICF_SERVER_PORT))
+    lab.address(project, name)
+    lab.serve(project, name, icf_server)
+    return f"{name}.localhost"
+
+
+def test_a_websocket_survives_reloads_caused_by_other_instances(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch, icf_server: Path
+) -> None:
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    host = websocket_server(lab, icf_server, project, "ws")
+    others = [f"o{i}-{project[-4:]}" for i in (1, 2)]
+    for name in others:
+        lab.launch(project, name, labels(f"{name}.localhost"))
+
+    # Caddy's default, for comparison: the websocket is closed at the first reload.
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args, "--stream-close-delay", "0")
+    assert "icf_server" in caddy.wait_body(host, "icf_server")
+    assert "stream_close_delay" not in watch.output.read_text()
+    ws = WebSocket(caddy.http_port, host)
+    assert ws.echo("before")
+    loads = caddy.load_count()
+    incus("stop", "--force", others[0], "--project", project)
+    loads = reloaded(caddy, loads)
+    assert not ws.echo("after one reload"), "without stream_close_delay it should be closed"
+    ws.close()
+    watch.stop()
+
+    # The default: 5 minutes of stream_close_delay in every reverse_proxy.
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    assert wait_for(lambda: "stream_close_delay 5m" in watch.output.read_text(), STATE_TIMEOUT)
+    loads = reloaded(caddy, loads)  # the file changed: the stream delay is in it now
+    ws = WebSocket(caddy.http_port, host)
+    assert ws.echo("start")
+    first = loads
+    running = {others[0]: False, others[1]: True}
+    survived = 0
+    for i in range(20):  # each start or stop of another instance changes the file: a reload
+        name = others[i % 2]
+        incus("start" if not running[name] else "stop", *(["--force"] if running[name] else []),
+              name, "--project", project)  # fmt: skip
+        running[name] = not running[name]
+        loads = reloaded(caddy, loads)
+        survived += ws.echo(f"after reload {i + 1}")
+    ws.close()
+    assert loads - first >= 20
+    assert survived == 20, f"the websocket answered after {survived} of 20 reloads"
