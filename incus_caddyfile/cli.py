@@ -222,8 +222,8 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         show_default=True,
         envvar=_env("LB_TRY_DURATION"),
         metavar="DURATION",
-        help="A request whose upstream cannot be reached is tried on another for up to this"
-        " long (lb_try_duration); 0: off.",
+        help="A request whose upstream cannot be reached is tried again for up to this long,"
+        " 250 ms apart (lb_try_duration); 0: off. A reload during that wait makes it a 502.",
     ),
     option(
         "--lb-retries",
@@ -232,8 +232,8 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         show_default=True,
         envvar=_env("LB_RETRIES"),
         metavar="N",
-        help="At most this many retries of such a request (lb_retries); 0: no limit but"
-        " --lb-try-duration (both 0: no retries).",
+        help="A request whose upstream cannot be reached is tried again at once, on another"
+        " member, at most this many times (lb_retries); 0: off.",
     ),
     option(
         "--dial-timeout",

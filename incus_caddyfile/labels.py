@@ -249,7 +249,10 @@ class RouteOptions:
 
 # What keeps traffic flowing through changes, as the settings give it (README "Traffic").
 DEFAULT_STREAM_CLOSE_DELAY = "5m"
-DEFAULT_LB_TRY_DURATION = "5s"
+# Off: between tries Caddy waits lb_try_interval (250 ms), and a reload ends that wait with a
+# 502 for every request in it (the old config's context is cancelled). lb_retries alone
+# retries at once, and a reload does not stop it.
+DEFAULT_LB_TRY_DURATION = "0"
 DEFAULT_LB_RETRIES = 3
 DEFAULT_DIAL_TIMEOUT = "1s"
 DEFAULT_FAIL_DURATION = "10s"

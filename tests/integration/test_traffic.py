@@ -7,12 +7,13 @@ keep-alive and a graceful stop, and a websocket echo.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ..harness import WebSocket
+from ..harness import Load, WebSocket
 from .conftest import (
     ICF_SERVER_PORT,
     STATE_TIMEOUT,
@@ -88,3 +89,34 @@ def test_a_websocket_survives_reloads_caused_by_other_instances(
     ws.close()
     assert loads - first >= 20
     assert survived == 20, f"the websocket answered after {survived} of 20 reloads"
+
+
+def pool(lab: Lab, project: str, tag: str, size: int = 3) -> tuple[str, list[str]]:
+    """`size` running instances serving one host (busybox httpd, port 80); host and names."""
+    host = f"{tag}-{project[-4:]}.localhost"
+    names = [f"{tag}{i}-{project[-4:]}" for i in range(1, size + 1)]
+    for name in names:
+        lab.launch(project, name, labels(host))
+    for name in names:
+        lab.address(project, name)
+    return host, names
+
+
+def test_a_pool_member_killed_under_load_costs_no_request(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> None:
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    host, names = pool(lab, project, "k")
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    all_served = wait_for(lambda: len({caddy.get(host)[1] for _ in range(30)}) == 3, STATE_TIMEOUT)
+    assert all_served, watch.log_text()
+
+    with Load(caddy.http_port, host, rate=100, workers=4) as load:
+        time.sleep(1.0)
+        incus("stop", "--force", names[0], "--project", project)
+        gone = wait_for(lambda: names[0] not in watch.output.read_text(), STATE_TIMEOUT)
+        time.sleep(2.0)  # traffic on the two left, with the dead one's passive health
+    result = load.result
+    assert gone
+    assert result.ok > 250 and result.failed == 0, result.summary()
