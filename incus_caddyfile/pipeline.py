@@ -1,8 +1,11 @@
 """One cycle: incus -> model -> render -> write -> reload-if-changed. Results are data.
 
-Order of the write: render, compare with the file on disk (equal bytes: stop, no reload),
-have Caddy check the text, replace the file atomically, reload; if Caddy refuses the reload,
-put the previous file back, so the file on disk is always a config Caddy accepted.
+Order of the write: render, compare with the file on disk (equal bytes: stop, no reload).
+Through Caddy's admin API: load the text (Caddy adapts it once, and keeps its running config
+if it refuses), then replace the file atomically, and put Caddy back on the previous file if
+that fails. Otherwise (a reload command, a Caddy in an instance, --no-reload, the admin API
+down): have Caddy check the text, replace the file, reload; if Caddy refuses the reload, put
+the previous file back. Either way the file on disk is always a config Caddy accepted.
 """
 
 from __future__ import annotations
@@ -276,7 +279,23 @@ def _write_and_reload(
         if settings.reload:
             _reload_if_stale(target, report)
         return report
+    if settings.reload and target.caddy.load_checks:
+        return _load_then_write(settings, instances, target, current, report)
+    return _check_then_write(settings, instances, target, current, report)
 
+
+def _check_then_write(
+    settings: Settings,
+    instances: list[Instance],
+    target: Target,
+    current: bytes | None,
+    report: Report,
+) -> Report:
+    """Caddy checks the text, the file is replaced, Caddy is reloaded (put the previous file
+    back if Caddy refuses after all): for a Caddy whose reload is not its check (a reload
+    command, a Caddy in an instance), with --no-reload, or when the admin API is down."""
+    assert report.text is not None
+    new = report.text.encode()
     try:
         target.caddy.check(report.text)
     except CaddyRejected as exc:
@@ -303,6 +322,70 @@ def _write_and_reload(
     if settings.reload:
         _reload(target, current, report)
     return report
+
+
+def _load_then_write(
+    settings: Settings,
+    instances: list[Instance],
+    target: Target,
+    current: bytes | None,
+    report: Report,
+) -> Report:
+    """One adaptation per change: Caddy's admin `/load` adapts the text and applies it, or
+    refuses it and keeps running what it ran, so it is the check too. The file is replaced
+    only once Caddy took the text, so it is still always a config Caddy accepted; if it
+    cannot be replaced, Caddy is put back on the previous file. A Caddy that does not answer
+    gets the other order (checked by `caddy adapt`, written, the reload left pending)."""
+    assert report.text is not None
+    try:
+        target.caddy.load(report.text)
+    except CaddyRejected as exc:
+        if not _without_refused_routes(settings, instances, target.caddy, report, str(exc)):
+            return report
+        report.changed = output.compare(current, (report.text or "").encode())
+        if report.changed is Changed.NO:
+            _reload_if_stale(target, report)
+            return report
+        try:
+            target.caddy.load(report.text or "")
+        except CaddyRejected as again:
+            return report.fail(
+                Status.CADDY_REJECTED,
+                f"Caddy rejected the new config, {report.target} kept as it was: {again}",
+            )
+        except CaddyError:
+            return _check_then_write(settings, instances, target, current, report)
+    except CaddyError:
+        return _check_then_write(settings, instances, target, current, report)
+    report.reloaded = True
+    try:
+        note = target.destination.write((report.text or "").encode())
+    except OutputError as exc:
+        _unload(target, current, report)
+        return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
+    report.written = True
+    target.destination.set_pending(False)
+    if note:
+        report.warnings.append(note)
+    return report
+
+
+def _unload(target: Target, previous: bytes | None, report: Report) -> None:
+    """The new text could not be written after Caddy took it: put Caddy back on the file,
+    so that disk and Caddy agree again."""
+    report.reloaded = False
+    if previous is None:
+        report.warnings.append(
+            f"Caddy runs a config that is not in {target.name} (there was no previous file to"
+            " put back); the next run loads the file"
+        )
+        target.destination.set_pending(True)
+        return
+    try:
+        target.caddy.load(previous.decode("utf-8", "replace"))
+    except CaddyError as exc:
+        target.destination.set_pending(True)
+        report.warnings.append(f"could not put Caddy back on the previous {target.name}: {exc}")
 
 
 def _without_refused_routes(
