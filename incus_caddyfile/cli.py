@@ -25,6 +25,7 @@ from .model import RouteRow
 from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
 from .render import TemplateError
 from .settings import (
+    DEFAULT_RELOAD_BURST,
     ENV_PREFIX,
     FILE_KEYS,
     Settings,
@@ -435,8 +436,19 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     show_default=True,
     callback=_parse_debounce,
     metavar="MIN:MAX",
-    help="Seconds of quiet to wait after an event; MAX: the longest wait, and the least"
-    " time between two reloads in a burst.",
+    help="Seconds of quiet to wait after an event; MAX: the longest wait, and in a"
+    " sustained burst the time between two reloads (see --reload-burst).",
+)
+@option(
+    "--reload-burst",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_RELOAD_BURST,
+    show_default=True,
+    envvar=_env("RELOAD_BURST"),
+    metavar="N",
+    help="Up to N reloads may follow each other at once (each change applied MIN after its"
+    " event); after that one per MAX while changes keep coming (a token bucket). 1: every"
+    " two reloads at least MAX apart.",
 )
 @option(
     "--resync-interval",
@@ -466,6 +478,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
 )
 def watch(
     debounce: tuple[float, float],
+    reload_burst: int,
     resync_interval: float,
     address_timeout: float,
     log_format: str,
@@ -501,6 +514,7 @@ def watch(
     options = WatchOptions(
         debounce_min=debounce[0],
         debounce_max=debounce[1],
+        reload_burst=reload_burst,
         resync_interval=resync_interval,
         address_timeout=address_timeout,
         log_format=log_format,

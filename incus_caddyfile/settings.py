@@ -58,8 +58,12 @@ FILE_KEYS = {
     "dial-timeout": "dial_timeout",
     "fail-duration": "fail_duration",
 }
+# Keys only `watch` reads (its own options, not part of Settings): checked here all the same.
+WATCH_KEYS = {"reload-burst": "reload_burst"}
+FILE_KEYS.update(WATCH_KEYS)
+DEFAULT_RELOAD_BURST = 2
 DURATION_KEYS = ("stream-close-delay", "lb-try-duration", "dial-timeout", "fail-duration")
-INTEGER_KEYS = ("lb-retries",)
+INTEGER_KEYS = ("lb-retries", "reload-burst")
 # Tables the file may hold that are not options (reserved for per-project policy).
 FILE_TABLES = frozenset({"projects"})
 # Global options with a setting of their own: rendering them twice would confuse Caddy or us.

@@ -238,3 +238,43 @@ def test_the_loop_sleeps_until_its_next_deadline(loop: Loop) -> None:
 
 def test_memory_file_and_fake_caddy_defaults() -> None:
     assert MemoryFile().read() is None and FakeCaddy().running("x") is False
+
+
+def _port_change(loop: Loop, name: str, port: str) -> None:
+    loop.incus.set_config("icfrec-a", name, "user.caddyserver.http.upstream.port", port)
+    loop.emit("icfrec-a", name, "instance-updated")
+
+
+def test_two_changes_in_a_row_are_both_applied_at_once() -> None:
+    loop = Loop(debounce_max=2.0)  # the defaults: 0.05:2, a bucket of 2 reloads
+    loop.run_for(0.1)
+    loop.run_for(4.0, step=0.1)  # the start cycle's reload is long past
+    _port_change(loop, "rec-web", "8080")
+    loop.run_for(0.1)
+    assert ":8080" in loop.text and loop.caddy.loads == 2
+    _port_change(loop, "rec-frozen", "8081")
+    loop.run_for(0.1)
+    assert ":8081" in loop.text and loop.caddy.loads == 3  # no 2 s hold
+
+
+def test_a_sustained_burst_is_paced_by_the_bucket() -> None:
+    loop = Loop(debounce_max=2.0)
+    loop.run_for(0.1)
+    loop.run_for(4.0, step=0.1)  # a quiet spell: the bucket is full again
+    loads = loop.caddy.loads
+    for i in range(30):  # 30 changes, 100 ms apart
+        _port_change(loop, "rec-web", str(8000 + i))
+        loop.run_for(0.1)
+    loop.run_for(4.0)
+    assert ":8029" in loop.text
+    assert loop.caddy.loads - loads == 4  # two at once, then one per 2 s (0.05, 0.15, 2.05, 4.05)
+
+
+def test_a_bucket_of_one_holds_reloads_max_apart() -> None:
+    loop = Loop(debounce_max=2.0, reload_burst=1)
+    loop.run_for(0.1)
+    _port_change(loop, "rec-web", "8080")
+    loop.run_for(1.0)
+    assert ":8080" not in loop.text  # held: the start cycle reloaded less than 2 s ago
+    loop.run_for(1.1)
+    assert ":8080" in loop.text

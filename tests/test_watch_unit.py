@@ -12,7 +12,7 @@ from incus_caddyfile.model import build
 from incus_caddyfile.watch.cache import InstanceCache
 from incus_caddyfile.watch.cyclelog import Log, site_changes
 from incus_caddyfile.watch.polls import AddressPolls
-from incus_caddyfile.watch.timing import Backoff, Debouncer, Retry
+from incus_caddyfile.watch.timing import Backoff, Debouncer, Retry, TokenBucket
 from incus_caddyfile.watch.triggers import Kind, Trigger, classify
 
 from .helpers import inst
@@ -128,38 +128,82 @@ def test_debounce_is_extended_by_each_event_up_to_max() -> None:
     assert d.deadline() is None
 
 
-def test_after_a_change_the_next_cycle_waits_max() -> None:
-    d = Debouncer(0.05, 2.0)
+def test_with_a_burst_of_one_reloads_are_max_apart() -> None:
+    """--reload-burst 1: the fixed hold of before (two reloads at least MAX apart)."""
+    d = Debouncer(0.05, 2.0, burst=1)
     d.note(0.0)
     assert d.deadline() == pytest.approx(0.05)
     d.fired(0.05, changed=True)  # reloaded Caddy
     d.note(0.3)  # the next change of a burst
     assert d.deadline() == pytest.approx(2.05)
     assert not d.due(2.0) and d.due(2.05)
-    d.fired(2.05, changed=False)  # nothing changed: no hold
+    d.fired(2.05, changed=False)  # nothing changed: no token taken
     d.note(2.1)
     assert d.deadline() == pytest.approx(2.15)
 
 
-def test_a_burst_of_30_changes_costs_one_reload_per_max() -> None:
-    """30 changes 100 ms apart (3 s), each cycle reloading: 2 reloads, not 30."""
-    d = Debouncer(0.05, 2.0)
-    events = [i * 0.1 for i in range(30)]
-    reloads = 0
-    now = 0.0
-    while now < 10:
-        if events and events[0] <= now:
+def test_two_back_to_back_changes_are_both_applied_at_once() -> None:
+    """A restart or a deploy script's two steps: the second change does not wait."""
+    d = Debouncer(0.05, 2.0, burst=2)
+    d.note(0.0)
+    d.fired(0.05, changed=True)
+    d.note(0.3)
+    assert d.deadline() == pytest.approx(0.35)
+    d.fired(0.35, changed=True)
+    d.note(0.6)  # a third change right away: now it is a burst, held for a token
+    assert d.deadline() == pytest.approx(0.35 + (1 - 0.15) * 2.0)
+
+
+def test_the_bucket_refills_one_token_per_period_up_to_its_capacity() -> None:
+    bucket = TokenBucket(2, 2.0)
+    assert bucket.ready_at() == float("-inf")
+    bucket.take(10.0)
+    bucket.take(10.0)
+    assert bucket.ready_at() == pytest.approx(12.0)
+    bucket.take(12.0)  # the token that came back
+    assert bucket.ready_at() == pytest.approx(14.0)
+    assert bucket._level(100.0) == 2.0  # a quiet spell refills it, never beyond capacity
+    assert TokenBucket(1, 0.0).ready_at() == float("-inf")
+    with pytest.raises(ValueError):
+        TokenBucket(0, 1.0)
+
+
+def _reloads(d: Debouncer, events: list[float], until: float = 10.0) -> list[float]:
+    """Drive the debouncer with a fake clock; when each cycle that reloaded ran."""
+    events, at, now = sorted(events), [], 0.0
+    while now < until:
+        while events and events[0] <= now:
             d.note(events.pop(0))
         if d.due(now):
             d.fired(now, changed=True)
-            reloads += 1
+            at.append(now)
         now = round(now + 0.01, 2)
-    assert reloads == 3  # at 0.05 s, at 2.05 s, and the tail at 4.05 s
+    return at
+
+
+# The start events of 30 instances started at once in the lab (ms after the first)
+LAB_BURST_MS = [0, 250, 266, 386, 491, 523, 670, 679, 679, 729, 1016, 1050, 1131, 1231, 1251,
+                1252, 1259, 1283, 1330, 1374, 1437, 1497, 1523, 1731, 1755, 1812, 1846, 1856,
+                1909, 1934]  # fmt: skip
+
+
+def test_a_burst_of_30_starts_costs_three_reloads() -> None:
+    at = _reloads(Debouncer(0.05, 2.0, burst=2), [ms / 1000 for ms in LAB_BURST_MS])
+    assert at == pytest.approx([0.05, 0.32, 2.05], abs=0.011)  # the last start at 1.934 s
+
+
+def test_a_sustained_burst_costs_one_reload_per_max_after_the_first_two() -> None:
+    """30 changes 100 ms apart (3 s): 2 at once, then one per 2 s, not 30."""
+    at = _reloads(Debouncer(0.05, 2.0, burst=2), [i * 0.1 for i in range(30)])
+    assert at == pytest.approx([0.05, 0.15, 2.05, 4.05], abs=0.011)
+    at = _reloads(Debouncer(0.05, 2.0, burst=1), [i * 0.1 for i in range(30)])
+    assert at == pytest.approx([0.05, 2.05, 4.05], abs=0.011)  # the fixed hold, for comparison
 
 
 def test_an_isolated_change_after_a_quiet_spell_is_fast() -> None:
     d = Debouncer(0.05, 2.0)
     d.fired(0.0, changed=True)
+    d.fired(0.1, changed=True)
     d.note(5.0)
     assert d.deadline() == pytest.approx(5.05)
 
@@ -198,14 +242,14 @@ def test_json_log_is_one_object_per_line() -> None:
 
 
 def test_hurry_applies_an_awaited_change_without_quiet_time() -> None:
-    d = Debouncer(0.05, 2.0)
+    d = Debouncer(0.05, 2.0, burst=1)
     d.note(1.0)
     d.hurry(1.0)
     assert d.due(1.0)
     d.fired(1.0, changed=True)
     d.note(1.5)
     d.hurry(1.5)
-    assert d.deadline() == pytest.approx(3.0)  # the hold of a burst still applies
+    assert d.deadline() == pytest.approx(3.0)  # the bucket still applies
 
 
 def test_a_rename_refreshes_the_new_and_the_old_name() -> None:

@@ -40,6 +40,7 @@ from .triggers import Kind, Trigger, classify
 class WatchOptions:
     debounce_min: float = 0.05
     debounce_max: float = 2.0
+    reload_burst: int = 2
     resync_interval: float = 300.0
     address_timeout: float = 30.0
     address_poll_first: float = 0.05
@@ -84,7 +85,9 @@ class Watcher:
         self.make_target = make_target
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
-        self.debounce = Debouncer(options.debounce_min, options.debounce_max)
+        self.debounce = Debouncer(
+            options.debounce_min, options.debounce_max, options.reload_burst
+        )
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.cache = InstanceCache(pipeline.collect, pipeline.fetch)
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)

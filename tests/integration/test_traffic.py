@@ -16,6 +16,7 @@ import pytest
 from ..harness import Load, WebSocket
 from .conftest import (
     ICF_SERVER_PORT,
+    LABELS,
     STATE_TIMEOUT,
     Caddy,
     Lab,
@@ -120,3 +121,36 @@ def test_a_pool_member_killed_under_load_costs_no_request(
     result = load.result
     assert gone
     assert result.ok > 250 and result.failed == 0, result.summary()
+
+
+def served_after(caddy: Caddy, host: str, needle: str, timeout: float = 10.0) -> float | None:
+    """Seconds until a request through Caddy answers with needle (polled every 10 ms)."""
+    started = time.monotonic()
+    found = wait_for(lambda: needle in caddy.get(host)[1], timeout, interval=0.01)
+    return time.monotonic() - started if found else None
+
+
+def test_back_to_back_changes_are_applied_without_a_hold(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> None:
+    """Two changes in a row (a deploy script's two steps): the second is not held for the
+    one before it (a fixed 2 s hold before: measured 1.6 s)."""
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    names = [f"b{i}-{project[-4:]}" for i in (1, 2)]
+    for name in names:
+        lab.launch(project, name, labels(f"{name}.localhost"))
+        lab.address(project, name)
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    for name in names:
+        assert "port 80" in caddy.wait_body(f"{name}.localhost", "port 80")
+    seconds: list[float | None] = []
+    for port in ("8080", "80", "8080", "80", "8080"):
+        time.sleep(4.1)  # tokens come back one per 2 s: a full bucket, as after any quiet spell
+        for name in names:
+            lab.set(project, name, **{f"{LABELS}upstream.port": port})
+            seconds.append(served_after(caddy, f"{name}.localhost", f"port {port}"))
+    seconds_ok = [s for s in seconds if s is not None]
+    assert len(seconds_ok) == len(seconds), (seconds, watch.log_text())
+    assert max(seconds_ok) < 1.0, seconds  # the second of each pair too
+    assert sorted(seconds_ok)[len(seconds_ok) // 2] < 0.5, seconds
