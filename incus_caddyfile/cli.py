@@ -451,6 +451,15 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     " two reloads at least MAX apart.",
 )
 @option(
+    "--drain/--no-drain",
+    default=True,
+    show_default=True,
+    envvar=_env("DRAIN"),
+    help="Take a pool member out of its pool the moment Incus starts to stop, restart or"
+    " delete it (back if that fails); after a start or restart it joins once its port"
+    " accepts connections.",
+)
+@option(
     "--resync-interval",
     type=click.FloatRange(min=1),
     default=300.0,
@@ -479,6 +488,7 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
 def watch(
     debounce: tuple[float, float],
     reload_burst: int,
+    drain: bool,
     resync_interval: float,
     address_timeout: float,
     log_format: str,
@@ -515,6 +525,7 @@ def watch(
         debounce_min=debounce[0],
         debounce_max=debounce[1],
         reload_burst=reload_burst,
+        drain=drain,
         resync_interval=resync_interval,
         address_timeout=address_timeout,
         log_format=log_format,

@@ -20,7 +20,7 @@ from typing import Any
 
 from .incus import IncusApi
 from .labels import PREFIX
-from .model import Instance, Nic, missing_address, wants_address
+from .model import Instance, Nic, missing_address, needs_own_address, wants_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -129,19 +129,23 @@ class Inventory:
         raws = self.api.list_instances()
         bare = [bare_instance(raw) for raw in raws]
         leases = self._lease_maps(
-            (inst, raw) for inst, raw in zip(bare, raws, strict=True) if wants_address(inst)
+            (inst, raw)
+            for inst, raw in zip(bare, raws, strict=True)
+            if wants_address(inst) and not needs_own_address(inst)
         )
         return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
 
-    def instance(self, project: str, name: str) -> Instance | None:
+    def instance(self, project: str, name: str, own: bool = False) -> Instance | None:
         """One instance, refreshed on its own (a few requests whatever the fleet size);
-        None when it no longer exists."""
+        None when it no longer exists. `own`: its addresses as it reports them itself (those
+        it has configured), not its leases."""
         raw = self.api.get_instance(project, name)
         if raw is None:
             return None
         inst = bare_instance(raw, project)
-        wanted = [(inst, raw)] if wants_address(inst) else []
-        return self._addressed(inst, raw, self._lease_maps(wanted))
+        own = own or needs_own_address(inst)
+        wanted = [(inst, raw)] if wants_address(inst) and not own else []
+        return self._addressed(inst, raw, self._lease_maps(wanted), own)
 
     def _lease_maps(self, wanted: Iterable[tuple[Instance, Mapping[str, Any]]]) -> LeaseMaps:
         pairs = sorted(
@@ -149,12 +153,17 @@ class Inventory:
         )
         return {pair: lease_map(self.api.network_leases(*pair)) for pair in pairs}
 
-    def _addressed(self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps) -> Instance:
+    def _addressed(
+        self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps, own: bool = False
+    ) -> Instance:
         """The instance with its NICs' addresses, from the leases, or from its live state
-        when the leases do not give the address its labels ask for."""
+        when the leases do not give the address its labels ask for, or when only an address
+        it has configured will do (`own`, or require_ready: `needs_own_address`)."""
         if not wants_address(inst):
             return inst
         refs = nic_refs(raw)
+        if own or needs_own_address(inst):
+            return dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         nics = tuple(
             Nic(r.device, tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, [])),
                 r.network or "")

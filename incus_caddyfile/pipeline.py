@@ -11,7 +11,7 @@ the previous file back. Either way the file on disk is always a config Caddy acc
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -121,24 +121,27 @@ def collect(api: IncusApi) -> list[Instance]:
     return probe.annotate(Inventory(api).instances())
 
 
-def fetch(api: IncusApi, project: str, name: str) -> Instance | None:
-    """One instance refreshed (and probed, if it asks to be); None when it is gone."""
-    inst = Inventory(api).instance(project, name)
+def fetch(api: IncusApi, project: str, name: str, own: bool = False) -> Instance | None:
+    """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
+    its addresses as it reports them itself (configured), not its DHCP lease."""
+    inst = Inventory(api).instance(project, name, own)
     return None if inst is None else probe.annotate([inst])[0]
 
 
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
+Key = tuple[str, str]  # (project, instance)
 
 
 def model_for(
     settings: Settings,
     instances: list[Instance],
     refused: Mapping[tuple[str, str], str] | None = None,
+    draining: Iterable[Key] = (),
 ) -> Model:
     """Step 2 with every setting that shapes it (wildcards, policy, the operator's snippets);
     render, routes and doctor all build their model here. `refused`: instances whose routes
-    Caddy refused (see `accepted_config`). Raises SettingsError when the snippets file cannot
-    be read."""
+    Caddy refused (see `accepted_config`); `draining`: instances watch takes out of their
+    pools. Raises SettingsError when the snippets file cannot be read."""
     return build(
         instances,
         settings.wildcards,
@@ -146,10 +149,8 @@ def model_for(
         snippet_names(settings),
         refused,
         tuning=settings.tuning,
+        draining=draining,
     )
-
-
-Key = tuple[str, str]
 
 
 class WholeConfigRejected(Exception):
@@ -158,7 +159,11 @@ class WholeConfigRejected(Exception):
 
 
 def accepted_config(
-    settings: Settings, instances: list[Instance], caddy: Caddy, reason: str
+    settings: Settings,
+    instances: list[Instance],
+    caddy: Caddy,
+    reason: str,
+    draining: Iterable[Key] = (),
 ) -> tuple[Model, str, dict[Key, str]]:
     """Caddy refused the rendered config (`reason`): find the instances whose routes cause
     it, by asking Caddy about parts of the config, and return the model and text without
@@ -170,10 +175,11 @@ def accepted_config(
     """
     candidates = sorted((i.project, i.name) for i in instances if i.labels)
     found: dict[Key, str] = {}
+    drained = frozenset(draining)
 
     def attempt(keep: set[Key]) -> tuple[Model, str, str | None]:
         refused = {k: "" for k in candidates if k not in keep} | found
-        model = model_for(settings, instances, refused)
+        model = model_for(settings, instances, refused, drained)
         text = render(model, settings)
         try:
             caddy.check(text)
@@ -243,12 +249,15 @@ def apply(
     instances: list[Instance],
     target: Target | None,
     mode: RunMode | None = None,
+    draining: Iterable[Key] = (),
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
-    `target`: where the file goes and the Caddy that runs it (None: only render)."""
+    `target`: where the file goes and the Caddy that runs it (None: only render);
+    `draining`: instances to take out of their pools (see model.build)."""
     report = Report(mode or RunMode())
+    drained = frozenset(draining)
     try:
-        report.model = model_for(settings, instances)
+        report.model = model_for(settings, instances, draining=drained)
         report.text = render(report.model, settings)
     except SettingsError as exc:
         return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
@@ -257,11 +266,15 @@ def apply(
     if target is None:
         return report
     report.target = target.name
-    return _write_and_reload(settings, instances, target, report)
+    return _write_and_reload(settings, instances, target, report, drained)
 
 
 def _write_and_reload(
-    settings: Settings, instances: list[Instance], target: Target, report: Report
+    settings: Settings,
+    instances: list[Instance],
+    target: Target,
+    report: Report,
+    draining: frozenset[Key],
 ) -> Report:
     assert report.text is not None
     mode = report.mode
@@ -280,8 +293,8 @@ def _write_and_reload(
             _reload_if_stale(target, report)
         return report
     if settings.reload and target.caddy.load_checks:
-        return _load_then_write(settings, instances, target, current, report)
-    return _check_then_write(settings, instances, target, current, report)
+        return _load_then_write(settings, instances, target, current, report, draining)
+    return _check_then_write(settings, instances, target, current, report, draining)
 
 
 def _check_then_write(
@@ -290,6 +303,7 @@ def _check_then_write(
     target: Target,
     current: bytes | None,
     report: Report,
+    draining: frozenset[Key],
 ) -> Report:
     """Caddy checks the text, the file is replaced, Caddy is reloaded (put the previous file
     back if Caddy refuses after all): for a Caddy whose reload is not its check (a reload
@@ -299,7 +313,9 @@ def _check_then_write(
     try:
         target.caddy.check(report.text)
     except CaddyRejected as exc:
-        if not _without_refused_routes(settings, instances, target.caddy, report, str(exc)):
+        if not _without_refused_routes(
+            settings, instances, target.caddy, report, str(exc), draining
+        ):
             return report
         new = (report.text or "").encode()
         report.changed = output.compare(current, new)
@@ -330,6 +346,7 @@ def _load_then_write(
     target: Target,
     current: bytes | None,
     report: Report,
+    draining: frozenset[Key],
 ) -> Report:
     """One adaptation per change: Caddy's admin `/load` adapts the text and applies it, or
     refuses it and keeps running what it ran, so it is the check too. The file is replaced
@@ -340,7 +357,9 @@ def _load_then_write(
     try:
         target.caddy.load(report.text)
     except CaddyRejected as exc:
-        if not _without_refused_routes(settings, instances, target.caddy, report, str(exc)):
+        if not _without_refused_routes(
+            settings, instances, target.caddy, report, str(exc), draining
+        ):
             return report
         report.changed = output.compare(current, (report.text or "").encode())
         if report.changed is Changed.NO:
@@ -354,9 +373,9 @@ def _load_then_write(
                 f"Caddy rejected the new config, {report.target} kept as it was: {again}",
             )
         except CaddyError:
-            return _check_then_write(settings, instances, target, current, report)
+            return _check_then_write(settings, instances, target, current, report, draining)
     except CaddyError:
-        return _check_then_write(settings, instances, target, current, report)
+        return _check_then_write(settings, instances, target, current, report, draining)
     report.reloaded = True
     try:
         note = target.destination.write((report.text or "").encode())
@@ -389,13 +408,18 @@ def _unload(target: Target, previous: bytes | None, report: Report) -> None:
 
 
 def _without_refused_routes(
-    settings: Settings, instances: list[Instance], caddy: Caddy, report: Report, reason: str
+    settings: Settings,
+    instances: list[Instance],
+    caddy: Caddy,
+    report: Report,
+    reason: str,
+    draining: frozenset[Key] = frozenset(),
 ) -> bool:
     """Caddy refused the config: drop the routes that cause it (the report's model and text
     become the accepted config, the instances are rejected with Caddy's reason). False (the
     report failed) when the config fails as a whole, or Caddy stopped answering."""
     try:
-        report.model, report.text, _ = accepted_config(settings, instances, caddy, reason)
+        report.model, report.text, _ = accepted_config(settings, instances, caddy, reason, draining)
     except WholeConfigRejected as exc:
         report.fail(
             Status.CADDY_REJECTED,

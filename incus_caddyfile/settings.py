@@ -59,7 +59,7 @@ FILE_KEYS = {
     "fail-duration": "fail_duration",
 }
 # Keys only `watch` reads (its own options, not part of Settings): checked here all the same.
-WATCH_KEYS = {"reload-burst": "reload_burst"}
+WATCH_KEYS = {"reload-burst": "reload_burst", "drain": "drain"}
 FILE_KEYS.update(WATCH_KEYS)
 DEFAULT_RELOAD_BURST = 2
 DURATION_KEYS = ("stream-close-delay", "lb-try-duration", "dial-timeout", "fail-duration")
@@ -323,9 +323,9 @@ def load_file(path: Path) -> dict[str, Any]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SettingsError(f"{path}: {key} must be a string or a list of strings")
-        elif key == "reload":
+        elif key in ("reload", "drain"):
             if not isinstance(value, bool):
-                raise SettingsError(f"{path}: reload must be true or false")
+                raise SettingsError(f"{path}: {key} must be true or false")
         elif key in INTEGER_KEYS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SettingsError(f"{path}: {key} must be a whole number")

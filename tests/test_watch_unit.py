@@ -1,20 +1,23 @@
 """The parts of watch, each alone: event classification, debounce (with an injected clock),
-backoff, the cycle log, the instance cache and the address polls."""
+backoff, the cycle log, the instance cache, the address polls and the drains."""
 
 from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import pytest
 
 from incus_caddyfile.model import build
 from incus_caddyfile.watch.cache import InstanceCache
 from incus_caddyfile.watch.cyclelog import Log, site_changes
+from incus_caddyfile.watch.drains import Drains
 from incus_caddyfile.watch.polls import AddressPolls
 from incus_caddyfile.watch.timing import Backoff, Debouncer, Retry, TokenBucket
-from incus_caddyfile.watch.triggers import Kind, Trigger, classify
+from incus_caddyfile.watch.triggers import Kind, Phase, Trigger, classify
 
+from .fake_incus import operation_event
 from .helpers import inst
 
 
@@ -287,7 +290,9 @@ def test_cache_lists_once_then_fetches_only_what_events_name() -> None:
 
 
 def test_trigger_kinds_are_local_or_fetch() -> None:
-    assert {k for k in Kind if k.local} == {Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY}
+    assert {k for k in Kind if k.local} == {
+        Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY, Kind.OPERATION, Kind.WARM,
+    }  # fmt: skip
     assert Trigger(Kind.TIMER).full and not Trigger(Kind.FILE, detail="x").full
     assert str(Trigger(Kind.INCUS, "instance-started", "p", "a")) == "instance-started p/a"
     assert str(Trigger(Kind.FILE, detail="/t.j2")) == "file /t.j2"
@@ -300,10 +305,119 @@ def test_address_polls_back_off_and_expire() -> None:
     assert polls.deadlines() == [pytest.approx(10.05)]
     assert polls.due(10.04) == [] and polls.due(10.05) == [("p", "a")]
     polls.again(("p", "a"), 10.05)
-    assert polls.deadlines() == [pytest.approx(10.05 + 0.075)]
+    assert polls.deadlines() == [pytest.approx(10.05 + 0.0625)]  # 1.25x
     assert not polls.expired(("p", "a"), 10.9) and polls.expired(("p", "a"), 11.0)
     polls.drop(("p", "a"))
     assert ("p", "a") not in polls and polls.deadlines() == []
+
+
+def test_a_poll_probes_only_the_port_once_the_address_is_there() -> None:
+    polls = AddressPolls(first=0.02, timeout=1.0)
+    polls.start(("p", "a"), 10.0)
+    assert polls.port(("p", "a")) is None
+    polls.probe_port(("p", "a"), ("198.18.0.1", 80), 10.02)
+    assert polls.port(("p", "a")) == ("198.18.0.1", 80)
+    assert polls.due(10.02) == [("p", "a")]  # at once, then 5 ms, 6 ms ...
+    polls.again(("p", "a"), 10.02)
+    assert polls.deadlines() == [pytest.approx(10.025)]
+    polls.again(("p", "a"), 10.025)
+    assert polls.deadlines() == [pytest.approx(10.031)]
+    assert polls.expired(("p", "a"), 11.0)  # the same deadline as the address phase
+
+
+# ---- operations: drain before stop
+
+
+def op(description: str, status: str, project: str = "p", name: str = "web") -> dict[str, Any]:
+    return operation_event(project, name, description, status)
+
+
+@pytest.mark.parametrize(
+    ("description", "status", "expected"),
+    [
+        ("Stopping instance", "Pending", ("stop", Phase.BEGUN)),
+        ("Stopping instance", "Running", ("stop", Phase.BEGUN)),
+        ("Stopping instance", "Success", ("stop", Phase.DONE)),
+        ("Stopping instance", "Failure", ("stop", Phase.FAILED)),
+        ("Restarting instance", "Running", ("restart", Phase.BEGUN)),
+        ("Restarting instance", "Cancelled", ("restart", Phase.FAILED)),
+        ("Deleting instance", "Running", ("delete", Phase.BEGUN)),
+        ("Starting instance", "Running", None),
+        ("Executing command", "Running", None),
+        ("Snapshotting instance", "Running", None),
+    ],
+)
+def test_operation_events_that_drain(
+    description: str, status: str, expected: tuple[str, Phase] | None
+) -> None:
+    trigger = classify(op(description, status))
+    if expected is None:
+        assert trigger is None
+        return
+    assert trigger is not None and (trigger.action, trigger.phase) == expected
+    assert (trigger.kind, trigger.project, trigger.instance) == (Kind.OPERATION, "p", "web")
+    assert str(trigger) == f"{expected[0]}-{expected[1].value} p/web"
+
+
+def test_an_operation_on_several_instances_or_none_is_not_followed() -> None:
+    event = op("Stopping instance", "Running")
+    event["metadata"]["resources"]["instances"].append("/1.0/instances/b?project=p")
+    assert classify(event) is None
+    event["metadata"]["resources"] = {}
+    assert classify(event) is None
+    event = op("Stopping instance", "Running")
+    event["metadata"]["status_code"] = "103"  # not the shape Incus sends
+    assert classify(event) is None
+
+
+def trig(verb: str, phase: Phase, name: str = "web") -> Trigger:
+    return Trigger(Kind.OPERATION, verb, "p", name, phase=phase)
+
+
+def test_a_stop_drains_until_it_is_over_or_failed() -> None:
+    drains = Drains(warmup_timeout=30.0)
+    assert drains.note(trig("stop", Phase.BEGUN), 1.0)
+    assert not drains.note(trig("stop", Phase.BEGUN), 1.0)  # Pending and Running: once
+    assert drains.keys() == {("p", "web")} and not drains.warming()
+    assert drains.note(trig("stop", Phase.DONE), 3.0) and not drains.keys()
+    drains.note(trig("delete", Phase.BEGUN), 4.0)
+    assert drains.note(trig("delete", Phase.FAILED), 4.5) and not drains.keys()
+
+
+def test_a_restart_stays_drained_until_its_port_accepts() -> None:
+    drains = Drains(warmup_timeout=30.0)
+    drains.note(trig("restart", Phase.BEGUN), 1.0)
+    assert drains.note(trig("restart", Phase.DONE), 4.0)  # drained still, now warming
+    assert drains.warming() == [("p", "web")]
+    assert drains.deadline() == pytest.approx(34.0)
+    assert drains.end(("p", "web")) and not drains.keys()
+
+
+def test_a_started_instance_warms_up_and_gives_up_after_the_timeout() -> None:
+    drains = Drains(warmup_timeout=30.0)
+    assert drains.note(Trigger(Kind.INCUS, "instance-started", "p", "web"), 1.0)
+    assert not drains.note(Trigger(Kind.INCUS, "instance-updated", "p", "web"), 1.0)
+    assert drains.expire(30.9) == [] and drains.expire(31.0) == [("p", "web")]
+    assert not drains.keys()
+
+
+def test_missed_events_clear_the_drains_and_off_means_off() -> None:
+    drains = Drains(warmup_timeout=30.0)
+    drains.note(trig("stop", Phase.BEGUN), 1.0)
+    assert drains.clear() and not drains.keys() and not drains.clear()
+    off = Drains(warmup_timeout=30.0, enabled=False)
+    assert not off.note(trig("stop", Phase.BEGUN), 1.0) and not off.keys()
+
+
+def test_an_urgent_cycle_does_not_wait_for_a_token_but_takes_one() -> None:
+    d = Debouncer(0.05, 2.0, burst=1)
+    d.note(0.0)
+    d.fired(0.05, changed=True)  # the bucket is empty until 2.05
+    d.urge(0.5)
+    assert d.due(0.5)
+    d.fired(0.5, changed=True)
+    d.note(0.6)
+    assert d.deadline() == pytest.approx(0.5 + (1 + 0.775) * 2.0)  # in debt: the next waits
 
 
 def test_retry_backs_off_until_cleared() -> None:

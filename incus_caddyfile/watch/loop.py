@@ -8,12 +8,14 @@ full resync. Everything runs on one thread that owns the state; the event stream
 watcher and the signal handlers only put items on a queue.
 
 `Watcher` is only the loop; its parts each do one job: `IncusLink` (connection and event
-stream), `InstanceCache` (what to fetch), `AddressPolls`, `Debouncer` and `Retry` (when),
+stream), `InstanceCache` (what to fetch), `Drains` (who is out of its pool: the model's
+`draining`), `AddressPolls`, `Debouncer` (with its reload `TokenBucket`) and `Retry` (when),
 `CycleLog` (what the operator reads), `FileWatcher` and `install_signals` (inputs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterable
@@ -22,18 +24,27 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .. import pipeline, targets
+from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
-from ..model import Instance, Model, awaits_address
+from ..model import (
+    Instance,
+    Model,
+    awaits_address,
+    needs_own_address,
+    pool_mates,
+    reach_target,
+    wants_address,
+)
 from ..pipeline import Report, RunMode, Status
 from ..settings import Settings
 from .cache import InstanceCache
 from .cyclelog import CycleLog, Log, site_changes
+from .drains import Drains
 from .inputs import FileWatcher, install_signals
 from .link import IncusLink
-from .polls import AddressPolls
+from .polls import AddressPolls, Key
 from .timing import Debouncer, Retry
-from .triggers import Kind, Trigger, classify
+from .triggers import Kind, Phase, Trigger, classify
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,8 @@ class WatchOptions:
     reload_burst: int = 2
     resync_interval: float = 300.0
     address_timeout: float = 30.0
-    address_poll_first: float = 0.05
+    address_poll_first: float = 0.02
+    drain: bool = True  # take members out of their pools while they stop, and warm them up
     reconnect_first: float = 0.5
     reconnect_cap: float = 30.0
     reload_retry_first: float = 1.0
@@ -60,6 +72,7 @@ class Signal(Enum):
 
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
+PORT_PROBE_TIMEOUT = 0.2  # the address is configured: a closed port answers at once
 
 
 class Watcher:
@@ -85,12 +98,11 @@ class Watcher:
         self.make_target = make_target
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
-        self.debounce = Debouncer(
-            options.debounce_min, options.debounce_max, options.reload_burst
-        )
+        self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.cache = InstanceCache(pipeline.collect, pipeline.fetch)
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
+        self.drains = Drains(options.address_timeout, enabled=options.drain)
         self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
@@ -146,6 +158,7 @@ class Watcher:
             self.link.retry.at,
             self.reload_retry.at,
             self.next_resync if self.link.connected else None,
+            self.drains.deadline(),
             *self.polls.deadlines(),
         ]
         return min((d for d in deadlines if d is not None), default=None)
@@ -182,7 +195,16 @@ class Watcher:
         """Record what a cycle must refresh, and start or extend the debounce window."""
         self.triggers.append(trigger)
         self.cache.want(trigger)
-        self.debounce.note(self.clock())
+        now = self.clock()
+        self.debounce.note(now)
+        if trigger.kind is Kind.RECONNECT:
+            self.drains.clear()  # operation events were missed
+        if self.drains.note(trigger, now):
+            key = (trigger.project, trigger.instance)
+            if trigger.phase is Phase.BEGUN:
+                self.debounce.urge(now)  # about to go: take it out now, whatever the bucket
+            elif key in self.drains:
+                self.polls.start(key, now)  # back: warming until its port accepts
 
     def _run_timers(self) -> None:
         now = self.clock()
@@ -194,6 +216,8 @@ class Watcher:
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
         self._due_polls(now)
+        for key in self.drains.expire(now):
+            self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
         if self.reload_retry.due(now):
             self.reload_retry.take()
             self.verify_caddy = True
@@ -222,30 +246,70 @@ class Watcher:
         self.log("incus", f"{why}; keeping the last good Caddyfile, reconnecting in {delay:.1f} s")
 
     def _due_polls(self, now: float) -> None:
-        """Instances waiting for an address: fetch each when its backoff says so; when the
-        address is there, apply it now (no quiet wait), unless a burst's hold says otherwise."""
+        """Instances that are up but not reachable yet (no address, or a port that must
+        accept first): poll each when its backoff says so; when it is reachable, apply that
+        now (no quiet wait), as far as the reload bucket allows."""
         client = self.link.client
         if not self.link.connected or client is None:
             return
         for key in self.polls.due(now):
+            target = self.polls.port(key)
+            if target is not None:
+                self._poll_port(key, target)
+                continue
             try:
-                inst = pipeline.fetch(client, *key)
+                self._poll_incus(client, key)
             except IncusError as exc:
                 self._disconnected(str(exc))
                 return
-            waiting = inst is not None and awaits_address(inst)
-            if waiting and not self.polls.expired(key, now):
-                self.polls.again(key, self.clock())
-                continue
-            self.polls.drop(key)
-            if inst is not None:
-                self.cache.put(key, inst)
-                if not waiting:
-                    self._want(Trigger(Kind.ADDRESS, project=key[0], instance=key[1]))
-                    self.debounce.hurry(self.clock())
+
+    def _poll_incus(self, client: IncusApi, key: Key) -> None:
+        """The address phase: fetch the instance (its own addresses when its port is to be
+        probed, so that nothing dials an address it has not configured yet)."""
+        warming = key in self.drains
+        inst = pipeline.fetch(client, *key, own=warming)
+        self.cache.put(key, inst)
+        if inst is None or not wants_address(inst):
+            return self._reached(key, inst)  # gone or down: nothing to wait for
+        if warming and not pool_mates(self.cache.listing(), inst):
+            return self._reached(key, inst)  # alone on its hosts: the model keeps it anyway
+        target = reach_target(inst)
+        if target is None:  # its address is not there yet
+            return self._again(key, inst)
+        if inst.ready or not (warming or needs_own_address(inst)):
+            return self._reached(key, inst)
+        self.polls.probe_port(key, target, self.clock())
+
+    def _poll_port(self, key: Key, target: tuple[str, int]) -> None:
+        """The port phase: the instance has configured its address, so a connect to it is
+        safe and cheap (no Incus request); until it accepts."""
+        if probe.accepts(*target, timeout=PORT_PROBE_TIMEOUT):
+            inst = self.cache.get(key)
+            if inst is not None and reach_target(inst) == target and needs_own_address(inst):
+                self.cache.put(key, dataclasses.replace(inst, ready=True))
+            self._reached(key, inst)
+        else:
+            self._again(key, self.cache.get(key))
+
+    def _again(self, key: Key, inst: Instance | None) -> None:
+        if self.polls.expired(key, self.clock()):
+            self._reached(key, inst, gave_up=True)  # let it in: Caddy's retries cover it
+        else:
+            self.polls.again(key, self.clock())
+
+    def _reached(self, key: Key, inst: Instance | None, gave_up: bool = False) -> None:
+        """The poll is over: the route can follow (its address, its open port, its return
+        to its pools), or it never will (gone, down, timed out)."""
+        self.polls.drop(key)
+        back = self.drains.end(key)
+        if gave_up and not back:
+            return  # still without its address: nothing changed
+        kind = Kind.WARM if back else Kind.ADDRESS
+        self._want(Trigger(kind, project=key[0], instance=key[1]))
+        self.debounce.hurry(self.clock())
 
     def _poll_waiting(self, instances: Iterable[Instance]) -> None:
-        """Started instances still without an address (or open port): poll them, from 50 ms
+        """Started instances still without an address (or open port): poll them, from 20 ms
         with backoff, instead of sleeping; the route appears when the address does."""
         for inst in instances:
             if awaits_address(inst):
@@ -276,7 +340,9 @@ class Watcher:
             force_reload=any(self._imported(f) for f in files),
         )
         target = self.make_target(self.settings, client)
-        report = pipeline.apply(self.settings, self.cache.listing(), target, mode)
+        report = pipeline.apply(
+            self.settings, self.cache.listing(), target, mode, self.drains.keys()
+        )
         self.cycles += 1
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded

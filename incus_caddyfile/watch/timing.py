@@ -28,7 +28,8 @@ class TokenBucket:
         return self.stamp + (1 - self.tokens) * self.period
 
     def take(self, now: float) -> None:
-        self.tokens = self._level(now) - 1
+        """One token (an urgent cycle may take one that is not there yet: the next wait)."""
+        self.tokens = max(self._level(now) - 1, -float(self.capacity))
         self.stamp = now
 
 
@@ -50,6 +51,7 @@ class Debouncer:
         self.min_wait, self.max_wait = min_wait, max_wait
         self.first: float | None = None
         self.last: float | None = None
+        self.urgent = False  # the next cycle does not wait for a token
         self.bucket = TokenBucket(burst, max_wait)
 
     def note(self, now: float) -> None:
@@ -61,7 +63,7 @@ class Debouncer:
         if self.first is None or self.last is None:
             return None
         quiet = min(self.last + self.min_wait, self.first + self.max_wait)
-        return max(quiet, self.bucket.ready_at())
+        return quiet if self.urgent else max(quiet, self.bucket.ready_at())
 
     def due(self, now: float) -> bool:
         deadline = self.deadline()
@@ -72,9 +74,17 @@ class Debouncer:
         if self.first is not None:
             self.last = now - self.min_wait
 
+    def urge(self, now: float) -> None:
+        """Run the next cycle now, token or not (a member to take out of its pool before it
+        stops); it still takes a token, so what follows waits for it."""
+        self.note(now)
+        self.hurry(now)
+        self.urgent = True
+
     def fired(self, now: float, changed: bool) -> None:
         """A cycle ran; if it changed the file, it took a token."""
         self.first = self.last = None
+        self.urgent = False
         if changed:
             self.bucket.take(now)
 

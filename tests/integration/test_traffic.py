@@ -23,6 +23,7 @@ from .conftest import (
     WatchProcess,
     incus,
     labels,
+    triggered_by,
     wait_for,
 )
 
@@ -154,3 +155,70 @@ def test_back_to_back_changes_are_applied_without_a_hold(
     assert len(seconds_ok) == len(seconds), (seconds, watch.log_text())
     assert max(seconds_ok) < 1.0, seconds  # the second of each pair too
     assert sorted(seconds_ok)[len(seconds_ok) // 2] < 0.5, seconds
+
+
+def served_by(caddy: Caddy, host: str, count: int = 40) -> set[str]:
+    """Which instances answered `count` requests to host through Caddy."""
+    bodies = {caddy.get(host)[1] for _ in range(count)}
+    return {b.split()[2] for b in bodies if b.startswith("hello from ")}
+
+
+def test_a_rolling_restart_under_load_costs_no_request(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch, icf_server: Path
+) -> None:
+    """`incus restart` of each member of a 3-member pool in turn (icf_server: a graceful
+    stop, ~2.5 s with busybox's init), under 100 requests/s with keep-alive. Each member
+    leaves the pool when its restart begins and rejoins once its port accepts."""
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    host = f"r-{project[-4:]}.localhost"
+    names = [f"r{i}-{project[-4:]}" for i in (1, 2, 3)]
+    for name in names:
+        lab.launch(project, name, labels(host, ICF_SERVER_PORT))
+    for name in names:
+        lab.address(project, name)
+        lab.serve(project, name, icf_server)
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    assert wait_for(lambda: served_by(caddy, host) == set(names), STATE_TIMEOUT)
+
+    with Load(caddy.http_port, host, rate=100, workers=4, needle="icf_server") as load:
+        for name in names:
+            before = len(watch.cycles())
+            incus("restart", name, "--project", project)
+            back = watch.wait_cycle(triggered_by(f"warm {project}/{name}"), after=before)
+            assert any(
+                triggered_by(f"restart-begun {project}/{name}")(c) and c["changed"] == [host]
+                for c in watch.cycles()[before:back]
+            ), watch.log_text(30)
+        time.sleep(0.5)
+    result = load.result
+    assert result.ok > 500 and result.failed == 0, result.summary()
+    assert served_by(caddy, host) == set(names)
+
+
+def test_a_stop_that_fails_brings_the_member_back(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> None:
+    """A stop announced, then failed (the instance ignores its halt signal, the timeout
+    runs out): the member is out of its pool while the stop runs and back after."""
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    host, names = pool(lab, project, "f", size=2)
+    incus("stop", "--force", names[0], "--project", project)
+    incus("config", "set", names[0], "raw.lxc", "lxc.signal.halt=SIGHUP", "--project", project)
+    incus("start", names[0], "--project", project)
+    lab.address(project, names[0])
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    assert wait_for(lambda: served_by(caddy, host) == set(names), STATE_TIMEOUT)
+    address = lab.address(project, names[0])
+
+    with Load(caddy.http_port, host, rate=50, workers=2) as load:
+        before = len(watch.cycles())
+        stop = incus("stop", names[0], "--timeout", "2", "--project", project, check=False)
+        failed = watch.wait_cycle(triggered_by(f"stop-failed {project}/{names[0]}"), before)
+        time.sleep(0.5)
+    cycles = watch.cycles()[before : failed + 1]
+    assert stop == "" and any(triggered_by(f"stop-begun {project}/{names[0]}")(c) for c in cycles)
+    assert f"{address}:80" in watch.output.read_text()  # back in its pool
+    assert served_by(caddy, host) == set(names)
+    assert load.result.failed == 0, load.result.summary()
