@@ -116,13 +116,17 @@ def within(addresses: Iterable[str], subnets: list[IPNetwork], own: set[IPAddres
     return kept
 
 
+Bounds = dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]]
+
+
 class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
-    return a partial listing."""
+    return a partial listing. `bounds`: managed networks' subnets already known (a caller
+    that asks often may keep them; a network change makes watch re-list everything)."""
 
-    def __init__(self, api: IncusApi) -> None:
+    def __init__(self, api: IncusApi, bounds: Bounds | None = None) -> None:
         self.api = api
-        self._bounds: dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]] = {}
+        self._bounds: Bounds = {} if bounds is None else bounds
 
     def instances(self) -> list[Instance]:
         """Every instance of every project."""
@@ -166,7 +170,7 @@ class Inventory:
             return dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         nics = tuple(
             Nic(r.device, tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, [])),
-                r.network or "")
+                r.network or "", r.interface)
             for r in refs
         )  # fmt: skip
         inst = dataclasses.replace(inst, nics=nics)
@@ -174,18 +178,33 @@ class Inventory:
             inst = dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         return inst
 
+    def own(self, inst: Instance) -> Instance | None:
+        """The instance with the addresses it reports itself now, from its live state alone
+        (one request; its NICs as the last refresh knew them). None when it is gone."""
+        state = self.api.instance_state(inst.project, inst.name)
+        if state is None:
+            return None
+        refs = [NicRef(n.name, n.interface or n.name, n.network or None, "") for n in inst.nics]
+        status = str(state.get("status") or inst.status)
+        return dataclasses.replace(inst, status=status, nics=self._state_nics(inst, refs, state))
+
     def _nics_from_state(self, inst: Instance, refs: list[NicRef]) -> tuple[Nic, ...]:
         """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
         these, so on a managed network only addresses inside its subnets count, and never
         the network's own (gateway) address: a tenant cannot point a route at the host or at
         another network. Interfaces Incus did not create are ignored."""
-        by_ifname = state_addresses(self.api.instance_state(inst.project, inst.name))
+        return self._state_nics(inst, refs, self.api.instance_state(inst.project, inst.name))
+
+    def _state_nics(
+        self, inst: Instance, refs: list[NicRef], state: Mapping[str, Any] | None
+    ) -> tuple[Nic, ...]:
+        by_ifname = state_addresses(state)
         nics = []
         for ref in refs:
             found = by_ifname.get(ref.interface, [])
             if ref.network:
                 found = within(found, *self._network_bounds(inst.project, ref.network))
-            nics.append(Nic(ref.device, tuple(found), ref.network or ""))
+            nics.append(Nic(ref.device, tuple(found), ref.network or "", ref.interface))
         return tuple(nics)
 
     def _network_bounds(self, project: str, network: str) -> tuple[list[IPNetwork], set[IPAddress]]:

@@ -55,6 +55,7 @@ class Nic:
     name: str
     addresses: tuple[str, ...] = ()
     network: str = ""  # the Incus network it is attached to, when known
+    interface: str = ""  # its name inside the instance (the live state's), when known
 
 
 @dataclass(frozen=True)

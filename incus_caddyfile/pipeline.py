@@ -18,7 +18,7 @@ from enum import IntEnum
 from . import output, probe, targets
 from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
-from .inventory import Inventory
+from .inventory import Bounds, Inventory
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .render import TemplateError, render
@@ -121,11 +121,22 @@ def collect(api: IncusApi) -> list[Instance]:
     return probe.annotate(Inventory(api).instances())
 
 
-def fetch(api: IncusApi, project: str, name: str, own: bool = False) -> Instance | None:
+def fetch(
+    api: IncusApi, project: str, name: str, own: bool = False, bounds: Bounds | None = None
+) -> Instance | None:
     """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
-    its addresses as it reports them itself (configured), not its DHCP lease."""
-    inst = Inventory(api).instance(project, name, own)
+    its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
+    managed networks' subnets the caller keeps (see Inventory)."""
+    inst = Inventory(api, bounds).instance(project, name, own)
     return None if inst is None else probe.annotate([inst])[0]
+
+
+def own_addresses(api: IncusApi, inst: Instance, bounds: Bounds | None = None) -> Instance | None:
+    """The instance with the addresses it has configured now (one request: its live state),
+    probed if it asks to be; None when it is gone. For polls of an instance whose NICs are
+    known from a refresh."""
+    found = Inventory(api, bounds).own(inst)
+    return None if found is None else probe.annotate([found])[0]
 
 
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)

@@ -607,7 +607,9 @@ class WatchProcess:
     """`python -m incus_caddyfile watch -o OUTPUT --log-format json ARGS` as a real process,
     its log lines collected by a reader thread."""
 
-    def __init__(self, output: Path, *args: str | Path) -> None:
+    def __init__(self, output: Path, *args: str | Path, code: Path = ROOT) -> None:
+        """`code`: the source tree whose incus_caddyfile runs (another checkout or an older
+        commit, for a baseline)."""
         self.output = output
         self.records: list[Record] = []
         self.raw: list[str] = []
@@ -618,7 +620,7 @@ class WatchProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=ROOT,
+            cwd=code,
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, name="watch-log", daemon=True)
         self._reader.start()

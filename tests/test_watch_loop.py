@@ -380,8 +380,12 @@ def test_a_restarted_member_rejoins_once_its_port_accepts(monkeypatch: pytest.Mo
     loop.incus.set_state(*WEB, {"network": {}})
     operation(loop, "Restarting instance", "Success")
     loop.emit(*WEB, "instance-restarted")
-    loop.run_for(0.3)
+    loop.run_for(0.1)
+    loop.incus.calls.clear()
+    loop.run_for(0.2)
     assert WEB_ADDRESS not in loop.text and probed == []  # nothing dials an unconfigured address
+    polled = {c[0] for c in loop.incus.calls}
+    assert polled == {"instance_state"}  # one request a poll: its live state
     web = loop.incus.recorded(*WEB)
     loop.incus.set_state(*WEB, {"network": {"eth0": {"addresses": [
         {"address": "198.18.77.166", "family": "inet", "scope": "global"}]}}})  # fmt: skip

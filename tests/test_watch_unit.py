@@ -305,7 +305,7 @@ def test_address_polls_back_off_and_expire() -> None:
     assert polls.deadlines() == [pytest.approx(10.05)]
     assert polls.due(10.04) == [] and polls.due(10.05) == [("p", "a")]
     polls.again(("p", "a"), 10.05)
-    assert polls.deadlines() == [pytest.approx(10.05 + 0.0625)]  # 1.25x
+    assert polls.deadlines() == [pytest.approx(10.05 + 0.06)]  # 1.2x
     assert not polls.expired(("p", "a"), 10.9) and polls.expired(("p", "a"), 11.0)
     polls.drop(("p", "a"))
     assert ("p", "a") not in polls and polls.deadlines() == []

@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
+from ..inventory import Bounds
 from ..model import (
     Instance,
     Model,
@@ -54,7 +55,7 @@ class WatchOptions:
     reload_burst: int = 2
     resync_interval: float = 300.0
     address_timeout: float = 30.0
-    address_poll_first: float = 0.02
+    address_poll_first: float = 0.01
     drain: bool = True  # take members out of their pools while they stop, and warm them up
     reconnect_first: float = 0.5
     reconnect_cap: float = 30.0
@@ -100,7 +101,10 @@ class Watcher:
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
         self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
-        self.cache = InstanceCache(pipeline.collect, pipeline.fetch)
+        self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
+        self.cache = InstanceCache(
+            pipeline.collect, lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds)
+        )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
         self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
@@ -199,6 +203,8 @@ class Watcher:
         self.debounce.note(now)
         if trigger.kind is Kind.RECONNECT:
             self.drains.clear()  # operation events were missed
+        if trigger.full:
+            self.bounds.clear()  # a network may have changed
         if self.drains.note(trigger, now):
             key = (trigger.project, trigger.instance)
             if trigger.phase is Phase.BEGUN:
@@ -265,14 +271,23 @@ class Watcher:
 
     def _poll_incus(self, client: IncusApi, key: Key) -> None:
         """The address phase: fetch the instance (its own addresses when its port is to be
-        probed, so that nothing dials an address it has not configured yet)."""
+        probed, so that nothing dials an address it has not configured yet: then only its
+        live state, one request, when its NICs are known)."""
         warming = key in self.drains
-        inst = pipeline.fetch(client, *key, own=warming)
+        known = self.cache.get(key)
+        if warming and known is not None and not pool_mates(self.cache.listing(), known):
+            self.drains.end(key)  # alone on its hosts: the model keeps it anyway (no change)
+            warming = False
+            if not awaits_address(known):  # nothing else to wait for (the event's own cycle
+                self.polls.drop(key)  # refreshes it, and polls again if it must)
+                return
+        if known and (warming or needs_own_address(known)) and any(n.interface for n in known.nics):
+            inst = pipeline.own_addresses(client, known, self.bounds)
+        else:
+            inst = pipeline.fetch(client, *key, own=warming, bounds=self.bounds)
         self.cache.put(key, inst)
         if inst is None or not wants_address(inst):
             return self._reached(key, inst)  # gone or down: nothing to wait for
-        if warming and not pool_mates(self.cache.listing(), inst):
-            return self._reached(key, inst)  # alone on its hosts: the model keeps it anyway
         target = reach_target(inst)
         if target is None:  # its address is not there yet
             return self._again(key, inst)
@@ -309,7 +324,7 @@ class Watcher:
         self.debounce.hurry(self.clock())
 
     def _poll_waiting(self, instances: Iterable[Instance]) -> None:
-        """Started instances still without an address (or open port): poll them, from 20 ms
+        """Started instances still without an address (or open port): poll them, from 10 ms
         with backoff, instead of sleeping; the route appears when the address does."""
         for inst in instances:
             if awaits_address(inst):

@@ -32,7 +32,7 @@ class AddressPolls:
         first: float,
         timeout: float,
         cap: float = 1.0,
-        factor: float = 1.25,
+        factor: float = 1.2,
         port_first: float = 0.005,
         port_cap: float = 0.2,
         port_factor: float = 1.2,
