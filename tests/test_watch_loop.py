@@ -425,3 +425,23 @@ def test_a_lost_stream_forgets_the_drains() -> None:
     stream.drop()
     loop.run_for(2.0)  # reconnected, everything listed again: the stop's end may be missed
     assert loop.watcher.link.connected and WEB_ADDRESS in loop.text
+
+
+def test_events_of_projects_the_settings_leave_out_cost_nothing() -> None:
+    """On an Incus shared with others, their instances' events make no cycle (and no
+    request) that would delay ours."""
+    from incus_caddyfile.policy import Policy
+
+    loop = Loop(Settings(scheme="http", policy=Policy(include=("icfrec-a",))))
+    loop.run_for(0.1)
+    before, cycles = loop.incus.requests, loop.watcher.cycles
+    for _ in range(5):
+        loop.emit("icfrec-b", "rec-profiled", "instance-updated")
+    stream = loop.incus.last_events
+    assert stream is not None
+    stream.emit(operation_event("icfrec-b", "rec-profiled", "Stopping instance", "Running"))
+    loop.run_for(0.5)
+    assert loop.watcher.cycles == cycles and loop.incus.requests == before
+    loop.emit("icfrec-a", "rec-web", "instance-updated")
+    loop.run_for(0.3)
+    assert loop.watcher.cycles == cycles + 1

@@ -193,6 +193,8 @@ class Watcher:
         elif item is Signal.HUP:
             self._want(Trigger(Kind.SIGNAL))
         elif isinstance(item, Trigger):
+            if item.project and not self.settings.policy.considers(item.project):
+                return  # a project the settings leave out: nothing of it is rendered
             self._want(item)
 
     def _want(self, trigger: Trigger) -> None:
@@ -327,7 +329,7 @@ class Watcher:
         """Started instances still without an address (or open port): poll them, from 10 ms
         with backoff, instead of sleeping; the route appears when the address does."""
         for inst in instances:
-            if awaits_address(inst):
+            if awaits_address(inst) and self.settings.policy.considers(inst.project):
                 self.polls.start((inst.project, inst.name), self.clock())
 
     # ---- one cycle ----
