@@ -208,6 +208,12 @@ class Caddy(Protocol):
     @property
     def name(self) -> str: ...
 
+    # True when load() checks too: it adapts the text and applies it atomically, or raises
+    # CaddyRejected and keeps the running config (Caddy's admin /load). Then a change needs
+    # one adaptation, not a check and a load.
+    @property
+    def load_checks(self) -> bool: ...
+
     def check(self, text: str) -> str: ...  # returns who checked it
     def load(self, text: str) -> None: ...  # apply the config just written
     def running(self, text: str) -> bool | None: ...  # None: this Caddy cannot say
@@ -224,6 +230,10 @@ class AdminCaddy:
     @property
     def name(self) -> str:
         return f"Caddy admin endpoint {self.admin}"
+
+    @property
+    def load_checks(self) -> bool:
+        return True  # POST /load adapts, and keeps the running config when it refuses
 
     def check(self, text: str) -> str:
         return _check_with(text, self.admin, self.caddy_bin)
@@ -251,6 +261,10 @@ class CommandCaddy(AdminCaddy):
     @property
     def name(self) -> str:
         return f"reload command {self.command!r}"
+
+    @property
+    def load_checks(self) -> bool:
+        return False  # a command cannot tell a refusal from Caddy being away
 
     def load(self, text: str) -> None:
         try:
@@ -303,6 +317,10 @@ class InstanceCaddy:
     @property
     def name(self) -> str:
         return f"Caddy in {self.shell.name}"
+
+    @property
+    def load_checks(self) -> bool:
+        return False  # `caddy reload` reads the file: it must be written first
 
     def check(self, text: str) -> str:
         temp = temp_path(self.path)

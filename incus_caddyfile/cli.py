@@ -13,10 +13,18 @@ import click
 from . import __version__, pipeline, targets
 from .edge.snapshot import routes_json, rows_from_json
 from .incus import IncusError
+from .labels import (
+    DEFAULT_DIAL_TIMEOUT,
+    DEFAULT_FAIL_DURATION,
+    DEFAULT_LB_RETRIES,
+    DEFAULT_LB_TRY_DURATION,
+    DEFAULT_STREAM_CLOSE_DELAY,
+)
 from .model import RouteRow
 from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
 from .render import TemplateError
 from .settings import (
+    DEFAULT_RELOAD_BURST,
     ENV_PREFIX,
     FILE_KEYS,
     Settings,
@@ -197,6 +205,53 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         envvar=_env("SITES_DIR"),
         metavar="DIR",
         help="Directory of your own hand-written site files, imported at the end.",
+    ),
+    option(
+        "--stream-close-delay",
+        default=DEFAULT_STREAM_CLOSE_DELAY,
+        show_default=True,
+        envvar=_env("STREAM_CLOSE_DELAY"),
+        metavar="DURATION",
+        help="Websockets and other upgraded connections outlive a reload by this long"
+        " (stream_close_delay); 0: closed at every reload. An instance's"
+        " upstream.stream_close_delay label sets its pool's.",
+    ),
+    option(
+        "--lb-try-duration",
+        default=DEFAULT_LB_TRY_DURATION,
+        show_default=True,
+        envvar=_env("LB_TRY_DURATION"),
+        metavar="DURATION",
+        help="A request whose upstream cannot be reached is tried again for up to this long,"
+        " 250 ms apart (lb_try_duration); 0: off. A reload during that wait makes it a 502.",
+    ),
+    option(
+        "--lb-retries",
+        type=click.IntRange(0, 100),
+        default=DEFAULT_LB_RETRIES,
+        show_default=True,
+        envvar=_env("LB_RETRIES"),
+        metavar="N",
+        help="A request whose upstream cannot be reached is tried again at once, on another"
+        " member, at most this many times (lb_retries); 0: off.",
+    ),
+    option(
+        "--dial-timeout",
+        default=DEFAULT_DIAL_TIMEOUT,
+        show_default=True,
+        envvar=_env("DIAL_TIMEOUT"),
+        metavar="DURATION",
+        help="How long a connection to an instance may take before the request is retried"
+        " elsewhere (transport dial_timeout); 0: Caddy's default (3s).",
+    ),
+    option(
+        "--fail-duration",
+        default=DEFAULT_FAIL_DURATION,
+        show_default=True,
+        envvar=_env("FAIL_DURATION"),
+        metavar="DURATION",
+        help="Passive health in pools of two or more: a member that failed is left out for"
+        " this long (fail_duration); 0: off.",
     ),
     option(
         "--caddy-bin",
@@ -448,8 +503,28 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     show_default=True,
     callback=_parse_debounce,
     metavar="MIN:MAX",
-    help="Seconds of quiet to wait after an event; MAX: the longest wait, and the least"
-    " time between two reloads in a burst.",
+    help="Seconds of quiet to wait after an event; MAX: the longest wait, and in a"
+    " sustained burst the time between two reloads (see --reload-burst).",
+)
+@option(
+    "--reload-burst",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_RELOAD_BURST,
+    show_default=True,
+    envvar=_env("RELOAD_BURST"),
+    metavar="N",
+    help="Up to N reloads may follow each other at once (each change applied MIN after its"
+    " event); after that one per MAX while changes keep coming (a token bucket). 1: every"
+    " two reloads at least MAX apart.",
+)
+@option(
+    "--drain/--no-drain",
+    default=True,
+    show_default=True,
+    envvar=_env("DRAIN"),
+    help="Take a pool member out of its pool the moment Incus starts to stop, restart or"
+    " delete it (back if that fails); after a start or restart it joins once its port"
+    " accepts connections.",
 )
 @option(
     "--resync-interval",
@@ -488,6 +563,8 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
 @on_demand_option
 def watch(
     debounce: tuple[float, float],
+    reload_burst: int,
+    drain: bool,
     resync_interval: float,
     address_timeout: float,
     log_format: str,
@@ -529,6 +606,8 @@ def watch(
     options = WatchOptions(
         debounce_min=debounce[0],
         debounce_max=debounce[1],
+        reload_burst=reload_burst,
+        drain=drain,
         resync_interval=resync_interval,
         address_timeout=address_timeout,
         log_format=log_format,

@@ -268,12 +268,13 @@ class PylxdApi:
     def events(
         self, on_event: Callable[[dict[str, Any]], None], on_close: Callable[[], None]
     ) -> EventStream:
-        """Lifecycle events of all projects, delivered on a thread of their own."""
+        """Lifecycle and operation events of all projects, on a thread of their own."""
         return EventStream(self._client, on_event, on_close)
 
 
 class EventStream:
-    """`GET /1.0/events?type=lifecycle&all-projects=true` over pylxd's websocket client.
+    """`GET /1.0/events?type=lifecycle,operation&all-projects=true` over pylxd's websocket
+    client (operations: a stop is announced at its start only by one).
 
     Events are only passed on (they are triggers, not data); when the stream ends for any
     reason `on_close` is called once, and the caller decides when to reconnect.
@@ -302,7 +303,9 @@ class EventStream:
 
         self._on_close = on_close
         # pylxd builds the URL without all-projects; the query is ours to extend.
-        self._socket = client.events(websocket_client=_Socket, event_types={EventType.Lifecycle})
+        self._socket = client.events(
+            websocket_client=_Socket, event_types={EventType.Lifecycle, EventType.Operation}
+        )
         self._socket.resource += "&all-projects=true"
         self._thread: threading.Thread | None = None
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .incus import IncusApi
 from .labels import PREFIX
-from .model import Instance, Nic, missing_address, wants_address
+from .model import Instance, Nic, missing_address, needs_own_address, wants_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -116,35 +116,40 @@ def within(addresses: Iterable[str], subnets: list[IPNetwork], own: set[IPAddres
     return kept
 
 
+Bounds = dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]]
+
+
 class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
-    return a partial listing."""
+    return a partial listing. `bounds`: managed networks' subnets already known (a caller
+    that asks often may keep them; a network change makes watch re-list everything)."""
 
-    def __init__(self, api: IncusApi, considers: Callable[[str], bool] | None = None) -> None:
-        """`considers(project)`: whether the project counts (the settings' policy); the
-        instances of the others are listed without addresses, at no request of their own."""
+    def __init__(self, api: IncusApi, bounds: Bounds | None = None) -> None:
         self.api = api
-        self.considers = considers or (lambda project: True)
-        self._bounds: dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]] = {}
+        self._bounds: Bounds = {} if bounds is None else bounds
 
     def instances(self) -> list[Instance]:
         """Every instance of every project."""
         raws = self.api.list_instances()
         bare = [bare_instance(raw) for raw in raws]
         leases = self._lease_maps(
-            (inst, raw) for inst, raw in zip(bare, raws, strict=True) if self._wants(inst)
+            (inst, raw)
+            for inst, raw in zip(bare, raws, strict=True)
+            if wants_address(inst) and not needs_own_address(inst)
         )
         return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
 
-    def instance(self, project: str, name: str) -> Instance | None:
+    def instance(self, project: str, name: str, own: bool = False) -> Instance | None:
         """One instance, refreshed on its own (a few requests whatever the fleet size);
-        None when it no longer exists."""
+        None when it no longer exists. `own`: its addresses as it reports them itself (those
+        it has configured), not its leases."""
         raw = self.api.get_instance(project, name)
         if raw is None:
             return None
         inst = bare_instance(raw, project)
-        wanted = [(inst, raw)] if self._wants(inst) else []
-        return self._addressed(inst, raw, self._lease_maps(wanted))
+        own = own or needs_own_address(inst)
+        wanted = [(inst, raw)] if wants_address(inst) and not own else []
+        return self._addressed(inst, raw, self._lease_maps(wanted), own)
 
     def _wants(self, inst: Instance) -> bool:
         return wants_address(inst) and self.considers(inst.project)
@@ -155,15 +160,20 @@ class Inventory:
         )
         return {pair: lease_map(self.api.network_leases(*pair)) for pair in pairs}
 
-    def _addressed(self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps) -> Instance:
+    def _addressed(
+        self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps, own: bool = False
+    ) -> Instance:
         """The instance with its NICs' addresses, from the leases, or from its live state
-        when the leases do not give the address its labels ask for."""
-        if not self._wants(inst):
+        when the leases do not give the address its labels ask for, or when only an address
+        it has configured will do (`own`, or require_ready: `needs_own_address`)."""
+        if not wants_address(inst):
             return inst
         refs = nic_refs(raw)
+        if own or needs_own_address(inst):
+            return dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         nics = tuple(
             Nic(r.device, tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, [])),
-                r.network or "")
+                r.network or "", r.interface)
             for r in refs
         )  # fmt: skip
         inst = dataclasses.replace(inst, nics=nics)
@@ -171,18 +181,33 @@ class Inventory:
             inst = dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         return inst
 
+    def own(self, inst: Instance) -> Instance | None:
+        """The instance with the addresses it reports itself now, from its live state alone
+        (one request; its NICs as the last refresh knew them). None when it is gone."""
+        state = self.api.instance_state(inst.project, inst.name)
+        if state is None:
+            return None
+        refs = [NicRef(n.name, n.interface or n.name, n.network or None, "") for n in inst.nics]
+        status = str(state.get("status") or inst.status)
+        return dataclasses.replace(inst, status=status, nics=self._state_nics(inst, refs, state))
+
     def _nics_from_state(self, inst: Instance, refs: list[NicRef]) -> tuple[Nic, ...]:
         """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
         these, so on a managed network only addresses inside its subnets count, and never
         the network's own (gateway) address: a tenant cannot point a route at the host or at
         another network. Interfaces Incus did not create are ignored."""
-        by_ifname = state_addresses(self.api.instance_state(inst.project, inst.name))
+        return self._state_nics(inst, refs, self.api.instance_state(inst.project, inst.name))
+
+    def _state_nics(
+        self, inst: Instance, refs: list[NicRef], state: Mapping[str, Any] | None
+    ) -> tuple[Nic, ...]:
+        by_ifname = state_addresses(state)
         nics = []
         for ref in refs:
             found = by_ifname.get(ref.interface, [])
             if ref.network:
                 found = within(found, *self._network_bounds(inst.project, ref.network))
-            nics.append(Nic(ref.device, tuple(found), ref.network or ""))
+            nics.append(Nic(ref.device, tuple(found), ref.network or "", ref.interface))
         return tuple(nics)
 
     def _network_bounds(self, project: str, network: str) -> tuple[list[IPNetwork], set[IPAddress]]:

@@ -28,11 +28,12 @@ KEY_HEALTH_URI = HTTP + "upstream.health_uri"
 KEY_REQUIRE_READY = HTTP + "upstream.require_ready"
 KEY_FALLBACK = HTTP + "fallback"
 KEY_IMPORT = HTTP + "import"
+KEY_STREAM_CLOSE_DELAY = HTTP + "upstream.stream_close_delay"
 KNOWN_KEYS = frozenset(
     {
         KEY_ENABLE, KEY_HOST, KEY_PATH, KEY_PORT, KEY_NETWORK, KEY_FAMILY, KEY_SCHEME,
         KEY_TLS_INSECURE, KEY_LB_POLICY, KEY_HEALTH_URI, KEY_REQUIRE_READY, KEY_FALLBACK,
-        KEY_IMPORT,
+        KEY_IMPORT, KEY_STREAM_CLOSE_DELAY,
     }
 )  # fmt: skip
 
@@ -47,6 +48,8 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _SEPARATORS = re.compile(r"[ \t,]+")
 _PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A Caddy duration as this tool writes it: `0`, or whole numbers with units (`5m`, `1m30s`).
+_DURATION = re.compile(r"0|(?:[0-9]{1,6}(?:ms|s|m|h))+")
 MAX_HOSTNAME = 253
 MAX_PATH = 256
 # Bare words Caddy reads as directives where a site address would stand.
@@ -174,6 +177,17 @@ def parse_uri_path(raw: str) -> str:
     return value
 
 
+def parse_duration(raw: str) -> str:
+    """A duration for Caddy: `0` (off), or numbers with units ms, s, m, h (`500ms`, `5m`,
+    `1m30s`)."""
+    value = raw.strip()
+    if not _DURATION.fullmatch(value):
+        raise InvalidValue(
+            "not a duration: 0, or numbers with units ms, s, m, h (500ms, 5m, 1m30s)"
+        )
+    return value
+
+
 def parse_name(raw: str) -> str:
     """A NIC or network name: letters, digits, `_`, `.`, `-`."""
     value = raw.strip()
@@ -225,11 +239,60 @@ class RouteOptions:
     lb_policy: str | None = None
     health_uri: str | None = None
     imports: tuple[str, ...] = ()
+    stream_close_delay: str | None = None  # None: the setting's (--stream-close-delay)
 
     @property
     def block(self) -> bool:
         """True when reverse_proxy needs a `{ }` block for these options."""
         return bool(self.tls_insecure or self.lb_policy or self.health_uri)
+
+
+# What keeps traffic flowing through changes, as the settings give it (README "Traffic").
+DEFAULT_STREAM_CLOSE_DELAY = "5m"
+# Off: between tries Caddy waits lb_try_interval (250 ms), and a reload ends that wait with a
+# 502 for every request in it (the old config's context is cancelled). lb_retries alone
+# retries at once, and a reload does not stop it.
+DEFAULT_LB_TRY_DURATION = "0"
+DEFAULT_LB_RETRIES = 3
+DEFAULT_DIAL_TIMEOUT = "1s"
+DEFAULT_FAIL_DURATION = "10s"
+
+
+def _on(duration: str | None) -> str | None:
+    """A duration setting, None when it is off (`0`)."""
+    return None if duration in (None, "0") else duration
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How Caddy treats the traffic of a route, each None (or 0) when off:
+
+    - stream_close_delay: upgraded connections (websockets, streams) outlive a config reload
+      by this long, instead of being closed at once;
+    - lb_try_duration, lb_retries: a request whose upstream cannot be reached is tried on
+      another (retries stop at whichever limit comes first);
+    - dial_timeout: how long a connection to an upstream may take before that counts as a
+      failure (and the request is retried);
+    - fail_duration: passive health, only in pools of two or more: an upstream that failed
+      is left out for this long.
+    """
+
+    stream_close_delay: str | None = DEFAULT_STREAM_CLOSE_DELAY
+    lb_try_duration: str | None = DEFAULT_LB_TRY_DURATION
+    lb_retries: int = DEFAULT_LB_RETRIES
+    dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT
+    fail_duration: str | None = DEFAULT_FAIL_DURATION
+
+    def __post_init__(self) -> None:
+        for name in ("stream_close_delay", "lb_try_duration", "dial_timeout", "fail_duration"):
+            object.__setattr__(self, name, _on(getattr(self, name)))
+
+    @property
+    def any(self) -> bool:
+        return bool(
+            self.stream_close_delay or self.lb_try_duration or self.lb_retries
+            or self.dial_timeout or self.fail_duration
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -346,6 +409,7 @@ def parse(
         lb_policy=r.get(KEY_LB_POLICY, lambda v: parse_choice(v, LB_POLICIES), None),
         health_uri=r.get(KEY_HEALTH_URI, parse_uri_path, None),
         imports=r.get(KEY_IMPORT, lambda v: parse_imports(v, snippets), ()),
+        stream_close_delay=r.get(KEY_STREAM_CLOSE_DELAY, parse_duration, None),
     )
     path = r.get(KEY_PATH, parse_path, None)
     fallback = r.get(KEY_FALLBACK, parse_bool, False)

@@ -7,6 +7,7 @@ routes and sorts everything, so that equal fleets render equal bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .labels import (  # re-exported: the model's vocabulary
     PREFIX,
     InvalidValue,
     RouteOptions,
+    Tuning,
     parse_bool,
     parse_hostname,
     parse_hosts,
@@ -31,8 +33,8 @@ from .policy import Policy, parent_domain
 
 __all__ = [
     "KEY_ENABLE", "KEY_HOST", "KEY_PORT", "PREFIX", "Instance", "InvalidValue", "Model", "Nic",
-    "Policy", "Rejection", "Route", "RouteOptions", "RouteRow", "Site", "Skip", "Upstream",
-    "WildcardSite", "build", "explain", "parse_bool", "parse_hostname", "parse_hosts",
+    "Policy", "Rejection", "Route", "RouteOptions", "RouteRow", "Site", "Skip", "Tuning",
+    "Upstream", "WildcardSite", "build", "explain", "parse_bool", "parse_hostname", "parse_hosts",
     "parse_port", "pick_address",
 ]  # fmt: skip
 
@@ -53,6 +55,7 @@ class Nic:
     name: str
     addresses: tuple[str, ...] = ()
     network: str = ""  # the Incus network it is attached to, when known
+    interface: str = ""  # its name inside the instance (the live state's), when known
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,12 @@ class Route:
     upstreams: tuple[Upstream, ...]
     options: RouteOptions = field(default_factory=RouteOptions)
     fallback: bool = False  # with no upstream up: answer 503 with a short page
+    tuning: Tuning = field(default_factory=Tuning)  # the settings, as this route takes them
+
+    @property
+    def block(self) -> bool:
+        """True when reverse_proxy needs a `{ }` block (options or tuning to write)."""
+        return self.options.block or self.tuning.any
 
     @property
     def urls(self) -> list[str]:
@@ -279,13 +288,56 @@ def missing_address(inst: Instance) -> bool:
     return address_of(inst, reach) is None
 
 
-def probe_target(inst: Instance) -> tuple[str, int] | None:
-    """(address, port) to probe for readiness, for an up instance that asks for it."""
+def needs_own_address(inst: Instance) -> bool:
+    """Up, labelled, and routed only once its port accepts (require_ready): its address must
+    be one the instance reports itself (it has configured it), not merely its DHCP lease.
+    Dialling a leased address before the instance has configured it leaves the host's
+    neighbour (ARP) entry incomplete, and the next dials wait for the kernel's next ARP try,
+    about 1 s later (measured: routes ~590 ms after the port opened, instead of ~35 ms)."""
     reach = lb.reach_of(inst.labels) if wants_address(inst) else None
-    if reach is None or not reach.require_ready:
+    return reach is not None and reach.require_ready
+
+
+def reach_target(inst: Instance) -> tuple[str, int] | None:
+    """(address, port) an up instance with valid reach labels is dialled at, if it has its
+    address."""
+    reach = lb.reach_of(inst.labels) if wants_address(inst) else None
+    if reach is None:
         return None
     address = address_of(inst, reach)
     return (address, reach.port) if address else None
+
+
+def pool_mates(instances: Iterable[Instance], inst: Instance) -> bool:
+    """Another up instance of its project, with valid labels, serves one of its hosts on the
+    same path: taking it out of its pools leaves someone to serve them."""
+    mine = _serves(inst)
+    if mine is None:
+        return False
+    for other in instances:
+        if other.project != inst.project or other.name == inst.name or not is_up(other):
+            continue
+        theirs = _serves(other)
+        if theirs and theirs.path == mine.path and set(theirs.hosts) & set(mine.hosts):
+            return True
+    return False
+
+
+def _serves(inst: Instance) -> lb.Labels | None:
+    """What an enabled instance's labels ask to serve (snippets aside), if they are valid."""
+    try:
+        if not parse_bool(inst.labels.get(KEY_ENABLE, "false")):
+            return None
+    except InvalidValue:
+        return None
+    values = {k: v for k, v in inst.labels.items() if k not in (KEY_ENABLE, lb.KEY_IMPORT)}
+    return lb.parse(values)[0]
+
+
+def probe_target(inst: Instance) -> tuple[str, int] | None:
+    """(address, port) to probe for readiness, for an up instance that asks for it (its
+    address is then its own: `needs_own_address`)."""
+    return reach_target(inst) if needs_own_address(inst) else None
 
 
 def awaits_address(inst: Instance) -> bool:
@@ -446,12 +498,32 @@ _POOL_OPTIONS = {
     "lb_policy": lb.KEY_LB_POLICY,
     "health_uri": lb.KEY_HEALTH_URI,
     "imports": lb.KEY_IMPORT,
+    "stream_close_delay": lb.KEY_STREAM_CLOSE_DELAY,
 }
 
 
-def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | None, list[Rejection]]:
+def _tuning(base: Tuning, options: RouteOptions, members: int) -> Tuning:
+    """The settings as one route takes them: the pool's own stream_close_delay label wins;
+    passive health only where another member can take over (two or more upstreams), since
+    a lone upstream marked down would turn every request away until fail_duration ends."""
+    return dataclasses.replace(
+        base,
+        stream_close_delay=options.stream_close_delay or base.stream_close_delay,
+        fail_duration=base.fail_duration if members > 1 else None,
+    )
+
+
+def _pool(
+    host: str,
+    path: str | None,
+    group: list[_Claim],
+    tuning: Tuning,
+    draining: frozenset[tuple[str, str]] = frozenset(),
+) -> tuple[Route | None, list[Rejection]]:
     """One route from the claims of one host and path (all of one project): the earliest
-    claim sets the pool's options; a different scheme cannot share the pool."""
+    claim sets the pool's options; a different scheme cannot share the pool. Members that
+    are draining are left out while another member can serve; a pool of only draining
+    members keeps them (there is nowhere else to send its requests)."""
     group = sorted(group, key=lambda c: c.order)
     first = group[0]
     rejections = []
@@ -474,13 +546,18 @@ def _pool(host: str, path: str | None, group: list[_Claim]) -> tuple[Route | Non
                     f" {first.project}/{first.instance}", ignored=True,
                 ))  # fmt: skip
     upstreams = tuple(sorted(c.upstream for c in members if c.upstream is not None))
+    staying = tuple(u for u in upstreams if (u.project, u.instance) not in draining)
+    upstreams = staying or upstreams
     fallback = any(c.fallback for c in members)
     if not upstreams and not fallback:
         return None, rejections
-    return Route(path, upstreams, first.options, fallback), rejections
+    route_tuning = _tuning(tuning, first.options, len(upstreams))
+    return Route(path, upstreams, first.options, fallback, route_tuning), rejections
 
 
-def _sites(claims: list[_Claim]) -> tuple[list[Site], list[Rejection]]:
+def _sites(
+    claims: list[_Claim], tuning: Tuning, draining: frozenset[tuple[str, str]]
+) -> tuple[list[Site], list[Rejection]]:
     by_route: dict[tuple[str, str | None], list[_Claim]] = {}
     for c in claims:
         if c.holds_only:
@@ -489,7 +566,7 @@ def _sites(claims: list[_Claim]) -> tuple[list[Site], list[Rejection]]:
     routes: dict[str, list[Route]] = {}
     rejections: list[Rejection] = []
     for (host, path), group in sorted(by_route.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
-        route, refused = _pool(host, path, group)
+        route, refused = _pool(host, path, group, tuning, draining)
         rejections.extend(refused)
         if route is not None:
             routes.setdefault(host, []).append(route)
@@ -537,10 +614,15 @@ def build(
     policy: Policy | None = None,
     snippets: Iterable[str] = (),
     refused: Mapping[tuple[str, str], str] | None = None,
+    tuning: Tuning | None = None,
+    draining: Iterable[tuple[str, str]] = (),
 ) -> Model:
     """Turn the listing into a model. Invalid values are rejected one by one, never fatal.
     `refused`: instances whose routes Caddy refused, with Caddy's reason; they hold their
-    hosts but get no route."""
+    hosts but get no route. `tuning`: how Caddy treats the routes' traffic (the settings).
+    `draining`: (project, name) of instances that are stopping, restarting or being deleted,
+    or that came back and whose port does not accept yet (watch knows): each is left out of
+    its pools while another member can serve them."""
     policy = policy or Policy()
     refused = refused or {}
     snippets = tuple(snippets)
@@ -562,7 +644,7 @@ def build(
         if skip is not None:
             skipped.append(skip)
     held, conflicts = _hold(claims)
-    sites, pool_rejections = _sites(held)
+    sites, pool_rejections = _sites(held, tuning or Tuning(), frozenset(draining))
     plain, grouped = _group_wildcards(sites, wildcards)
     return Model(
         sites=tuple(plain),

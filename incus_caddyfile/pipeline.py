@@ -1,21 +1,24 @@
 """One cycle: incus -> model -> render -> write -> reload-if-changed. Results are data.
 
-Order of the write: render, compare with the file on disk (equal bytes: stop, no reload),
-have Caddy check the text, replace the file atomically, reload; if Caddy refuses the reload,
-put the previous file back, so the file on disk is always a config Caddy accepted.
+Order of the write: render, compare with the file on disk (equal bytes: stop, no reload).
+Through Caddy's admin API: load the text (Caddy adapts it once, and keeps its running config
+if it refuses), then replace the file atomically, and put Caddy back on the previous file if
+that fails. Otherwise (a reload command, a Caddy in an instance, --no-reload, the admin API
+down): have Caddy check the text, replace the file, reload; if Caddy refuses the reload, put
+the previous file back. Either way the file on disk is always a config Caddy accepted.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from . import output, probe, targets
 from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
-from .inventory import Inventory
+from .inventory import Bounds, Inventory
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .policy import Policy
@@ -121,30 +124,46 @@ def collect(api: IncusApi, policy: Policy | None = None) -> list[Instance]:
 
 
 def fetch(
-    api: IncusApi, project: str, name: str, policy: Policy | None = None
+    api: IncusApi, project: str, name: str, own: bool = False, bounds: Bounds | None = None
 ) -> Instance | None:
-    """One instance refreshed (and probed, if it asks to be); None when it is gone."""
-    considers = policy.considers if policy is not None else None
-    inst = Inventory(api, considers).instance(project, name)
+    """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
+    its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
+    managed networks' subnets the caller keeps (see Inventory)."""
+    inst = Inventory(api, bounds).instance(project, name, own)
     return None if inst is None else probe.annotate([inst])[0]
 
 
+def own_addresses(api: IncusApi, inst: Instance, bounds: Bounds | None = None) -> Instance | None:
+    """The instance with the addresses it has configured now (one request: its live state),
+    probed if it asks to be; None when it is gone. For polls of an instance whose NICs are
+    known from a refresh."""
+    found = Inventory(api, bounds).own(inst)
+    return None if found is None else probe.annotate([found])[0]
+
+
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
+Key = tuple[str, str]  # (project, instance)
 
 
 def model_for(
     settings: Settings,
     instances: list[Instance],
     refused: Mapping[tuple[str, str], str] | None = None,
+    draining: Iterable[Key] = (),
 ) -> Model:
     """Step 2 with every setting that shapes it (wildcards, policy, the operator's snippets);
     render, routes and doctor all build their model here. `refused`: instances whose routes
-    Caddy refused (see `accepted_config`). Raises SettingsError when the snippets file cannot
-    be read."""
-    return build(instances, settings.wildcards, settings.policy, snippet_names(settings), refused)
-
-
-Key = tuple[str, str]
+    Caddy refused (see `accepted_config`); `draining`: instances watch takes out of their
+    pools. Raises SettingsError when the snippets file cannot be read."""
+    return build(
+        instances,
+        settings.wildcards,
+        settings.policy,
+        snippet_names(settings),
+        refused,
+        tuning=settings.tuning,
+        draining=draining,
+    )
 
 
 class WholeConfigRejected(Exception):
@@ -153,7 +172,11 @@ class WholeConfigRejected(Exception):
 
 
 def accepted_config(
-    settings: Settings, instances: list[Instance], caddy: Caddy, reason: str
+    settings: Settings,
+    instances: list[Instance],
+    caddy: Caddy,
+    reason: str,
+    draining: Iterable[Key] = (),
 ) -> tuple[Model, str, dict[Key, str]]:
     """Caddy refused the rendered config (`reason`): find the instances whose routes cause
     it, by asking Caddy about parts of the config, and return the model and text without
@@ -165,10 +188,11 @@ def accepted_config(
     """
     candidates = sorted((i.project, i.name) for i in instances if i.labels)
     found: dict[Key, str] = {}
+    drained = frozenset(draining)
 
     def attempt(keep: set[Key]) -> tuple[Model, str, str | None]:
         refused = {k: "" for k in candidates if k not in keep} | found
-        model = model_for(settings, instances, refused)
+        model = model_for(settings, instances, refused, drained)
         text = render(model, settings)
         try:
             caddy.check(text)
@@ -238,12 +262,15 @@ def apply(
     instances: list[Instance],
     target: Target | None,
     mode: RunMode | None = None,
+    draining: Iterable[Key] = (),
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
-    `target`: where the file goes and the Caddy that runs it (None: only render)."""
+    `target`: where the file goes and the Caddy that runs it (None: only render);
+    `draining`: instances to take out of their pools (see model.build)."""
     report = Report(mode or RunMode())
+    drained = frozenset(draining)
     try:
-        report.model = model_for(settings, instances)
+        report.model = model_for(settings, instances, draining=drained)
         report.text = render(report.model, settings)
     except SettingsError as exc:
         return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
@@ -252,11 +279,15 @@ def apply(
     if target is None:
         return report
     report.target = target.name
-    return _write_and_reload(settings, instances, target, report)
+    return _write_and_reload(settings, instances, target, report, drained)
 
 
 def _write_and_reload(
-    settings: Settings, instances: list[Instance], target: Target, report: Report
+    settings: Settings,
+    instances: list[Instance],
+    target: Target,
+    report: Report,
+    draining: frozenset[Key],
 ) -> Report:
     assert report.text is not None
     mode = report.mode
@@ -274,11 +305,30 @@ def _write_and_reload(
         if settings.reload:
             _reload_if_stale(target, report)
         return report
+    if settings.reload and target.caddy.load_checks:
+        return _load_then_write(settings, instances, target, current, report, draining)
+    return _check_then_write(settings, instances, target, current, report, draining)
 
+
+def _check_then_write(
+    settings: Settings,
+    instances: list[Instance],
+    target: Target,
+    current: bytes | None,
+    report: Report,
+    draining: frozenset[Key],
+) -> Report:
+    """Caddy checks the text, the file is replaced, Caddy is reloaded (put the previous file
+    back if Caddy refuses after all): for a Caddy whose reload is not its check (a reload
+    command, a Caddy in an instance), with --no-reload, or when the admin API is down."""
+    assert report.text is not None
+    new = report.text.encode()
     try:
         target.caddy.check(report.text)
     except CaddyRejected as exc:
-        if not _without_refused_routes(settings, instances, target.caddy, report, str(exc)):
+        if not _without_refused_routes(
+            settings, instances, target.caddy, report, str(exc), draining
+        ):
             return report
         new = (report.text or "").encode()
         report.changed = output.compare(current, new)
@@ -303,14 +353,86 @@ def _write_and_reload(
     return report
 
 
+def _load_then_write(
+    settings: Settings,
+    instances: list[Instance],
+    target: Target,
+    current: bytes | None,
+    report: Report,
+    draining: frozenset[Key],
+) -> Report:
+    """One adaptation per change: Caddy's admin `/load` adapts the text and applies it, or
+    refuses it and keeps running what it ran, so it is the check too. The file is replaced
+    only once Caddy took the text, so it is still always a config Caddy accepted; if it
+    cannot be replaced, Caddy is put back on the previous file. A Caddy that does not answer
+    gets the other order (checked by `caddy adapt`, written, the reload left pending)."""
+    assert report.text is not None
+    try:
+        target.caddy.load(report.text)
+    except CaddyRejected as exc:
+        if not _without_refused_routes(
+            settings, instances, target.caddy, report, str(exc), draining
+        ):
+            return report
+        report.changed = output.compare(current, (report.text or "").encode())
+        if report.changed is Changed.NO:
+            _reload_if_stale(target, report)
+            return report
+        try:
+            target.caddy.load(report.text or "")
+        except CaddyRejected as again:
+            return report.fail(
+                Status.CADDY_REJECTED,
+                f"Caddy rejected the new config, {report.target} kept as it was: {again}",
+            )
+        except CaddyError:
+            return _check_then_write(settings, instances, target, current, report, draining)
+    except CaddyError:
+        return _check_then_write(settings, instances, target, current, report, draining)
+    report.reloaded = True
+    try:
+        note = target.destination.write((report.text or "").encode())
+    except OutputError as exc:
+        _unload(target, current, report)
+        return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")
+    report.written = True
+    target.destination.set_pending(False)
+    if note:
+        report.warnings.append(note)
+    return report
+
+
+def _unload(target: Target, previous: bytes | None, report: Report) -> None:
+    """The new text could not be written after Caddy took it: put Caddy back on the file,
+    so that disk and Caddy agree again."""
+    report.reloaded = False
+    if previous is None:
+        report.warnings.append(
+            f"Caddy runs a config that is not in {target.name} (there was no previous file to"
+            " put back); the next run loads the file"
+        )
+        target.destination.set_pending(True)
+        return
+    try:
+        target.caddy.load(previous.decode("utf-8", "replace"))
+    except CaddyError as exc:
+        target.destination.set_pending(True)
+        report.warnings.append(f"could not put Caddy back on the previous {target.name}: {exc}")
+
+
 def _without_refused_routes(
-    settings: Settings, instances: list[Instance], caddy: Caddy, report: Report, reason: str
+    settings: Settings,
+    instances: list[Instance],
+    caddy: Caddy,
+    report: Report,
+    reason: str,
+    draining: frozenset[Key] = frozenset(),
 ) -> bool:
     """Caddy refused the config: drop the routes that cause it (the report's model and text
     become the accepted config, the instances are rejected with Caddy's reason). False (the
     report failed) when the config fails as a whole, or Caddy stopped answering."""
     try:
-        report.model, report.text, _ = accepted_config(settings, instances, caddy, reason)
+        report.model, report.text, _ = accepted_config(settings, instances, caddy, reason, draining)
     except WholeConfigRejected as exc:
         report.fail(
             Status.CADDY_REJECTED,

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .labels import InvalidValue, parse_hostname
+from .labels import (
+    DEFAULT_DIAL_TIMEOUT,
+    DEFAULT_FAIL_DURATION,
+    DEFAULT_LB_RETRIES,
+    DEFAULT_LB_TRY_DURATION,
+    DEFAULT_STREAM_CLOSE_DELAY,
+    InvalidValue,
+    Tuning,
+    parse_duration,
+    parse_hostname,
+)
 from .policy import Policy
 
 ENV_PREFIX = "INCUS_CADDYFILE_"
@@ -42,8 +52,18 @@ FILE_KEYS = {
     "snippets": "snippets",
     "caddy-instance": "caddy_instance",
     "sites-dir": "sites_dir",
-    "on-demand-tls": "on_demand_tls",
+    "stream-close-delay": "stream_close_delay",
+    "lb-try-duration": "lb_try_duration",
+    "lb-retries": "lb_retries",
+    "dial-timeout": "dial_timeout",
+    "fail-duration": "fail_duration",
 }
+# Keys only `watch` reads (its own options, not part of Settings): checked here all the same.
+WATCH_KEYS = {"reload-burst": "reload_burst", "drain": "drain"}
+FILE_KEYS.update(WATCH_KEYS)
+DEFAULT_RELOAD_BURST = 2
+DURATION_KEYS = ("stream-close-delay", "lb-try-duration", "dial-timeout", "fail-duration")
+INTEGER_KEYS = ("lb-retries", "reload-burst")
 # Tables the file may hold that are not options (reserved for per-project policy).
 FILE_TABLES = frozenset({"projects"})
 # Global options with a setting of their own: rendering them twice would confuse Caddy or us.
@@ -74,13 +94,27 @@ class Settings:
     snippets: Path | None = None
     sites_dir: Path | None = None
     caddy_instance: str | None = None  # PROJECT/NAME: Caddy runs in this Incus instance
-    on_demand_tls: bool = False  # certificates at the first handshake, for routed hosts only
-    on_demand_ask: str | None = None  # what Caddy asks first: watch's /ask (set by watch)
+    stream_close_delay: str = DEFAULT_STREAM_CLOSE_DELAY
+    lb_try_duration: str = DEFAULT_LB_TRY_DURATION
+    lb_retries: int = DEFAULT_LB_RETRIES
+    dial_timeout: str = DEFAULT_DIAL_TIMEOUT
+    fail_duration: str = DEFAULT_FAIL_DURATION
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def tuning(self) -> Tuning:
+        """How Caddy treats the generated routes' traffic (retries, streams, timeouts)."""
+        return Tuning(
+            stream_close_delay=self.stream_close_delay,
+            lb_try_duration=self.lb_try_duration,
+            lb_retries=self.lb_retries,
+            dial_timeout=self.dial_timeout,
+            fail_duration=self.fail_duration,
+        )
 
 
 _ONE_LINE_UNSAFE = re.compile(r"[\r\n\x00]")
@@ -164,12 +198,20 @@ def validate(s: Settings) -> None:
             raise SettingsError("--output: with --caddy-instance, an absolute path in it")
     if s.reload_command is not None and not s.reload_command.strip():
         raise SettingsError("--reload-command: empty command")
-    if s.on_demand_tls and s.scheme != "https":
-        raise SettingsError("--on-demand-tls: certificates are for HTTPS sites; drop --scheme http")
-    if s.on_demand_ask is not None and not re.fullmatch(r"http://[^\s{}]+/ask", s.on_demand_ask):
-        raise SettingsError(
-            f"on-demand ask URL: expected http://HOST:PORT/ask, got {s.on_demand_ask!r}"
-        )
+    for key in DURATION_KEYS:
+        name = FILE_KEYS[key]
+        value = getattr(s, name)
+        try:
+            if not isinstance(value, str) or parse_duration(value) != value:
+                raise InvalidValue("not a duration: 0, or numbers with units ms, s, m, h")
+        except InvalidValue as exc:
+            raise SettingsError(f"--{key}: {exc}, got {getattr(s, name)!r}") from None
+    if (
+        isinstance(s.lb_retries, bool)
+        or not isinstance(s.lb_retries, int)
+        or not (0 <= s.lb_retries <= 100)
+    ):
+        raise SettingsError(f"--lb-retries: a number from 0 to 100, got {s.lb_retries!r}")
 
 
 def check_paths(s: Settings) -> None:
@@ -281,9 +323,12 @@ def load_file(path: Path) -> dict[str, Any]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SettingsError(f"{path}: {key} must be a string or a list of strings")
-        elif key in ("reload", "on-demand-tls"):
+        elif key in ("reload", "drain"):
             if not isinstance(value, bool):
                 raise SettingsError(f"{path}: {key} must be true or false")
+        elif key in INTEGER_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SettingsError(f"{path}: {key} must be a whole number")
         elif not isinstance(value, str):
             raise SettingsError(f"{path}: {key} must be a string")
         out[FILE_KEYS[key]] = value

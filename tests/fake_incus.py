@@ -64,6 +64,42 @@ def lifecycle_event(project: str, name: str, action: str = "instance-updated") -
     }
 
 
+# Operation status codes (shared/api/status_code.go), as operation events carry them
+OPERATION_STATUS_CODES = {"Pending": 105, "Running": 103, "Success": 200, "Failure": 400,
+                          "Cancelled": 401}  # fmt: skip
+
+
+def operation_event(
+    project: str,
+    name: str,
+    description: str = "Stopping instance",
+    status: str = "Running",
+    op_id: str = "0f0f0f0f-0000-4000-8000-000000000001",
+) -> dict[str, Any]:
+    """An operation event shaped like the ones Incus 6.0 sends on /1.0/events (a stop,
+    restart or delete announces itself this way when it begins, and again when it ends)."""
+    return {
+        "location": "none",
+        "metadata": {
+            "class": "task",
+            "created_at": "2026-01-01T00:00:00.000000000Z",
+            "description": description,
+            "err": "" if status != "Failure" else "Failed shutting down instance",
+            "id": op_id,
+            "location": "none",
+            "may_cancel": False,
+            "metadata": None,
+            "resources": {"instances": [f"/1.0/instances/{name}?project={project}"]},
+            "status": status,
+            "status_code": OPERATION_STATUS_CODES[status],
+            "updated_at": "2026-01-01T00:00:00.000000000Z",
+        },
+        "project": project,
+        "timestamp": "2026-01-01T00:00:00.000000000Z",
+        "type": "operation",
+    }
+
+
 class FakeEventSource:
     """What FakeIncus.events returns: start()/close() like the real stream, and emit()/drop()
     for the test. Events reach on_event only between start() and close()/drop(); on_close is

@@ -48,6 +48,7 @@ class FakeCaddy:
     reachable: bool = True
     load_fails: bool = False  # reachable, but the load fails (not a rejection)
     says_running: bool = True  # False: answers running() with None, like a reload command
+    load_checks: bool = False  # True: load() is the check too, like the admin API's /load
     loaded: str | None = None
     loads: int = 0
     checks: int = 0

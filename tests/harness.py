@@ -8,18 +8,21 @@ asserts); deciding between a skip and a failure is the caller's business.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +182,38 @@ def set_guest_state(
     run("exec", name, "--project", project, "--", "/guest_ready", state)
 
 
+ICF_SERVER_C = ROOT / "scripts" / "icf_server.c"
+ICF_SERVER_PORT = 8081
+
+
+def build_icf_server(workdir: Path) -> Path:
+    """scripts/icf_server.c compiled static: a small HTTP/1.1 (keep-alive, /sleep/MS) and
+    websocket echo server with a graceful shutdown, for the busybox lab image."""
+    exe = workdir / "icf_server"
+    if not exe.exists():
+        subprocess.run(
+            ["gcc", "-static", "-Os", "-o", str(exe), str(ICF_SERVER_C)],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+    return exe
+
+
+def install_icf_server(
+    project: str,
+    name: str,
+    exe: Path,
+    port: int = ICF_SERVER_PORT,
+    run: Callable[..., str] = incus,
+) -> None:
+    """Push icf_server into a running lab instance and have its init respawn it on `port`
+    (inittab, re-read on SIGHUP), so it is back after every restart; returns once the
+    instance has it (the port itself is the caller's to wait for)."""
+    run("file", "push", str(exe), f"{name}/icf_server", "--mode", "0755", "--project", project)
+    line = f"::respawn:/icf_server {port} {name}"
+    script = f"grep -qxF '{line}' /etc/inittab || echo '{line}' >> /etc/inittab; kill -HUP 1"
+    run("exec", name, "--project", project, "--", "sh", "-c", script)
+
+
 def status_of(project: str, name: str, run: Callable[..., str] = incus) -> str:
     data = json.loads(run("query", f"/1.0/instances/{name}?project={project}"))
     return str(data["status"])
@@ -304,6 +339,252 @@ class Caddy:
         return out
 
 
+# ---------------------------------------------------------------- client traffic
+
+# Errors of a request on a reused keep-alive connection before any byte of the answer: the
+# server closed the idle connection as the request went out. Browsers send such a GET again
+# on a new connection; the browser-like client does too (once).
+_EARLY_CLOSE = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+)
+
+
+@dataclass
+class LoadResult:
+    """What a Load saw. `failed`: requests without a 200 (with the needle) in the end, after
+    the browser-like retry; `raw_errors`: socket errors of first attempts, which a client
+    that never retries would have counted as failures."""
+
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    retried: int = 0
+    raw_errors: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first few failures
+    seconds: float = 0.0
+
+    def note_failure(self, what: str) -> None:
+        self.failed += 1
+        self.statuses[what.split(":")[0]] += 1
+        if len(self.examples) < 5:
+            self.examples.append(what)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent, "ok": self.ok, "failed": self.failed, "retried": self.retried,
+            "raw_errors": self.raw_errors, "rate": round(self.sent / self.seconds, 1)
+            if self.seconds else None, "failures": dict(self.statuses),
+            "examples": self.examples,
+        }  # fmt: skip
+
+
+class Load:
+    """Steady GET traffic through Caddy to one host: `rate` requests per second over
+    `workers` threads, each on its own keep-alive connection (a new one after an error or a
+    `Connection: close`). Bounded: it stops at stop() or after `limit` seconds.
+
+    browser=True: a GET that fails on a reused connection before any byte of the answer is
+    sent again once on a new connection, as browsers do; anything else that is not a 200
+    (with `needle` in the body) is a failure."""
+
+    def __init__(
+        self,
+        port: int,
+        host: str,
+        rate: float = 200.0,
+        workers: int = 8,
+        path: str = "/",
+        needle: str = "hello from",
+        browser: bool = True,
+        limit: float = 300.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self.port, self.host, self.path, self.needle = port, host, path, needle
+        self.interval = workers / rate
+        self.browser, self.limit, self.timeout = browser, limit, timeout
+        self.result = LoadResult()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"load-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self._started = 0.0
+
+    def __enter__(self) -> Load:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> LoadResult:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout + 5)
+        self.result.seconds = time.monotonic() - self._started
+        return self.result
+
+    def snapshot(self) -> LoadResult:
+        with self._lock:
+            return LoadResult(**{**self.result.__dict__, "statuses": Counter(self.result.statuses),
+                                 "examples": list(self.result.examples)})  # fmt: skip
+
+    def _connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+
+    def _work(self, index: int) -> None:
+        conn, used = self._connection(), 0
+        deadline = time.monotonic() + self.limit
+        next_at = time.monotonic() + index * self.interval / len(self._threads)
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+            if self._stop.is_set():
+                break
+            next_at = max(next_at + self.interval, time.monotonic())
+            conn, used = self._one(conn, used)
+        conn.close()
+
+    def _one(
+        self, conn: http.client.HTTPConnection, used: int
+    ) -> tuple[http.client.HTTPConnection, int]:
+        """One request (and the browser's retry); the connection to use next."""
+        with self._lock:
+            self.result.sent += 1
+        for attempt in (1, 2):
+            try:
+                conn.request("GET", self.path, headers={"Host": self.host})
+                response = conn.getresponse()
+            except _EARLY_CLOSE as exc:
+                conn.close()
+                conn, reused, used = self._connection(), used > 0, 0
+                with self._lock:
+                    self.result.raw_errors += 1
+                    if self.browser and reused and attempt == 1:
+                        self.result.retried += 1
+                        continue
+                    self.result.note_failure(f"{type(exc).__name__}: {exc}")
+                return conn, used
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                with self._lock:
+                    self.result.raw_errors += 1
+                    self.result.note_failure(f"{type(exc).__name__}: {exc}")
+                return self._connection(), 0
+            try:
+                body = response.read().decode("utf-8", "replace")
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                with self._lock:
+                    self.result.raw_errors += 1
+                    self.result.note_failure(f"{type(exc).__name__} in the body: {exc}")
+                return self._connection(), 0
+            with self._lock:
+                if response.status == 200 and self.needle in body:
+                    self.result.ok += 1
+                else:
+                    self.result.note_failure(f"{response.status}: {body[:80]!r}")
+            if response.will_close:
+                conn.close()
+                return self._connection(), 0
+            return conn, used + 1
+        return conn, used
+
+
+# ---------------------------------------------------------------- websocket client
+
+
+class WebSocketClosed(ConnectionError):
+    """The websocket ended (closed by the other side, or the connection broke)."""
+
+
+class WebSocket:
+    """A minimal websocket client (RFC 6455): text messages, masked as a client must; enough
+    to hold one long-lived connection through Caddy and see whether it survives."""
+
+    def __init__(self, port: int, host: str, path: str = "/", timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise WebSocketClosed(f"no handshake answer: {head!r}")
+            head += chunk
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            self.sock.close()
+            raise WebSocketClosed(f"handshake refused: {status.decode(errors='replace')}")
+        self.buffer = head.split(b"\r\n\r\n", 1)[1]
+
+    def send(self, text: str) -> None:
+        data = text.encode()
+        mask = os.urandom(4)
+        if len(data) < 126:
+            header = struct.pack("!BB", 0x81, 0x80 | len(data))
+        else:
+            header = struct.pack("!BBH", 0x81, 0x80 | 126, len(data))
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        try:
+            self.sock.sendall(header + mask + masked)
+        except OSError as exc:
+            raise WebSocketClosed(str(exc)) from None
+
+    def _read(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError as exc:
+                raise WebSocketClosed(str(exc)) from None
+            if not chunk:
+                raise WebSocketClosed("the connection was closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def receive(self) -> str:
+        """The next text message (an echo); WebSocketClosed when the stream ended."""
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack("!H", self._read(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", self._read(8))
+            payload = self._read(length)
+            opcode = first & 0x0F
+            if opcode == 0x8:
+                raise WebSocketClosed("closed by the other side")
+            if opcode == 0x1:
+                return payload.decode()
+
+    def echo(self, text: str) -> bool:
+        """Send a message and read it back: True while the websocket works."""
+        try:
+            self.send(text)
+            return self.receive() == text
+        except (WebSocketClosed, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 # ---------------------------------------------------------------- watch
 
 
@@ -326,7 +607,9 @@ class WatchProcess:
     """`python -m incus_caddyfile watch -o OUTPUT --log-format json ARGS` as a real process,
     its log lines collected by a reader thread."""
 
-    def __init__(self, output: Path, *args: str | Path) -> None:
+    def __init__(self, output: Path, *args: str | Path, code: Path = ROOT) -> None:
+        """`code`: the source tree whose incus_caddyfile runs (another checkout or an older
+        commit, for a baseline)."""
         self.output = output
         self.records: list[Record] = []
         self.raw: list[str] = []
@@ -337,7 +620,7 @@ class WatchProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=ROOT,
+            cwd=code,
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, name="watch-log", daemon=True)
         self._reader.start()

@@ -108,6 +108,11 @@ def test_global_option_env_is_one_option_per_line(fleet: list[Instance]) -> None
         (["--caddy-admin", "not an address"], "expected host:port"),
         (["--email", "x { y"], "not an email address"),
         (["--check"], "give --output"),
+        (["--stream-close-delay", "5 minutes"], "--stream-close-delay: not a duration"),
+        (["--dial-timeout", "1s}"], "--dial-timeout: not a duration"),
+        (["--lb-try-duration", "-1s"], "--lb-try-duration: not a duration"),
+        (["--fail-duration", "1d"], "--fail-duration: not a duration"),
+        (["--lb-retries", "-1"], "--lb-retries"),
     ],
 )
 def test_bad_settings_are_usage_errors(
@@ -466,3 +471,37 @@ def test_routes_has_its_own_exit_codes_and_no_write_options() -> None:
         assert option not in options
     code, _, err = invoke("routes", "--output", "x")
     assert code == 2 and "No such option" in err
+
+
+# ---- traffic settings
+
+
+def test_traffic_settings_from_flags_environment_and_file(
+    fleet: list[Instance], tmp_path: Path
+) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text('stream-close-delay = "1h"\nlb-retries = 7\nfail-duration = "0"\n')
+    fleet.append(inst("web2", host="web.example.org", address="198.18.0.11"))
+    code, out, err = invoke(
+        "render", "--config", str(config), "--dial-timeout", "250ms",
+        env={"INCUS_CADDYFILE_LB_TRY_DURATION": "9s"},
+    )  # fmt: skip
+    assert code == 0, err
+    assert "\t\tstream_close_delay 1h\n" in out and "\t\tlb_retries 7\n" in out
+    assert "\t\t\tdial_timeout 250ms\n" in out and "\t\tlb_try_duration 9s\n" in out
+    assert "fail_duration" not in out  # 0: off, though the pool has two members
+
+
+def test_all_traffic_settings_off_give_the_plain_directive(fleet: list[Instance]) -> None:
+    code, out, _ = invoke(
+        "render", "--stream-close-delay", "0", "--lb-try-duration", "0", "--lb-retries", "0",
+        "--dial-timeout", "0", "--fail-duration", "0",
+    )  # fmt: skip
+    assert code == 0 and "\treverse_proxy 198.18.0.10:80\n}" in out
+
+
+def test_lb_retries_in_the_settings_file_is_a_number(tmp_path: Path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text('lb-retries = "3"\n')
+    code, _, err = invoke("render", "--config", str(config))
+    assert code == 2 and "lb-retries must be a whole number" in err

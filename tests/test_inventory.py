@@ -125,8 +125,22 @@ def test_a_failed_request_fails_the_whole_listing(fake: FakeIncus) -> None:
         Inventory(fake).instances()
 
 
-def test_projects_the_policy_leaves_out_cost_no_address_request(fake: FakeIncus) -> None:
-    fleet = by_name(Inventory(fake, considers=lambda project: project == "icfrec-a").instances())
-    asked = {args[0] for name, *args in fake.calls if name in ("network_leases", "instance_state")}
-    assert asked == {"icfrec-a"}
-    assert addresses(fleet["rec-web"]) and fleet["rec-static"].nics == ()  # icfrec-b: none
+def test_require_ready_takes_the_address_the_instance_reports_itself(fake: FakeIncus) -> None:
+    """Not its lease: dialling a leased address the instance has not configured yet would
+    leave the host's ARP entry incomplete (~1 s for the next try)."""
+    fleet = by_name(Inventory(fake).instances())
+    assert addresses(fleet["rec-ready"])  # Ready, require_ready: from its live state
+    assert ("instance_state", "icfrec-b", "rec-ready") in fake.calls
+    fake.set_state("icfrec-b", "rec-ready", {"network": {}})  # leased, not configured yet
+    fake.calls.clear()
+    inst = Inventory(fake).instance("icfrec-b", "rec-ready")
+    assert inst is not None and not addresses(inst)
+    assert "network_leases" not in [c[0] for c in fake.calls]  # state (and its subnet), no leases
+
+
+def test_own_addresses_on_request_instead_of_the_lease(fake: FakeIncus) -> None:
+    fake.set_state("icfrec-a", "rec-web", {"network": {}})
+    leased = Inventory(fake).instance("icfrec-a", "rec-web")
+    own = Inventory(fake).instance("icfrec-a", "rec-web", own=True)
+    assert leased is not None and addresses(leased) == {"eth0": ("198.18.77.166",)}
+    assert own is not None and not addresses(own)

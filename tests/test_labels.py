@@ -192,3 +192,57 @@ def test_fallback_does_not_hand_a_host_to_another_project() -> None:
     other = inst("new", project="b", created_at="2026-01-01T00:00:00Z")
     [site] = build([holder, other]).sites
     assert site.routes[0].upstreams == () and site.routes[0].fallback
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("5m", "5m"), (" 30s ", "30s"), ("0", "0"), ("1m30s", "1m30s"),
+                          ("250ms", "250ms"), ("2h", "2h")],
+)  # fmt: skip
+def test_duration_accepts(raw: str, expected: str) -> None:
+    assert lb.parse_duration(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "5", "5 m", "1d", "-1s", "1.5s", "5M", "5m}", "{env.X}", "5m\nimport x", "00s0"]
+)
+def test_duration_rejects(raw: str) -> None:
+    with pytest.raises(lb.InvalidValue):
+        lb.parse_duration(raw)
+
+
+def _proxied(fleet: list[Instance]) -> dict[str, lb.Tuning]:
+    return {s.host: s.routes[0].tuning for s in build(fleet).sites}
+
+
+def test_stream_close_delay_label_sets_its_pools_delay() -> None:
+    tuned = _proxied([
+        inst("a", host="a.example.org", **{L + "upstream.stream_close_delay": "1h"}),
+        inst("b", host="b.example.org", address="198.18.0.11",
+             **{L + "upstream.stream_close_delay": "0"}),
+        inst("c", host="c.example.org", address="198.18.0.12"),
+    ])  # fmt: skip
+    assert tuned["a.example.org"].stream_close_delay == "1h"
+    assert tuned["b.example.org"].stream_close_delay is None  # 0: off for that pool
+    assert tuned["c.example.org"].stream_close_delay == lb.DEFAULT_STREAM_CLOSE_DELAY
+
+
+def test_an_invalid_stream_close_delay_keeps_the_instance_out() -> None:
+    model = build([inst("a", **{L + "upstream.stream_close_delay": "5 minutes"})])
+    assert not model.sites
+    assert [r.key for r in model.rejections] == [L + "upstream.stream_close_delay"]
+
+
+def test_passive_health_only_where_another_member_can_take_over() -> None:
+    tuned = _proxied([
+        inst("one", host="one.example.org"),
+        inst("p1", host="pool.example.org", address="198.18.0.11"),
+        inst("p2", host="pool.example.org", address="198.18.0.12"),
+        inst("p3", host="pool.example.org", address="198.18.0.13", status="Stopped"),
+    ])  # fmt: skip
+    assert tuned["one.example.org"].fail_duration is None
+    assert tuned["pool.example.org"].fail_duration == lb.DEFAULT_FAIL_DURATION
+
+
+def test_tuning_zero_means_off() -> None:
+    off = lb.Tuning("0", "0", 0, "0", "0")
+    assert not off.any and off.dial_timeout is None and lb.Tuning().any

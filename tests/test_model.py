@@ -19,6 +19,7 @@ from incus_caddyfile.model import (
     parse_hosts,
     parse_port,
     pick_address,
+    pool_mates,
 )
 
 from .helpers import inst
@@ -564,3 +565,33 @@ def test_a_pool_member_that_sets_no_option_is_not_warned_about() -> None:
     plain = inst("b", address="198.18.0.11")
     model = build([first, plain])
     assert model.rejections == () and len(model.sites[0].upstreams) == 2
+
+
+# ---- draining: watch takes members out of their pools
+
+
+def test_a_draining_member_leaves_its_pool_while_another_can_serve() -> None:
+    fleet = [
+        inst("a", host="pool.example.org", address="198.18.0.1"),
+        inst("b", host="pool.example.org", address="198.18.0.2"),
+        inst("solo", host="solo.example.org", address="198.18.0.3"),
+    ]
+    sites = {s.host: s.dials for s in build(fleet, draining={("default", "a")}).sites}
+    assert sites["pool.example.org"] == ["198.18.0.2:80"]
+    both = {("default", "a"), ("default", "b"), ("default", "solo")}
+    sites = {s.host: s.dials for s in build(fleet, draining=both).sites}
+    assert sites["pool.example.org"] == ["198.18.0.1:80", "198.18.0.2:80"]  # nowhere else
+    assert sites["solo.example.org"] == ["198.18.0.3:80"]  # a single instance keeps routing
+
+
+def test_pool_mates_are_up_members_of_the_same_project_host_and_path() -> None:
+    a = inst("a", host="pool.example.org", address="198.18.0.1")
+    mates = [
+        inst("b", host="x.example.org pool.example.org", address="198.18.0.2"),
+        inst("c", host="pool.example.org", status="Stopped"),
+        inst("d", host="pool.example.org", project="other"),
+        inst("e", host="pool.example.org", **{HTTP + "matchers.path": "/api"}),
+    ]
+    assert pool_mates([a, *mates], a)
+    assert not pool_mates([a, *mates[1:]], a)
+    assert not pool_mates([a, inst("f", host="pool.example.org", enable="false")], a)

@@ -34,7 +34,7 @@ def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
 
 def text(instances: list[Instance], **settings: object) -> str:
     s = Settings(**settings)  # type: ignore[arg-type]
-    return render(build(instances, s.wildcards), s)
+    return render(build(instances, s.wildcards, tuning=s.tuning), s)
 
 
 def test_one_instance(snapshot: SnapshotAssertion) -> None:
@@ -138,7 +138,7 @@ def _snapshot_files() -> list[Path]:
 
 
 def test_there_are_snapshots_to_check() -> None:
-    assert len(_snapshot_files()) >= 15
+    assert len(_snapshot_files()) >= 17
 
 
 @pytest.mark.caddy
@@ -221,6 +221,42 @@ def test_upstream_options(snapshot: SnapshotAssertion) -> None:
         inst("pool2", host="pool.example.org", address="198.18.0.4"),
     ]
     assert text(fleet) == snapshot
+
+
+def test_traffic_settings_and_the_stream_close_delay_label(snapshot: SnapshotAssertion) -> None:
+    """A pool's own stream_close_delay label (0 turns it off for that pool); passive health
+    only where a second member can take over."""
+    fleet = [
+        inst("ws1", host="ws.example.org", address="198.18.0.1",
+             **{L + "upstream.stream_close_delay": "1h"}),
+        inst("ws2", host="ws.example.org", address="198.18.0.2"),
+        inst("short", host="short.example.org", address="198.18.0.3",
+             **{L + "upstream.stream_close_delay": "0"}),
+        inst("tls", host="tls.example.org", address="198.18.0.4", port="8443",
+             **{L + "upstream.scheme": "https", L + "upstream.tls_insecure": "true"}),
+    ]  # fmt: skip
+    got = text(
+        fleet,
+        stream_close_delay="10m",
+        lb_try_duration="2s",
+        lb_retries=0,
+        dial_timeout="500ms",
+        fail_duration="30s",
+    )
+    assert got == snapshot
+
+
+def test_traffic_settings_all_off(snapshot: SnapshotAssertion) -> None:
+    """Every traffic setting 0: the plain `reverse_proxy ADDRESS` of before."""
+    fleet = [
+        inst("a1", host="a.example.org", address="198.18.0.1"),
+        inst("a2", host="a.example.org", address="198.18.0.2"),
+        inst("b", host="b.example.org", address="198.18.0.3",
+             **{L + "upstream.lb_policy": "first"}),
+    ]  # fmt: skip
+    off = {"stream_close_delay": "0", "lb_try_duration": "0", "lb_retries": 0,
+           "dial_timeout": "0", "fail_duration": "0"}  # fmt: skip
+    assert text(fleet, **off) == snapshot
 
 
 def test_fallback_page_for_a_stopped_instance(snapshot: SnapshotAssertion) -> None:

@@ -55,6 +55,9 @@ class InstanceCache:
         self.dirty.clear()
         return [u for u in updates.values() if u is not None]
 
+    def get(self, key: Key) -> Instance | None:
+        return (self.instances or {}).get(key)
+
     def put(self, key: Key, inst: Instance | None) -> None:
         """One instance as now known (None: it is gone)."""
         if self.instances is None:

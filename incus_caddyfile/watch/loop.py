@@ -8,12 +8,14 @@ full resync. Everything runs on one thread that owns the state; the event stream
 watcher and the signal handlers only put items on a queue.
 
 `Watcher` is only the loop; its parts each do one job: `IncusLink` (connection and event
-stream), `InstanceCache` (what to fetch), `AddressPolls`, `Debouncer` and `Retry` (when),
+stream), `InstanceCache` (what to fetch), `Drains` (who is out of its pool: the model's
+`draining`), `AddressPolls`, `Debouncer` (with its reload `TokenBucket`) and `Retry` (when),
 `CycleLog` (what the operator reads), `FileWatcher` and `install_signals` (inputs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterable
@@ -22,28 +24,39 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .. import pipeline, targets
+from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
-from ..model import Instance, Model, awaits_address
+from ..inventory import Bounds
+from ..model import (
+    Instance,
+    Model,
+    awaits_address,
+    needs_own_address,
+    pool_mates,
+    reach_target,
+    wants_address,
+)
 from ..pipeline import Report, RunMode, Status
 from ..settings import Settings
 from .cache import InstanceCache
 from .cyclelog import CycleLog, Log, site_changes
+from .drains import Drains
 from .inputs import FileWatcher, install_signals
 from .link import IncusLink
-from .observer import Observer, Unobserved
-from .polls import AddressPolls
+from .polls import AddressPolls, Key
 from .timing import Debouncer, Retry
-from .triggers import Kind, Trigger, classify
+from .triggers import Kind, Phase, Trigger, classify
 
 
 @dataclass(frozen=True)
 class WatchOptions:
     debounce_min: float = 0.05
     debounce_max: float = 2.0
+    reload_burst: int = 2
     resync_interval: float = 300.0
     address_timeout: float = 30.0
-    address_poll_first: float = 0.05
+    address_poll_first: float = 0.01
+    drain: bool = True  # take members out of their pools while they stop, and warm them up
     reconnect_first: float = 0.5
     reconnect_cap: float = 30.0
     retry_first: float = 1.0  # a cycle that failed to write or reload is run again
@@ -63,6 +76,7 @@ class Signal(Enum):
 RETRIED = frozenset({Status.WRITE_FAILED, Status.RELOAD_FAILED, Status.CADDY_REJECTED})
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
+PORT_PROBE_TIMEOUT = 0.2  # the address is configured: a closed port answers at once
 
 
 class Watcher:
@@ -90,14 +104,15 @@ class Watcher:
         self.observer: Observer = observer or Unobserved()  # what `watch --listen` serves
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
-        self.debounce = Debouncer(options.debounce_min, options.debounce_max)
+        self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
+        self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
         self.cache = InstanceCache(
-            lambda api: pipeline.collect(api, self.settings.policy),
-            lambda api, project, name: pipeline.fetch(api, project, name, self.settings.policy),
+            pipeline.collect, lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds)
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
-        self.retry = Retry(options.retry_first, options.retry_cap)
+        self.drains = Drains(options.address_timeout, enabled=options.drain)
+        self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
@@ -152,6 +167,7 @@ class Watcher:
             self.link.retry.at,
             self.retry.at,
             self.next_resync if self.link.connected else None,
+            self.drains.deadline(),
             *self.polls.deadlines(),
         ]
         return min((d for d in deadlines if d is not None), default=None)
@@ -182,16 +198,26 @@ class Watcher:
         elif item is Signal.HUP:
             self._want(Trigger(Kind.SIGNAL))
         elif isinstance(item, Trigger):
-            if item.instance and not self.settings.policy.considers(item.project):
-                return  # a project the settings leave out cannot change the output
+            if item.project and not self.settings.policy.considers(item.project):
+                return  # a project the settings leave out: nothing of it is rendered
             self._want(item)
 
     def _want(self, trigger: Trigger) -> None:
         """Record what a cycle must refresh, and start or extend the debounce window."""
         self.triggers.append(trigger)
         self.cache.want(trigger)
-        self.debounce.note(self.clock())
-        self.observer.noted(trigger, self.clock())
+        now = self.clock()
+        self.debounce.note(now)
+        if trigger.kind is Kind.RECONNECT:
+            self.drains.clear()  # operation events were missed
+        if trigger.full:
+            self.bounds.clear()  # a network may have changed
+        if self.drains.note(trigger, now):
+            key = (trigger.project, trigger.instance)
+            if trigger.phase is Phase.BEGUN:
+                self.debounce.urge(now)  # about to go: take it out now, whatever the bucket
+            elif key in self.drains:
+                self.polls.start(key, now)  # back: warming until its port accepts
 
     def _run_timers(self) -> None:
         now = self.clock()
@@ -203,8 +229,10 @@ class Watcher:
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
         self._due_polls(now)
-        if self.retry.due(now):
-            self.retry.take()
+        for key in self.drains.expire(now):
+            self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
+        if self.reload_retry.due(now):
+            self.reload_retry.take()
             self.verify_caddy = True
             self._want(Trigger(Kind.RETRY))
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
@@ -234,30 +262,79 @@ class Watcher:
         self.log("incus", f"{why}; keeping the last good Caddyfile, reconnecting in {delay:.1f} s")
 
     def _due_polls(self, now: float) -> None:
-        """Instances waiting for an address: fetch each when its backoff says so; when the
-        address is there, apply it now (no quiet wait), unless a burst's hold says otherwise."""
+        """Instances that are up but not reachable yet (no address, or a port that must
+        accept first): poll each when its backoff says so; when it is reachable, apply that
+        now (no quiet wait), as far as the reload bucket allows."""
         client = self.link.client
         if not self.link.connected or client is None:
             return
         for key in self.polls.due(now):
+            target = self.polls.port(key)
+            if target is not None:
+                self._poll_port(key, target)
+                continue
             try:
-                inst = pipeline.fetch(client, *key, self.settings.policy)
+                self._poll_incus(client, key)
             except IncusError as exc:
                 self._disconnected(str(exc))
                 return
-            waiting = inst is not None and awaits_address(inst)
-            if waiting and not self.polls.expired(key, now):
-                self.polls.again(key, self.clock())
-                continue
-            self.polls.drop(key)
-            if inst is not None:
-                self.cache.put(key, inst)
-                if not waiting:
-                    self._want(Trigger(Kind.ADDRESS, project=key[0], instance=key[1]))
-                    self.debounce.hurry(self.clock())
+
+    def _poll_incus(self, client: IncusApi, key: Key) -> None:
+        """The address phase: fetch the instance (its own addresses when its port is to be
+        probed, so that nothing dials an address it has not configured yet: then only its
+        live state, one request, when its NICs are known)."""
+        warming = key in self.drains
+        known = self.cache.get(key)
+        if warming and known is not None and not pool_mates(self.cache.listing(), known):
+            self.drains.end(key)  # alone on its hosts: the model keeps it anyway (no change)
+            warming = False
+            if not awaits_address(known):  # nothing else to wait for (the event's own cycle
+                self.polls.drop(key)  # refreshes it, and polls again if it must)
+                return
+        if known and (warming or needs_own_address(known)) and any(n.interface for n in known.nics):
+            inst = pipeline.own_addresses(client, known, self.bounds)
+        else:
+            inst = pipeline.fetch(client, *key, own=warming, bounds=self.bounds)
+        self.cache.put(key, inst)
+        if inst is None or not wants_address(inst):
+            return self._reached(key, inst)  # gone or down: nothing to wait for
+        target = reach_target(inst)
+        if target is None:  # its address is not there yet
+            return self._again(key, inst)
+        if inst.ready or not (warming or needs_own_address(inst)):
+            return self._reached(key, inst)
+        self.polls.probe_port(key, target, self.clock())
+
+    def _poll_port(self, key: Key, target: tuple[str, int]) -> None:
+        """The port phase: the instance has configured its address, so a connect to it is
+        safe and cheap (no Incus request); until it accepts."""
+        if probe.accepts(*target, timeout=PORT_PROBE_TIMEOUT):
+            inst = self.cache.get(key)
+            if inst is not None and reach_target(inst) == target and needs_own_address(inst):
+                self.cache.put(key, dataclasses.replace(inst, ready=True))
+            self._reached(key, inst)
+        else:
+            self._again(key, self.cache.get(key))
+
+    def _again(self, key: Key, inst: Instance | None) -> None:
+        if self.polls.expired(key, self.clock()):
+            self._reached(key, inst, gave_up=True)  # let it in: Caddy's retries cover it
+        else:
+            self.polls.again(key, self.clock())
+
+    def _reached(self, key: Key, inst: Instance | None, gave_up: bool = False) -> None:
+        """The poll is over: the route can follow (its address, its open port, its return
+        to its pools), or it never will (gone, down, timed out)."""
+        self.polls.drop(key)
+        back = self.drains.end(key)
+        if gave_up and not back:
+            return  # still without its address: nothing changed
+        kind = Kind.WARM if back else Kind.ADDRESS
+        self._want(Trigger(kind, project=key[0], instance=key[1]))
+        self.debounce.hurry(self.clock())
 
     def _poll_waiting(self, instances: Iterable[Instance]) -> None:
-        """Started instances still without an address (or open port): poll them, from 50 ms
+        """Started instances still without an address (or open port): poll them, from 10 ms
         with backoff, instead of sleeping; the route appears when the address does."""
         for inst in instances:
             if awaits_address(inst) and self.settings.policy.considers(inst.project):
@@ -289,7 +366,9 @@ class Watcher:
             force_reload=any(self._imported(f) for f in files),
         )
         target = self.make_target(self.settings, client)
-        report = pipeline.apply(self.settings, self.cache.listing(), target, mode)
+        report = pipeline.apply(
+            self.settings, self.cache.listing(), target, mode, self.drains.keys()
+        )
         self.cycles += 1
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded

@@ -19,6 +19,13 @@ INSTANCE_ACTIONS = frozenset(
         "renamed", "updated", "deleted", "restored", "ready",
     ]
 )  # fmt: skip
+# Operations that take an instance out of its pools from their start (the lifecycle event
+# comes when they are over): their description, as Incus words it, and our name for them.
+DRAINING_OPERATIONS = {
+    "Stopping instance": "stop",
+    "Restarting instance": "restart",
+    "Deleting instance": "delete",
+}
 FULL_RESYNC_ACTIONS = frozenset(
     {"profile-updated", "profile-renamed", "profile-deleted", "profile-created"}
     | {"project-created", "project-updated", "project-renamed", "project-deleted"}
@@ -36,12 +43,34 @@ class Kind(Enum):
     RECONNECT = "reconnect"  # the event stream is back: events were missed
     FILE = "file"  # the template, settings, snippets or a site file changed
     ADDRESS = "address"  # an instance polled for got its address (or open port)
-    RETRY = "retry"  # a cycle that failed to write or reload runs again
+    RELOAD_RETRY = "reload-retry"  # a failed reload is tried again
+    OPERATION = "operation"  # Incus began (or ended) stopping, restarting or deleting one
+    WARM = "warm"  # a drained instance that came back accepts connections (or timed out)
 
     @property
     def local(self) -> bool:
         """Re-render from the cache: nothing to fetch from Incus."""
-        return self in (Kind.FILE, Kind.ADDRESS, Kind.RETRY)
+        return self in (Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY, Kind.OPERATION, Kind.WARM)
+
+
+class Phase(Enum):
+    """Where an operation is: begun (Pending or Running), done (Success), failed (Failure
+    or Cancelled)."""
+
+    BEGUN = "begun"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# An operation's status_code (Incus' shared/api/status_code.go): Pending, Running; Success;
+# Failure, Cancelled. (Operation statuses, not instance statuses: those are the model's.)
+OPERATION_PHASES = {
+    105: Phase.BEGUN,
+    103: Phase.BEGUN,
+    200: Phase.DONE,
+    400: Phase.FAILED,
+    401: Phase.FAILED,
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +83,7 @@ class Trigger:
     instance: str = ""
     old_name: str = ""  # a rename's previous name
     detail: str = ""  # e.g. the file that changed
+    phase: Phase | None = None  # for Kind.OPERATION
 
     @property
     def full(self) -> bool:
@@ -62,13 +92,46 @@ class Trigger:
 
     def __str__(self) -> str:
         what = self.action or self.kind.value
+        if self.phase is not None:
+            what = f"{what}-{self.phase.value}"
         if self.instance:
             return f"{what} {self.project}/{self.instance}"
         return f"{what} {self.detail}" if self.detail else what
 
 
+def _instance_of(url: str, event: dict[str, Any]) -> tuple[str, str] | None:
+    """(project, name) of an instance URL (/1.0/instances/NAME?project=P)."""
+    source = urlparse(url)
+    prefix = "/1.0/instances/"
+    if not source.path.startswith(prefix):
+        return None
+    name = source.path[len(prefix) :].split("/")[0]
+    project = (
+        event.get("project") or parse_qs(source.query).get("project", ["default"])[0] or "default"
+    )
+    return str(project), name
+
+
+def classify_operation(event: dict[str, Any]) -> Trigger | None:
+    """A stop, restart or delete of one instance, begun or over; None for any other
+    operation (exec, file, snapshot, start ...)."""
+    meta = event.get("metadata") or {}
+    verb = DRAINING_OPERATIONS.get(str(meta.get("description") or ""))
+    code = meta.get("status_code")
+    phase = OPERATION_PHASES.get(code) if isinstance(code, int) else None
+    instances = (meta.get("resources") or {}).get("instances") or []
+    if verb is None or phase is None or len(instances) != 1:
+        return None
+    found = _instance_of(str(instances[0]), event)
+    if found is None:
+        return None
+    return Trigger(Kind.OPERATION, verb, *found, detail=str(meta.get("id") or ""), phase=phase)
+
+
 def classify(event: dict[str, Any]) -> Trigger | None:
     """An Incus event as a trigger, or None for noise."""
+    if event.get("type") == "operation":
+        return classify_operation(event)
     if event.get("type") != "lifecycle":
         return None
     meta = event.get("metadata") or {}
@@ -77,16 +140,11 @@ def classify(event: dict[str, Any]) -> Trigger | None:
         return Trigger(Kind.INCUS, action)
     if action not in INSTANCE_ACTIONS:
         return None
-    source = urlparse(str(meta.get("source") or ""))
-    prefix = "/1.0/instances/"
-    if not source.path.startswith(prefix):
+    found = _instance_of(str(meta.get("source") or ""), event)
+    if found is None:
         return Trigger(Kind.INCUS, action)  # unexpected shape: be safe, resync everything
-    name = source.path[len(prefix) :].split("/")[0]
-    project = (
-        event.get("project") or parse_qs(source.query).get("project", ["default"])[0] or "default"
-    )
     old_name = str((meta.get("context") or {}).get("old_name") or "")
-    return Trigger(Kind.INCUS, action, str(project), name, old_name)
+    return Trigger(Kind.INCUS, action, *found, old_name)
 
 
 def summarise(triggers: list[Trigger], most: int = 5) -> str:

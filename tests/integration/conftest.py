@@ -21,15 +21,18 @@ from incus_caddyfile.caddy import find_caddy
 from incus_caddyfile.labels import HTTP as LABELS
 
 from ..harness import (
+    ICF_SERVER_PORT,
     IMAGE,
     NETWORK2,
     ROOT,
     STATE_TIMEOUT,
     Caddy,
     WatchProcess,
+    build_icf_server,
     create_project,
     free_port,
     incus,
+    install_icf_server,
     labels,
     launch,
     projects_named,
@@ -40,8 +43,8 @@ from ..harness import (
 from ..helpers import skip_or_fail
 
 __all__ = [  # re-exported: the test modules import these from here
-    "LABELS", "NETWORK2", "ROOT", "STATE_TIMEOUT", "Caddy", "WatchProcess", "free_port", "incus",
-    "labels", "triggered_by", "wait_for",
+    "ICF_SERVER_PORT", "LABELS", "NETWORK2", "ROOT", "STATE_TIMEOUT", "Caddy", "WatchProcess",
+    "free_port", "incus", "labels", "triggered_by", "wait_for",
 ]  # fmt: skip
 
 PREFIX = "icft-"
@@ -107,6 +110,16 @@ class Lab:
         assert found, f"{project}/{name} got no {family} address on {nic} within {timeout} s"
         return str(found)
 
+    def serve(self, project: str, name: str, exe: Path, port: int = ICF_SERVER_PORT) -> None:
+        """Run icf_server (HTTP with keep-alive and graceful stop, websocket echo) in the
+        instance on `port`, respawned by its init, also after a restart; waits until the
+        instance itself says the port is open."""
+        install_icf_server(project, name, exe, port)
+        listening = wait_for(
+            lambda: f":{port:04X} " in self.exec(project, name, "cat /proc/net/tcp6"), 15
+        )
+        assert listening, f"icf_server did not listen on {port} in {project}/{name}"
+
     def exec(self, project: str, name: str, script: str) -> str:
         return incus("exec", name, "--project", project, "--", "sh", "-c", script)
 
@@ -119,6 +132,8 @@ class Lab:
         self.projects.clear()
 
 
+# Only this session's projects: another session on the same lab (another checkout, another
+# engineer's run) has icft-* projects too, whose instances would change what a test renders.
 ONLY_TEST_PROJECTS = f'[projects]\ninclude = ["{SESSION}*"]\n'
 
 
@@ -127,9 +142,9 @@ def only_test_projects(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     """Every command a test runs sees only this session's own projects (icft-<pid>x*),
-    through the settings file's policy: a demo, a benchmark, another test session or
-    anything else in the same Incus cannot change what a test renders (nor, in watch, cause
-    cycles). (The listing itself is still across all projects.)"""
+    through the settings file's policy: a demo, a benchmark, another test session or anything
+    else in the same Incus cannot change what a test renders. (The listing itself is still
+    across all projects.)"""
     path = tmp_path_factory.getbasetemp() / "only-test-projects.toml"
     path.write_text(ONLY_TEST_PROJECTS)
     monkeypatch.setenv("INCUS_CADDYFILE_CONFIG", str(path))
@@ -161,6 +176,14 @@ def _session_alive(project: str) -> bool:
         return bool(sep) and int(pid, 16) != os.getpid() and Path(f"/proc/{int(pid, 16)}").exists()
     except ValueError:
         return False
+
+
+@pytest.fixture(scope="session")
+def icf_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scripts/icf_server.c built static (gcc), to push into lab instances."""
+    if shutil.which("gcc") is None:
+        skip_or_fail("gcc is needed to build scripts/icf_server.c")
+    return build_icf_server(tmp_path_factory.mktemp("icf-server"))
 
 
 @pytest.fixture

@@ -134,4 +134,4 @@ def test_incus_profile_example_routes_a_launched_appliance(lab: Lab, tmp_path: P
     )
     address = lab.address(project, name)
     result = run_cli("render", "--scheme", "http")
-    assert f"http://{name}.localhost {{\n\treverse_proxy {address}:80\n}}" in result.stdout
+    assert f"http://{name}.localhost {{\n\treverse_proxy {address}:80 {{\n" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,27 @@ def test_unchanged_file_but_stale_caddy_is_reloaded(lab: Lab, caddy: Caddy, tmp_
     assert "hello from" in caddy.wait_body(f"{name}.localhost", "hello from", timeout=5)
     again = run_cli("render", "-o", out, *caddy.render_args)
     assert "unchanged\n" in again.stderr and caddy.load_count() == 1
+
+
+def test_a_change_costs_caddy_one_adaptation(lab: Lab, caddy: Caddy, tmp_path: Path) -> None:
+    """Through the admin API a change is one POST /load (Caddy adapts it and keeps its running
+    config if it refuses), and the file is written after it: no POST /adapt before."""
+    project, name = lab.labelled("once")
+    out = tmp_path / "Caddyfile"
+    render_and_start(caddy, out)
+    since = time.time()
+    lab.set(project, name, **{f"{LABELS}upstream.port": "8080"})
+    result = run_cli("render", "-o", out, *caddy.render_args)
+    assert result.returncode == 0, result.stderr
+    assert "port 8080" in caddy.wait_body(f"{name}.localhost", "port 8080", timeout=5)
+    assert ":8080" in out.read_text()
+    assert [uri for _, uri in caddy.admin_requests(since)] == ["/load"]
+
+    # a config Caddy refuses (a global option it does not know) is loaded, refused, not written
+    before = out.read_bytes()
+    since = time.time()
+    refused = run_cli("render", "-o", out, *caddy.render_args, "--global-option", "no_such_opt")
+    assert refused.returncode == 5, refused.stderr
+    assert out.read_bytes() == before
+    assert "port 8080" in caddy.get(f"{name}.localhost")[1]
+    assert next(uri for _, uri in caddy.admin_requests(since)) == "/load"

@@ -49,4 +49,4 @@ def test_wheel_in_fresh_venv_renders(lab: Lab, tmp_path: Path) -> None:
     project, name = lab.labelled("whl")
     address = lab.address(project, name)
     out = run(venv / "bin" / "incus-caddyfile", "render", cwd=tmp_path).stdout
-    assert f"{name}.localhost {{\n\treverse_proxy {address}:80\n}}" in out
+    assert f"{name}.localhost {{\n\treverse_proxy {address}:80 {{\n" in out
