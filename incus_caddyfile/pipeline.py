@@ -120,7 +120,7 @@ def collect(api: IncusApi, policy: Policy | None = None) -> list[Instance]:
     """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
     listing is never rendered. Projects the policy leaves out cost no address request."""
     considers = policy.considers if policy is not None else None
-    return probe.annotate(Inventory(api, considers).instances())
+    return probe.annotate(Inventory(api, considers=considers).instances())
 
 
 def fetch(

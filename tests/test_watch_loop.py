@@ -445,3 +445,36 @@ def test_events_of_projects_the_settings_leave_out_cost_nothing() -> None:
     loop.emit("icfrec-a", "rec-web", "instance-updated")
     loop.run_for(0.3)
     assert loop.watcher.cycles == cycles + 1
+
+
+def test_a_failed_write_is_retried_when_nothing_else_happens(loop: Loop) -> None:
+    """Found by the soak: a read-only output directory failed the cycle, and the change
+    waited for the next event (or the resync, minutes later) once the disk was back."""
+    loop.run_for(0.1)
+    loop.file.fail_write = True
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    loop.run_for(0.5)
+    assert "b.example.test" in loop.text  # not written
+    loop.file.fail_write = False  # the disk is back; no event comes
+    loop.run_for(2.5)
+    assert "b.example.test {" not in loop.text.replace("http://", "")
+    assert "(after retry)" in loop.cycle_lines[-1]
+
+
+def test_a_policy_change_relists_everything(tmp_path: Path) -> None:
+    from incus_caddyfile.policy import Policy
+
+    settings = [Settings(scheme="http", policy=Policy(include=("icfrec-a",)))]
+    loop = Loop()
+    loop.watcher.load_settings = lambda: settings[0]
+    loop.watcher.settings = settings[0]
+    loop.run_for(0.1)
+    assert "b.example.test" not in loop.text
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")  # unseen: excluded
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    settings[0] = Settings(scheme="http")  # now every project counts
+    loop.watcher.on_file(str(tmp_path / "settings.toml"))
+    loop.run_for(0.3)
+    assert "ready.example.test" in loop.text  # icfrec-b is listed afresh
+    assert "b.example.test {" not in loop.text.replace("http://", "")  # and its stop is seen

@@ -43,6 +43,7 @@ from .cyclelog import CycleLog, Log, site_changes
 from .drains import Drains
 from .inputs import FileWatcher, install_signals
 from .link import IncusLink
+from .observer import Observer, Unobserved
 from .polls import AddressPolls, Key
 from .timing import Debouncer, Retry
 from .triggers import Kind, Phase, Trigger, classify
@@ -112,7 +113,7 @@ class Watcher:
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
-        self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
+        self.retry = Retry(options.retry_first, options.retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
@@ -208,6 +209,7 @@ class Watcher:
         self.cache.want(trigger)
         now = self.clock()
         self.debounce.note(now)
+        self.observer.noted(trigger, now)
         if trigger.kind is Kind.RECONNECT:
             self.drains.clear()  # operation events were missed
         if trigger.full:
@@ -231,8 +233,8 @@ class Watcher:
         self._due_polls(now)
         for key in self.drains.expire(now):
             self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
-        if self.reload_retry.due(now):
-            self.reload_retry.take()
+        if self.retry.due(now):
+            self.retry.take()
             self.verify_caddy = True
             self._want(Trigger(Kind.RETRY))
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
