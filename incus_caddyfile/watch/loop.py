@@ -62,6 +62,9 @@ class WatchOptions:
     reconnect_cap: float = 30.0
     retry_first: float = 1.0  # a cycle that failed to write or reload is run again
     retry_cap: float = 5.0  # a retry is a render from the cache: cheap; converge fast
+    # How often to ask Caddy whether it still runs the current file (a Caddy restarted with
+    # another config sends no event); a render from the cache and one /adapt + GET /config.
+    caddy_check_interval: float = 10.0
     log_format: str = "text"
 
 
@@ -118,6 +121,7 @@ class Watcher:
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
         self.next_resync = 0.0
+        self.next_caddy_check = 0.0
         self.cycles = 0
 
     # ---- inputs (any thread) ----
@@ -168,6 +172,7 @@ class Watcher:
             self.link.retry.at,
             self.retry.at,
             self.next_resync if self.link.connected else None,
+            self.next_caddy_check if self.model is not None else None,
             self.drains.deadline(),
             *self.polls.deadlines(),
         ]
@@ -237,6 +242,11 @@ class Watcher:
             self.retry.take()
             self.verify_caddy = True
             self._want(Trigger(Kind.RETRY))
+        if self.model is not None and now >= self.next_caddy_check:
+            self.next_caddy_check = now + self.options.caddy_check_interval
+            if not self.triggers:  # a cycle already due verifies through its own reload
+                self.verify_caddy = True
+                self._want(Trigger(Kind.CADDY_CHECK))
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
             self.debounce.fired(self.clock(), changed=self._cycle())
@@ -371,7 +381,6 @@ class Watcher:
         report = pipeline.apply(
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
-        self.cycles += 1
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded
 
@@ -379,6 +388,7 @@ class Watcher:
         self, report: Report, triggers: list[Trigger], started: float, requests: int
     ) -> None:
         first = self.model is None
+        self.next_caddy_check = self.clock() + self.options.caddy_check_interval
         changes = site_changes(self.model, report.model) if report.model else {}
         if report.error is None or report.error == Status.RELOAD_FAILED:
             self.model = report.model  # the file now holds this model
@@ -391,6 +401,12 @@ class Watcher:
             self.retry.clear()
             self.verify_caddy = False
         duration = self.clock() - started
+        quiet = all(t.kind is Kind.CADDY_CHECK for t in triggers) and not (
+            report.error or report.written or report.reloaded or report.warnings
+        )
+        if quiet:
+            return  # Caddy runs the current file: nothing to tell, every 10 s
+        self.cycles += 1
         self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
         self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
 
