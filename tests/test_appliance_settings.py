@@ -69,7 +69,7 @@ def guest_api(tmp_path: Path) -> Iterator[GuestApi]:
             pass
 
     server = _Server(str(api.path), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield api

@@ -14,6 +14,14 @@ from .fake_incus import FakeIncus
 EDGE = ("icfrec-a", "rec-plain")  # a recorded instance standing in for a Caddy appliance
 
 
+@pytest.fixture(autouse=True)
+def ports_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readiness probes answer at once (the recorded addresses are not dialled)."""
+    from incus_caddyfile import probe
+
+    monkeypatch.setattr(probe, "accepts", lambda *args, **kwargs: True)
+
+
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeIncus:
     fake = FakeIncus.from_recording()

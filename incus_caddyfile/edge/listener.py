@@ -209,7 +209,7 @@ class Listener:
 
     def start(self) -> None:
         self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="listen",
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="listen",
             daemon=True,
         )  # fmt: skip
         self.thread.start()
