@@ -58,6 +58,9 @@ def _no_log(event: str, message: str, **fields: Any) -> None:
     pass
 
 
+EVENT_OWED_S = 30.0  # as long as watch polls a started instance for its address
+
+
 class EdgeState:
     """Implements watch.observer.Observer. `clock` is the loop's clock (durations, ages);
     `wall` gives the times the page shows."""
@@ -141,7 +144,12 @@ class EdgeState:
                 m.event_to_reload.observe(max(0.0, now - self.first_event))
         if report.error in RELOAD_FAILURES:
             m.reload_failures.labels(RELOAD_FAILURES[report.error]).inc()
-        if report.error != Status.RELOAD_FAILED:  # a pending reload still owes the event
+        # The event is owed a reload until one happens: a start's own cycle often finds no
+        # address yet, and the reload comes with the address (or port) a poll finds later.
+        # An event that never leads to one (noise) is forgotten after EVENT_OWED_S.
+        if report.reloaded or (
+            self.first_event is not None and now - self.first_event > EVENT_OWED_S
+        ):
             self.first_event = None
         ok = report.error is None
         fields: dict[str, object] = {
