@@ -38,6 +38,7 @@ lint: install
 bench: install lab
 	$(PY) bench/render.py
 	$(PY) bench/watch.py
+	$(PY) bench/traffic.py
 
 demo: install lab
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
