@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help install lab test unit lint bench demo clean
+.PHONY: help install lab test unit lint bench soak demo appliance clean
 
 help:
 	@echo "make install   create $(VENV) and install the package with test tools"
@@ -12,7 +12,10 @@ help:
 	@echo "make unit      the fast suite: no root, no Incus, no Caddy (fakes), with coverage"
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     benchmarks under bench/ (needs the lab)"
+	@echo "make soak      randomized soak of watch (bench/soak.py; root, the lab; ~15 min; kills incusd)"
 	@echo "make demo      lab + labelled instances + Caddy, render, curl through Caddy"
+	@echo "make appliance the edge image (root; Debian bookworm) into dist/appliance, added to"
+	@echo "               the SimpleStreams tree dist/simplestreams"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,8 +43,14 @@ bench: install lab
 	$(PY) bench/watch.py
 	$(PY) bench/traffic.py
 
+soak: install lab
+	$(PY) bench/soak.py
+
 demo: install lab
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+appliance: install
+	PYTHON=$(abspath $(PY)) bash scripts/appliance.sh build
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

@@ -44,8 +44,9 @@ What is measured:
    started at once) goal <= 3, and of 50 noise events goal 0 (bench/watch.py's
    measurements). Baseline: the code before these changes (a fixed 2 s hold).
 7. Caddy work per change: the admin requests of one change as watch makes them (from
-   Caddy's log) and the time of POST /load alone against POST /adapt + POST /load (the
-   previous order) for the fleet's Caddyfile.
+   Caddy's log: one POST /load per change; POST /adapt only for watch's periodic check
+   whether Caddy runs the file) and the time of POST /load alone against POST /adapt + POST
+   /load (the previous order) for the fleet's Caddyfile.
 
 Everything is removed in a `finally` (projects, instances, processes, temp files), also on
 Ctrl-C or SIGTERM. Only the local Incus unix socket, loopback and the lab's instances are
@@ -581,7 +582,8 @@ def goals(f: dict[str, Any]) -> dict[str, bool]:
         "back-to-back p95 <= 300 ms": (b2b["p95_ms"] or 1e9) <= BACK_TO_BACK_P95_MS,
         "burst <= 3 reloads": f["burst"]["reloads"] <= 3,
         "noise 0 reloads": f["noise"]["reloads"] == 0,
-        "one adaptation per change": f["caddy_work"]["watch_posts"]["/adapt"] == 0,
+        "one adaptation per change": f["caddy_work"]["watch_posts"]["/load"]
+        == f["caddy_work"]["watch_changes"],
     }
 
 
@@ -620,7 +622,9 @@ def report(f: dict[str, Any]) -> None:
     w = f["caddy_work"]
     print(f"7. Caddy work per change at {w['sites']} sites: POST /load {w['load_ms']} ms; the "
           f"previous /adapt + /load {w['adapt_then_load_ms']} ms; watch made "
-          f"{w['watch_posts']} admin POSTs for {w['watch_changes']} changes")  # fmt: skip
+          f"{w['watch_posts']['/load']} POST /load for {w['watch_changes']} changes (and "
+          f"{w['watch_posts']['/adapt']} POST /adapt: its periodic check whether Caddy runs "
+          "the file, not per change)")  # fmt: skip
     print("goals: " + ", ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in f["goals"].items()))
 
 

@@ -34,6 +34,12 @@ What is measured (default sizes; every wait is bounded):
    Target: <= 3.
 4. Idle: resident memory (VmRSS) and CPU time (utime + stime) of the watch process over 60 s
    in which this script causes no events.
+5. Listener (`--listen`, see bench/listener.py): watch restarted with `--listen 127.0.0.1:0`,
+   the latency rounds of measure 1 taken again while a client asks `/ask` 200 times a second
+   (on one keep-alive connection, as Caddy's on-demand TLS asks; routed and unknown names in
+   turn). Reported: /ask latency p50/p99, and the watch's part of the latency (t_200 - t_addr)
+   with the listener on against measure 1's, listener off. Then the plain watch is restarted
+   for measures 3 and 4. `--no-listener` skips it.
 
 watch follows every project, so other users of this Incus make cycles too. A latency round
 or a request sample with others' triggers in its cycles (or in the 2 s before: a reload holds
@@ -85,6 +91,7 @@ from fleet import (
     wait_for_addresses,
     write_json,
 )
+from listener import ASK_RATE, AskLoad, listen_url
 
 from incus_caddyfile.caddy import find_caddy
 from incus_caddyfile.incus import EventSource, IncusError, PylxdApi
@@ -244,9 +251,9 @@ def routed(text: str, hostname: str) -> bool:
     return "reverse_proxy " in text[start : end if end >= 0 else len(text)]
 
 
-def start_watch(output: Path, caddy: Caddy, fleet: Fleet) -> Watch:
+def start_watch(output: Path, caddy: Caddy, fleet: Fleet, *extra: str) -> Watch:
     """Start watch; return once its first cycle routed the whole fleet and it settled."""
-    watch = Watch(output, caddy, mark(fleet))
+    watch = Watch(output, caddy, mark(fleet), *extra)
     try:
         first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
         if first.get("error"):
@@ -894,6 +901,8 @@ def report(f: dict[str, Any]) -> None:
     report_requests(f["requests"])
     report_noise_burst(f["noise"], f["burst"])
     report_idle(f["idle"])
+    if f.get("listener"):
+        report_listener(f["listener"])
 
 
 def report_latency(lat: dict[str, Any]) -> None:
@@ -1036,6 +1045,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="idle windows to try when others' events disturb one",
     )
     parser.add_argument(
+        "--no-listener",
+        dest="listener",
+        action="store_false",
+        help="skip measure 5 (the cost of --listen)",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep watch's and Caddy's logs (the temp directory is printed)",
@@ -1073,6 +1088,63 @@ def grow(args: argparse.Namespace, run: Run, fleet: Fleet) -> tuple[Fleet, float
     return big, time.monotonic() - started
 
 
+def measure_listener(
+    args: argparse.Namespace,
+    run: Run,
+    output: Path,
+    fleet: Fleet,
+    target: Target,
+    off: dict[str, Any],
+) -> dict[str, Any]:
+    """Measure 5: the latency rounds again with --listen on and /ask under load; then the
+    plain watch again, for the measures after this one."""
+    assert run.watch is not None and run.caddy is not None and run.events is not None
+    print(f"listener: watch restarted with --listen; {args.rounds} starts under"
+          f" {ASK_RATE:.0f} /ask per s ...", flush=True)  # fmt: skip
+    run.watch.stop()
+    run.watch = start_watch(output, run.caddy, fleet, "--listen", "127.0.0.1:0")
+    names = list(fleet.hosts())[:20] + [f"nobody{n}.bench.localhost" for n in range(20)]
+    load = AskLoad(listen_url(run.watch), names)
+    load.start()
+    try:
+        on = measure_latency(
+            run.endpoint, run.caddy, run.watch, target, fleet, run.events, args.rounds
+        )
+    finally:
+        load.stop()
+    run.watch.stop()
+    run.watch = start_watch(output, run.caddy, fleet)
+    key = "t_200_minus_t_addr"
+    return {
+        "ask": load.figures(),
+        "latency_off": off[key],
+        "latency_on": on[key],
+        "moved_p50_ms": _delta(on[key]["p50_ms"], off[key]["p50_ms"]),
+        "moved_p95_ms": _delta(on[key]["p95_ms"], off[key]["p95_ms"]),
+        "rounds_on": on["rounds"],
+        "samples_on": on["samples"],
+    }
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 1)
+
+
+def report_listener(lst: dict[str, Any]) -> None:
+    ask = lst["ask"]
+    print(
+        f"\n5. listener: /ask {ask['requests']} requests at {ask['rate_per_s']}/s"
+        f" (target {ask['target_rate_per_s']:.0f}/s; {ask['errors']} errors, statuses"
+        f" {ask['statuses']}): p50 {ask['p50_ms']} ms, p99 {ask['p99_ms']} ms,"
+        f" max {ask['max_ms']} ms"
+    )
+    off, on = lst["latency_off"], lst["latency_on"]
+    print(f"   {'t_200 - t_addr (watch)':30}{'p50':>10}{'p95':>10}{'max':>10}")
+    for label, s in (("listener off (measure 1)", off), ("listener on, /ask load", on)):
+        print(f"   {label:30}{fms(s['p50_ms'])}{fms(s['p95_ms'])}{fms(s['max_ms'])}")
+    print(f"   moved: p50 {lst['moved_p50_ms']} ms, p95 {lst['moved_p95_ms']} ms")
+
+
 def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     began = time.monotonic()
     run.workdir = Path(tempfile.mkdtemp(prefix="icfw-bench-"))
@@ -1095,6 +1167,9 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     latency = measure_latency(
         run.endpoint, run.caddy, run.watch, target, fleet, run.events, args.rounds
     )
+    listener = None
+    if args.listener:
+        listener = measure_listener(args, run, output, fleet, target, latency)
     print(f"burst: {args.burst} starts at once ...", flush=True)
     burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, run.events, args.burst)
     print(f"idle: {args.idle:.0f} s ...", flush=True)
@@ -1118,6 +1193,7 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         "noise": noise,
         "burst": burst,
         "idle": idle,
+        "listener": listener,
         "total_s": round(time.monotonic() - began, 1),
     }
 

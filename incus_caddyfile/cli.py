@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -13,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__, pipeline, targets
+from .edge.snapshot import routes_json, rows_from_json
 from .incus import IncusError
 from .labels import (
     DEFAULT_DIAL_TIMEOUT,
@@ -291,6 +290,67 @@ WRITE_OPTIONS: list[Callable[[Any], Any]] = [
 ]
 
 
+# The listener's token: watch checks it, routes and doctor --from send it.
+TOKEN_OPTIONS: list[Callable[[Any], Any]] = [
+    option(
+        "--listen-token",
+        envvar=_env("LISTEN_TOKEN"),
+        metavar="TOKEN",
+        help="Token of watch's listener: every request but /healthz carries it (Bearer, or"
+        " the Basic password).",
+    ),
+    option(
+        "--listen-token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("LISTEN_TOKEN_FILE"),
+        metavar="FILE",
+        help="Read the token from this file's first line.",
+    ),
+]
+
+
+def on_demand_option(func: F) -> F:
+    return option(
+        "--on-demand-tls/--no-on-demand-tls",
+        default=False,
+        envvar=_env("ON_DEMAND_TLS"),
+        show_default=True,
+        help="Get each site's certificate at its first TLS handshake, and only for hosts an"
+        " instance routes (Caddy asks watch --listen's /ask). watch only: render refuses it.",
+    )(func)
+
+
+def token_options(func: F) -> F:
+    return _apply(func, TOKEN_OPTIONS)
+
+
+def from_options(func: F) -> F:
+    """`--from URL` and the token: read a running watch instead of Incus and Caddy."""
+    return _apply(
+        func,
+        [
+            option(
+                "--from",
+                "from_url",
+                envvar=_env("FROM"),
+                metavar="URL",
+                help="Read what a running `watch --listen` sees, at URL (127.0.0.1:PORT,"
+                " http://HOST:PORT or unix//path), instead of asking Incus and Caddy.",
+            ),
+            *TOKEN_OPTIONS,
+        ],
+    )
+
+
+def _from_token(token: str | None, token_file: Path | None) -> str | None:
+    from .edge.serve import EdgeSetupError, read_token
+
+    try:
+        return read_token(token, token_file)
+    except EdgeSetupError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def make_settings(**kwargs: Any) -> Settings:
     """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
     config = Path(kwargs.pop("config_file")) if kwargs.get("config_file") else None
@@ -357,6 +417,7 @@ def main() -> None:
 @option("--check", is_flag=True, help="Write nothing; exit 1 if the file would change.")
 @option("--diff", is_flag=True, help="Write nothing; print a unified diff against --output.")
 @option("--quiet", "-q", is_flag=True, help="Do not report skipped (stopped ...) instances.")
+@on_demand_option
 def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
     """Render the Caddyfile once: print it, or write it and reload Caddy if it changed.
 
@@ -372,6 +433,12 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
         incus-caddyfile render --wildcard '*.example.org' --acme-dns 'cloudflare {env.CF_API_TOKEN}'
     """
     settings = make_settings(**kwargs)
+    if settings.on_demand_tls:
+        raise click.UsageError(
+            "--on-demand-tls: Caddy asks before each certificate whether the host is routed,"
+            " and only `incus-caddyfile watch --listen 127.0.0.1:PORT --on-demand-tls` is there"
+            " to answer; render cannot (without the ask, every name would get a certificate)"
+        )
     to_file = targets.writes_file(settings)
     if (check or diff) and not to_file:
         raise click.UsageError("--check and --diff compare with a file: give --output")
@@ -485,6 +552,15 @@ def _settings_loader(ctx: click.Context, kwargs: dict[str, Any]) -> Callable[[],
     envvar=_env("LOG_FORMAT"),
     help="One line per cycle on stderr; json for machines.",
 )
+@option(
+    "--listen",
+    envvar=_env("LISTEN"),
+    metavar="ADDR",
+    help="Serve health, readiness, routes, metrics, a status page and the on-demand TLS"
+    " ask here: 127.0.0.1:PORT or unix//path (another address needs a token). Default: off.",
+)
+@token_options
+@on_demand_option
 def watch(
     debounce: tuple[float, float],
     reload_burst: int,
@@ -492,6 +568,9 @@ def watch(
     resync_interval: float,
     address_timeout: float,
     log_format: str,
+    listen: str | None,
+    listen_token: str | None,
+    listen_token_file: Path | None,
     **kwargs: Any,
 ) -> None:
     """Keep --output true to Incus: render at start, then on every relevant Incus event.
@@ -506,7 +585,10 @@ def watch(
     Examples:
         incus-caddyfile watch -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
         incus-caddyfile watch --config /etc/incus-caddyfile.toml --log-format json
+        incus-caddyfile watch -o /etc/caddy/Caddyfile --listen 127.0.0.1:9180
     """
+    from .edge import serve
+    from .watch.cyclelog import Log
     from .watch.loop import Watcher, WatchOptions
 
     ctx = click.get_current_context()
@@ -530,19 +612,52 @@ def watch(
         address_timeout=address_timeout,
         log_format=log_format,
     )
-    sys.exit(Watcher(load, options).run())
+    log = Log(log_format)
+    edge = None
+    if listen:
+        try:
+            edge = serve.setup(listen, listen_token, listen_token_file, settings.reload, log)
+            if settings.on_demand_tls:
+                serve.check_ask(edge)
+        except serve.EdgeSetupError as exc:
+            raise click.UsageError(str(exc)) from None
+    elif settings.on_demand_tls:
+        raise click.UsageError(
+            "--on-demand-tls needs --listen 127.0.0.1:PORT: Caddy asks the watch there before"
+            " it gets a certificate"
+        )
+    load = serve.with_ask(load, edge.ask_url if edge is not None else None)
+    if edge is not None:
+        edge.listener.start()
+        where = edge.listener.where
+        log("listen", f"serving the status page, /metrics and /ask on {where}", url=where)
+    try:
+        code = Watcher(load, options, log=log, observer=edge.state if edge else None).run()
+    finally:
+        if edge is not None:
+            edge.listener.stop()
+    sys.exit(code)
 
 
 ROUTES_EPILOG = (
-    "Exit codes:\n\n\b\n  0  listed\n  2  usage: bad option, setting or settings file\n"
-    "  4  Incus unreachable or the listing failed\n  8  the template failed"
+    "Exit codes:\n\n\b\n  0  listed\n  2  usage: bad option, setting or settings file (with"
+    " --from: or the watch's token)\n"
+    "  4  Incus (with --from: the watch) unreachable or the listing failed\n"
+    "  8  the template failed"
 )
 
 
 @main.command(epilog=ROUTES_EPILOG)
 @view_options
 @option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
-def routes(as_json: bool, **kwargs: Any) -> None:
+@from_options
+def routes(
+    as_json: bool,
+    from_url: str | None,
+    listen_token: str | None,
+    listen_token_file: Path | None,
+    **kwargs: Any,
+) -> None:
     """Show every instance with user.caddyserver.* keys: routed, or exactly why not.
 
     Columns: project, instance, state, cluster member, hosts, upstream, and the verdict with
@@ -552,8 +667,12 @@ def routes(as_json: bool, **kwargs: Any) -> None:
     Examples:
         incus-caddyfile routes
         incus-caddyfile routes --json | jq '.[] | select(.state != "routed")'
+        incus-caddyfile routes --from 127.0.0.1:9180
     """
     settings = make_settings(**kwargs)
+    if from_url:
+        _routes_from(from_url, _from_token(listen_token, listen_token_file), as_json)
+        return
     try:
         rows, warnings = pipeline.routes(settings)
     except IncusError as exc:
@@ -567,13 +686,32 @@ def routes(as_json: bool, **kwargs: Any) -> None:
     for warning in warnings:
         _say(f"warning: {warning}")
     if as_json:
-        click.echo(json.dumps([_row_json(r) for r in rows], indent=2))
+        click.echo(routes_json(rows), nl=False)
     else:
         click.echo(format_routes(rows), nl=False)
 
 
-def _row_json(row: RouteRow) -> dict[str, Any]:
-    return {**dataclasses.asdict(row), "state": row.state}
+def _routes_from(url: str, token: str | None, as_json: bool) -> None:
+    """routes --from: the rows a running watch serves (its /routes is routes --json)."""
+    from .edge import client
+
+    try:
+        answer = client.get(url, "/routes", token)
+        if answer.status != 200:
+            raise client.EdgeUnreachable(f"/routes answered {answer.status}: {answer.body}")
+        rows = rows_from_json(answer.body)
+    except client.AddressError as exc:
+        raise click.UsageError(str(exc)) from None
+    except client.EdgeRefused as exc:
+        _say(f"error: {exc}")
+        sys.exit(int(Status.USAGE))
+    except (client.EdgeUnreachable, ValueError) as exc:
+        _say(f"error: {exc}")
+        sys.exit(int(Status.INCUS_ERROR))
+    if as_json:
+        click.echo(answer.body, nl=False)
+    else:
+        click.echo(format_routes(rows), nl=False)
 
 
 def format_routes(rows: list[RouteRow]) -> str:
@@ -603,7 +741,13 @@ def format_routes(rows: list[RouteRow]) -> str:
 
 @main.command(epilog="Exit codes: 0 every check passed, 1 a check failed, 2 usage.")
 @settings_options
-def doctor(**kwargs: Any) -> None:
+@from_options
+def doctor(
+    from_url: str | None,
+    listen_token: str | None,
+    listen_token_file: Path | None,
+    **kwargs: Any,
+) -> None:
     """Check everything a render needs; print a one-line fix for each failed check.
 
     Checks: Incus reachable, permission to list all projects, Caddy's admin endpoint, the
@@ -612,11 +756,22 @@ def doctor(**kwargs: Any) -> None:
     \b
     Example:
         incus-caddyfile doctor -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
+        incus-caddyfile doctor --from 127.0.0.1:9180
     """
     from . import doctor as checks
 
+    settings = make_settings(**kwargs)
+    if from_url:
+        from .edge import client
+
+        try:
+            found = client.doctor_checks(from_url, _from_token(listen_token, listen_token_file))
+        except client.AddressError as exc:
+            raise click.UsageError(str(exc)) from None
+    else:
+        found = checks.run(settings)
     failed = False
-    for check in checks.run(make_settings(**kwargs)):
+    for check in found:
         click.echo(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
         if not check.ok:
             failed = True

@@ -74,7 +74,7 @@ def _render_check(settings: Settings, api: IncusApi | None) -> tuple[list[Instan
     """The template over the fleet (over no instances when Incus cannot be listed, so the
     operator's own settings are still checked). The instances, when it renders."""
     try:
-        instances = pipeline.collect(api) if api is not None else []
+        instances = pipeline.collect(api, settings.policy) if api is not None else []
         model = pipeline.model_for(settings, instances)
         render(model, settings)
     except IncusError as exc:

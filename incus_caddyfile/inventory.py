@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,9 +124,17 @@ class Inventory:
     return a partial listing. `bounds`: managed networks' subnets already known (a caller
     that asks often may keep them; a network change makes watch re-list everything)."""
 
-    def __init__(self, api: IncusApi, bounds: Bounds | None = None) -> None:
+    def __init__(
+        self,
+        api: IncusApi,
+        bounds: Bounds | None = None,
+        considers: Callable[[str], bool] | None = None,
+    ) -> None:
+        """`considers(project)`: whether the project counts (the settings' policy); the
+        instances of the others are listed without addresses, at no request of their own."""
         self.api = api
         self._bounds: Bounds = {} if bounds is None else bounds
+        self.considers = considers or (lambda project: True)
 
     def instances(self) -> list[Instance]:
         """Every instance of every project."""
@@ -135,7 +143,7 @@ class Inventory:
         leases = self._lease_maps(
             (inst, raw)
             for inst, raw in zip(bare, raws, strict=True)
-            if wants_address(inst) and not needs_own_address(inst)
+            if self._wants(inst) and not needs_own_address(inst)
         )
         return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
 
@@ -148,8 +156,11 @@ class Inventory:
             return None
         inst = bare_instance(raw, project)
         own = own or needs_own_address(inst)
-        wanted = [(inst, raw)] if wants_address(inst) and not own else []
+        wanted = [(inst, raw)] if self._wants(inst) and not own else []
         return self._addressed(inst, raw, self._lease_maps(wanted), own)
+
+    def _wants(self, inst: Instance) -> bool:
+        return wants_address(inst) and self.considers(inst.project)
 
     def _lease_maps(self, wanted: Iterable[tuple[Instance, Mapping[str, Any]]]) -> LeaseMaps:
         pairs = sorted(
@@ -163,7 +174,7 @@ class Inventory:
         """The instance with its NICs' addresses, from the leases, or from its live state
         when the leases do not give the address its labels ask for, or when only an address
         it has configured will do (`own`, or require_ready: `needs_own_address`)."""
-        if not wants_address(inst):
+        if not self._wants(inst):
             return inst
         refs = nic_refs(raw)
         if own or needs_own_address(inst):

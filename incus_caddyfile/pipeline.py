@@ -21,6 +21,7 @@ from .incus import IncusApi, IncusError, connect
 from .inventory import Bounds, Inventory
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
+from .policy import Policy
 from .render import TemplateError, render
 from .settings import Settings, SettingsError
 from .targets import Target
@@ -115,10 +116,11 @@ class Report:
         return int(Status.OK)
 
 
-def collect(api: IncusApi) -> list[Instance]:
+def collect(api: IncusApi, policy: Policy | None = None) -> list[Instance]:
     """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
-    listing is never rendered."""
-    return probe.annotate(Inventory(api).instances())
+    listing is never rendered. Projects the policy leaves out cost no address request."""
+    considers = policy.considers if policy is not None else None
+    return probe.annotate(Inventory(api, considers=considers).instances())
 
 
 def fetch(
@@ -249,7 +251,7 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     mode = mode or RunMode()
     try:
         api = connect(settings)
-        instances = collect(api)
+        instances = collect(api, settings.policy)
     except IncusError as exc:
         return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
     return apply(settings, instances, targets.for_settings(settings, api), mode)
@@ -582,6 +584,6 @@ def routes(settings: Settings) -> tuple[list[RouteRow], list[str]]:
     """Every labelled instance with its verdict, Caddy's included (for `routes`), and
     warnings. Raises IncusError, SettingsError and TemplateError."""
     api = connect(settings)
-    instances = collect(api)
+    instances = collect(api, settings.policy)
     verdict = ask_caddy(settings, instances, checker(settings, api))
     return explain(instances, verdict.model), verdict.warnings

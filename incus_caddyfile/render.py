@@ -37,6 +37,7 @@ class GlobalOptions:
     email: str | None
     acme_dns: str | None
     extra: tuple[str, ...]
+    on_demand_ask: str | None = None  # `on_demand_tls { ask URL }`: watch --listen's /ask
 
     @property
     def lines(self) -> list[str]:
@@ -48,7 +49,7 @@ class GlobalOptions:
 
     @property
     def any(self) -> bool:
-        return bool(self.admin or self.email or self.acme_dns or self.extra)
+        return bool(self.admin or self.email or self.acme_dns or self.extra or self.on_demand_ask)
 
 
 def context(model: Model, settings: Settings) -> dict[str, Any]:
@@ -65,7 +66,9 @@ def context(model: Model, settings: Settings) -> dict[str, Any]:
             email=settings.email,
             acme_dns=settings.acme_dns,
             extra=settings.global_options,
+            on_demand_ask=settings.on_demand_ask,
         ),
+        "on_demand": settings.on_demand_ask is not None,
         "scheme_prefix": "http://" if settings.scheme == "http" else "",
         "snippets_file": str(settings.snippets) if settings.snippets else None,
         "sites_dir": str(settings.sites_dir) if settings.sites_dir else None,

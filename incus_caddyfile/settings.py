@@ -57,6 +57,7 @@ FILE_KEYS = {
     "lb-retries": "lb_retries",
     "dial-timeout": "dial_timeout",
     "fail-duration": "fail_duration",
+    "on-demand-tls": "on_demand_tls",
 }
 # Keys only `watch` reads (its own options, not part of Settings): checked here all the same.
 WATCH_KEYS = {"reload-burst": "reload_burst", "drain": "drain"}
@@ -99,6 +100,8 @@ class Settings:
     lb_retries: int = DEFAULT_LB_RETRIES
     dial_timeout: str = DEFAULT_DIAL_TIMEOUT
     fail_duration: str = DEFAULT_FAIL_DURATION
+    on_demand_tls: bool = False  # certificates at the first handshake, for routed hosts only
+    on_demand_ask: str | None = None  # what Caddy asks first: watch's /ask (set by watch)
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
@@ -198,6 +201,12 @@ def validate(s: Settings) -> None:
             raise SettingsError("--output: with --caddy-instance, an absolute path in it")
     if s.reload_command is not None and not s.reload_command.strip():
         raise SettingsError("--reload-command: empty command")
+    if s.on_demand_tls and s.scheme != "https":
+        raise SettingsError("--on-demand-tls: certificates are for HTTPS sites; drop --scheme http")
+    if s.on_demand_ask is not None and not re.fullmatch(r"http://[^\s{}]+/ask", s.on_demand_ask):
+        raise SettingsError(
+            f"on-demand ask URL: expected http://HOST:PORT/ask, got {s.on_demand_ask!r}"
+        )
     for key in DURATION_KEYS:
         name = FILE_KEYS[key]
         value = getattr(s, name)
@@ -323,7 +332,7 @@ def load_file(path: Path) -> dict[str, Any]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SettingsError(f"{path}: {key} must be a string or a list of strings")
-        elif key in ("reload", "drain"):
+        elif key in ("reload", "drain", "on-demand-tls"):
             if not isinstance(value, bool):
                 raise SettingsError(f"{path}: {key} must be true or false")
         elif key in INTEGER_KEYS:

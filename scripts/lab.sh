@@ -30,8 +30,10 @@ start_daemon() {
   # No systemd here: run the daemon directly, detached from this shell.
   # From /: the daemon's working directory must outlive the checkout that started it
   # (rsync, run by incusd for snapshots, fails in a deleted directory).
-  (cd / && setsid nohup /usr/libexec/incus/incusd --group incus-admin --logfile "$LOG" \
-    >/dev/null 2>&1 < /dev/null &)
+  # setsid -f always forks: the daemon is nobody's child here, so no caller (a job runner, a
+  # pipe into tail) waits for it to exit.
+  (cd / && exec setsid -f /usr/libexec/incus/incusd --group incus-admin --logfile "$LOG" \
+    >/dev/null 2>&1 < /dev/null)
   for _ in $(seq 1 100); do daemon_up && return 0; sleep 0.2; done
   echo "lab: incusd did not answer within 20 s; see $LOG" >&2
   return 1

@@ -144,3 +144,10 @@ def test_own_addresses_on_request_instead_of_the_lease(fake: FakeIncus) -> None:
     own = Inventory(fake).instance("icfrec-a", "rec-web", own=True)
     assert leased is not None and addresses(leased) == {"eth0": ("198.18.77.166",)}
     assert own is not None and not addresses(own)
+
+
+def test_projects_the_policy_leaves_out_cost_no_address_request(fake: FakeIncus) -> None:
+    fleet = by_name(Inventory(fake, considers=lambda project: project == "icfrec-a").instances())
+    asked = {args[0] for name, *args in fake.calls if name in ("network_leases", "instance_state")}
+    assert asked == {"icfrec-a"}
+    assert addresses(fleet["rec-web"]) and fleet["rec-static"].nics == ()  # icfrec-b: none

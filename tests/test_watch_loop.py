@@ -233,7 +233,8 @@ def test_periodic_resync_lists_everything_again() -> None:
 def test_the_loop_sleeps_until_its_next_deadline(loop: Loop) -> None:
     loop.run_for(0.1)
     deadline = loop.watcher.next_deadline()
-    assert deadline is not None and deadline == pytest.approx(loop.clock.now - 0.1 + 300, abs=0.2)
+    # the next look at Caddy, 10 s after the first cycle (the resync is at 300 s)
+    assert deadline is not None and deadline == pytest.approx(loop.clock.now - 0.1 + 10, abs=0.2)
 
 
 def test_memory_file_and_fake_caddy_defaults() -> None:
@@ -445,3 +446,55 @@ def test_events_of_projects_the_settings_leave_out_cost_nothing() -> None:
     loop.emit("icfrec-a", "rec-web", "instance-updated")
     loop.run_for(0.3)
     assert loop.watcher.cycles == cycles + 1
+
+
+def test_a_failed_write_is_retried_when_nothing_else_happens(loop: Loop) -> None:
+    """Found by the soak: a read-only output directory failed the cycle, and the change
+    waited for the next event (or the resync, minutes later) once the disk was back."""
+    loop.run_for(0.1)
+    loop.file.fail_write = True
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    loop.run_for(0.5)
+    assert "b.example.test" in loop.text  # not written
+    loop.file.fail_write = False  # the disk is back; no event comes
+    loop.run_for(2.5)
+    assert "b.example.test {" not in loop.text.replace("http://", "")
+    assert "(after retry)" in loop.cycle_lines[-1]
+
+
+def test_a_policy_change_relists_everything(tmp_path: Path) -> None:
+    from incus_caddyfile.policy import Policy
+
+    settings = [Settings(scheme="http", policy=Policy(include=("icfrec-a",)))]
+    loop = Loop()
+    loop.watcher.load_settings = lambda: settings[0]
+    loop.watcher.settings = settings[0]
+    loop.run_for(0.1)
+    assert "b.example.test" not in loop.text
+    loop.incus.set_status("icfrec-b", "rec-profiled", "Stopped")  # unseen: excluded
+    loop.emit("icfrec-b", "rec-profiled", "instance-stopped")
+    settings[0] = Settings(scheme="http")  # now every project counts
+    loop.watcher.on_file(str(tmp_path / "settings.toml"))
+    loop.run_for(0.3)
+    assert "ready.example.test" in loop.text  # icfrec-b is listed afresh
+    assert "b.example.test {" not in loop.text.replace("http://", "")  # and its stop is seen
+
+
+def test_a_caddy_restarted_with_another_config_is_noticed_without_an_event(loop: Loop) -> None:
+    """Found by the soak (seed 4242): Caddy came back from a stub config in a quiet spell and
+    served nothing until the next change or the 300 s resync."""
+    loop.run_for(0.1)
+    loads = loop.caddy.loads
+    loop.caddy.loaded = "{\n}\n"  # restarted with a config of its own
+    loop.run_for(11.0, step=0.1)
+    assert loop.caddy.loaded == loop.text and loop.caddy.loads == loads + 1
+    assert "was not running the current file" in loop.log.getvalue()
+
+
+def test_quiet_caddy_checks_log_nothing_and_count_no_cycle(loop: Loop) -> None:
+    loop.run_for(0.1)
+    lines = len(loop.log.getvalue().splitlines())
+    loop.run_for(25.0, step=0.25)
+    assert loop.watcher.cycles == 1 and len(loop.log.getvalue().splitlines()) == lines
+    assert loop.caddy.calls.count("running") >= 2  # it did ask

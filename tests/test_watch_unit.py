@@ -291,7 +291,7 @@ def test_cache_lists_once_then_fetches_only_what_events_name() -> None:
 
 def test_trigger_kinds_are_local_or_fetch() -> None:
     assert {k for k in Kind if k.local} == {
-        Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY, Kind.OPERATION, Kind.WARM,
+        Kind.FILE, Kind.ADDRESS, Kind.RETRY, Kind.OPERATION, Kind.WARM, Kind.CADDY_CHECK,
     }  # fmt: skip
     assert Trigger(Kind.TIMER).full and not Trigger(Kind.FILE, detail="x").full
     assert str(Trigger(Kind.INCUS, "instance-started", "p", "a")) == "instance-started p/a"

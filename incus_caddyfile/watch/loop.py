@@ -43,6 +43,7 @@ from .cyclelog import CycleLog, Log, site_changes
 from .drains import Drains
 from .inputs import FileWatcher, install_signals
 from .link import IncusLink
+from .observer import Observer, Unobserved
 from .polls import AddressPolls, Key
 from .timing import Debouncer, Retry
 from .triggers import Kind, Phase, Trigger, classify
@@ -59,8 +60,11 @@ class WatchOptions:
     drain: bool = True  # take members out of their pools while they stop, and warm them up
     reconnect_first: float = 0.5
     reconnect_cap: float = 30.0
-    reload_retry_first: float = 1.0
-    reload_retry_cap: float = 30.0
+    retry_first: float = 1.0  # a cycle that failed to write or reload is run again
+    retry_cap: float = 5.0  # a retry is a render from the cache: cheap; converge fast
+    # How often to ask Caddy whether it still runs the current file (a Caddy restarted with
+    # another config sends no event); a render from the cache and one /adapt + GET /config.
+    caddy_check_interval: float = 10.0
     log_format: str = "text"
 
 
@@ -71,6 +75,9 @@ class Signal(Enum):
     HUP = "hup"
     CLOSED = "closed"  # the Incus event stream ended
 
+
+# Failures that may pass by themselves: a read-only or full disk, Caddy down or restarting.
+RETRIED = frozenset({Status.WRITE_FAILED, Status.RELOAD_FAILED, Status.CADDY_REJECTED})
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
 PORT_PROBE_TIMEOUT = 0.2  # the address is configured: a closed port answers at once
@@ -89,6 +96,7 @@ class Watcher:
         clock: Callable[[], float] = time.monotonic,
         log: Log | None = None,
         make_target: MakeTarget = targets.for_settings,
+        observer: Observer | None = None,
     ) -> None:
         self.load_settings = load_settings
         self.settings = load_settings()
@@ -97,6 +105,7 @@ class Watcher:
         self.log = log or Log(options.log_format)
         self.cycle_log = CycleLog(self.log)
         self.make_target = make_target
+        self.observer: Observer = observer or Unobserved()  # what `watch --listen` serves
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
         self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
@@ -107,11 +116,12 @@ class Watcher:
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
-        self.reload_retry = Retry(options.reload_retry_first, options.reload_retry_cap)
+        self.retry = Retry(options.retry_first, options.retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
         self.next_resync = 0.0
+        self.next_caddy_check = 0.0
         self.cycles = 0
 
     # ---- inputs (any thread) ----
@@ -160,8 +170,9 @@ class Watcher:
         deadlines = [
             self.debounce.deadline(),
             self.link.retry.at,
-            self.reload_retry.at,
+            self.retry.at,
             self.next_resync if self.link.connected else None,
+            self.next_caddy_check if self.model is not None else None,
             self.drains.deadline(),
             *self.polls.deadlines(),
         ]
@@ -203,6 +214,7 @@ class Watcher:
         self.cache.want(trigger)
         now = self.clock()
         self.debounce.note(now)
+        self.observer.noted(trigger, now)
         if trigger.kind is Kind.RECONNECT:
             self.drains.clear()  # operation events were missed
         if trigger.full:
@@ -226,10 +238,15 @@ class Watcher:
         self._due_polls(now)
         for key in self.drains.expire(now):
             self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
-        if self.reload_retry.due(now):
-            self.reload_retry.take()
+        if self.retry.due(now):
+            self.retry.take()
             self.verify_caddy = True
-            self._want(Trigger(Kind.RELOAD_RETRY))
+            self._want(Trigger(Kind.RETRY))
+        if self.model is not None and now >= self.next_caddy_check:
+            self.next_caddy_check = now + self.options.caddy_check_interval
+            if not self.triggers:  # a cycle already due verifies through its own reload
+                self.verify_caddy = True
+                self._want(Trigger(Kind.CADDY_CHECK))
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
             self.debounce.fired(self.clock(), changed=self._cycle())
@@ -239,7 +256,9 @@ class Watcher:
         failure = self.link.open(self.settings, self.on_event, self.on_close, now)
         if failure is not None:
             self.log("incus", failure)
+            self.observer.disconnected(failure, now)
             return
+        self.observer.connected(now)
         self.next_resync = now + self.options.resync_interval
         if self.cache.instances is not None:
             self.log("incus", "reconnected to Incus; full resync")
@@ -251,6 +270,7 @@ class Watcher:
         if delay is None:
             return
         self.cache.missed_events()  # re-list everything once back
+        self.observer.disconnected(why, self.clock())
         self.log("incus", f"{why}; keeping the last good Caddyfile, reconnecting in {delay:.1f} s")
 
     def _due_polls(self, now: float) -> None:
@@ -349,6 +369,7 @@ class Watcher:
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
+            self.observer.cycle(None, triggers, {}, self.clock() - started, [], self.clock())
             return False
         self._poll_waiting(fetched)
         mode = RunMode(
@@ -360,7 +381,6 @@ class Watcher:
         report = pipeline.apply(
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
-        self.cycles += 1
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded
 
@@ -368,17 +388,27 @@ class Watcher:
         self, report: Report, triggers: list[Trigger], started: float, requests: int
     ) -> None:
         first = self.model is None
+        self.next_caddy_check = self.clock() + self.options.caddy_check_interval
         changes = site_changes(self.model, report.model) if report.model else {}
         if report.error is None or report.error == Status.RELOAD_FAILED:
             self.model = report.model  # the file now holds this model
-        if report.error == Status.RELOAD_FAILED:
-            self.reload_retry.schedule(self.clock())
+        if report.error in RETRIED:
+            # Nothing else may come to trigger the next try (the disk is writable again,
+            # Caddy is back): try again, with backoff.
+            self.retry.schedule(self.clock())
             self.verify_caddy = True
         elif report.error is None:
-            self.reload_retry.clear()
+            self.retry.clear()
             self.verify_caddy = False
         duration = self.clock() - started
+        quiet = all(t.kind is Kind.CADDY_CHECK for t in triggers) and not (
+            report.error or report.written or report.reloaded or report.warnings
+        )
+        if quiet:
+            return  # Caddy runs the current file: nothing to tell, every 10 s
+        self.cycles += 1
         self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
+        self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
 
     def _imported(self, path: Path) -> bool:
         """A file the Caddyfile imports (so Caddy reads it), not one only we read."""
@@ -389,6 +419,10 @@ class Watcher:
 
     def _reload_settings(self) -> None:
         try:
-            self.settings = self.load_settings()
+            settings = self.load_settings()
         except Exception as exc:  # a half-saved settings file: keep the settings we have
             self.log("warning", f"settings not reloaded, keeping the previous ones: {exc}")
+            return
+        if settings.policy != self.settings.policy:
+            self.cache.missed_events()  # events of newly included projects were not followed
+        self.settings = settings

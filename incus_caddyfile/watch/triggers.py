@@ -43,14 +43,17 @@ class Kind(Enum):
     RECONNECT = "reconnect"  # the event stream is back: events were missed
     FILE = "file"  # the template, settings, snippets or a site file changed
     ADDRESS = "address"  # an instance polled for got its address (or open port)
-    RELOAD_RETRY = "reload-retry"  # a failed reload is tried again
+    RETRY = "retry"  # a cycle that failed to write or reload runs again
+    CADDY_CHECK = "caddy-check"  # is Caddy still running the current file?
     OPERATION = "operation"  # Incus began (or ended) stopping, restarting or deleting one
     WARM = "warm"  # a drained instance that came back accepts connections (or timed out)
 
     @property
     def local(self) -> bool:
         """Re-render from the cache: nothing to fetch from Incus."""
-        return self in (Kind.FILE, Kind.ADDRESS, Kind.RELOAD_RETRY, Kind.OPERATION, Kind.WARM)
+        return self in (
+            Kind.FILE, Kind.ADDRESS, Kind.RETRY, Kind.CADDY_CHECK, Kind.OPERATION, Kind.WARM
+        )  # fmt: skip
 
 
 class Phase(Enum):

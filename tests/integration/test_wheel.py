@@ -30,6 +30,7 @@ def test_wheel_in_fresh_venv_renders(lab: Lab, tmp_path: Path) -> None:
     [wheel] = dist.glob("incus_caddyfile-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "incus_caddyfile/templates/Caddyfile.j2" in names
+    assert "incus_caddyfile/templates/status.html.j2" in names  # the status page
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
