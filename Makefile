@@ -41,6 +41,7 @@ lint: install
 bench: install lab
 	$(PY) bench/render.py
 	$(PY) bench/watch.py
+	$(PY) bench/traffic.py
 
 soak: install lab
 	$(PY) bench/soak.py

@@ -105,7 +105,7 @@ POLL_S = 0.010  # both latency pollers
 ROUND_TIMEOUT_S = 15.0  # each latency loop
 PROBE_TIMEOUT_S = 4.0  # one request through Caddy (its default upstream dial timeout is 3 s)
 MAX_PROBES_IN_FLIGHT = 64
-HOLD_S = 2.5  # watch's default debounce keeps reloads 2 s apart
+HOLD_S = 2.5  # watch's reload bucket gets a token back every 2 s (the debounce's MAX)
 SETTLE_TIMEOUT_S = 60.0
 CYCLE_TIMEOUT_S = 20.0
 START_TIMEOUT_S = 60.0
@@ -191,8 +191,10 @@ class Watch(WatchProcess):
     """`watch` rendering for this Caddy, with the waits this benchmark needs. Every trigger
     of this benchmark's own events contains `mark`."""
 
-    def __init__(self, output: Path, caddy: Caddy, mark: str, *extra: str) -> None:
-        super().__init__(output, *caddy.render_args, *extra)
+    def __init__(
+        self, output: Path, caddy: Caddy, mark: str, *extra: str | Path, code: Path = ROOT
+    ) -> None:
+        super().__init__(output, *caddy.render_args, *extra, code=code)
         self.mark = mark
 
     def tail(self) -> str:
@@ -251,7 +253,7 @@ def routed(text: str, hostname: str) -> bool:
 
 def start_watch(output: Path, caddy: Caddy, fleet: Fleet, *extra: str) -> Watch:
     """Start watch; return once its first cycle routed the whole fleet and it settled."""
-    watch = Watch(output, caddy, f"{PROJECT_PREFIX}{fleet.suffix}-p", *extra)
+    watch = Watch(output, caddy, mark(fleet), *extra)
     try:
         first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
         if first.get("error"):
@@ -699,16 +701,21 @@ def measure_noise(caddy: Caddy, watch: Watch, fleet: Fleet) -> dict[str, Any]:
     }
 
 
+def mark(fleet: Fleet) -> str:
+    """What every trigger of the fleet's own events contains: its projects' common part."""
+    return fleet.projects[0].rsplit("-p", 1)[0] + "-p"
+
+
 def others(cycles: Sequence[dict[str, Any]], fleet: Fleet) -> int:
     """Cycles with a trigger that is not an event of this benchmark's projects (another user
     of this Incus, or watch's own timer): a sign that a figure was disturbed."""
-    ours = f"{PROJECT_PREFIX}{fleet.suffix}-p"
+    ours = mark(fleet)
     return sum(1 for c in cycles if any(ours not in t for t in c.get("triggers") or []))
 
 
 def own(cycles: Sequence[dict[str, Any]], fleet: Fleet) -> list[dict[str, Any]]:
     """Cycles with at least one trigger from this benchmark's projects."""
-    ours = f"{PROJECT_PREFIX}{fleet.suffix}-p"
+    ours = mark(fleet)
     return [c for c in cycles if any(ours in t for t in c.get("triggers") or [])]
 
 

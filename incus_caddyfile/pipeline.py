@@ -370,9 +370,14 @@ def _load_then_write(
     try:
         target.caddy.load(report.text)
     except CaddyRejected as exc:
-        if not _without_refused_routes(
-            settings, instances, target.caddy, report, str(exc), draining
-        ):
+        reason = _refused_text(target.caddy, report.text, exc)
+        if reason is None:  # the text is fine; running it is not (a port in use ...)
+            return report.fail(
+                Status.CADDY_REJECTED,
+                f"Caddy rejected the new config and keeps running the old one, {report.target}"
+                f" kept as it was: {exc}",
+            )
+        if not _without_refused_routes(settings, instances, target.caddy, report, reason, draining):
             return report
         report.changed = output.compare(current, (report.text or "").encode())
         if report.changed is Changed.NO:
@@ -400,6 +405,18 @@ def _load_then_write(
     if note:
         report.warnings.append(note)
     return report
+
+
+def _refused_text(caddy: Caddy, text: str, refusal: CaddyRejected) -> str | None:
+    """Caddy refused to load the text: is it the text (then Caddy's reason, for finding the
+    routes that cause it) or only running it? (None: the text adapts; a failure path only.)"""
+    try:
+        caddy.check(text)
+    except CaddyRejected as exc:
+        return str(exc)
+    except CaddyError:
+        return str(refusal)
+    return None
 
 
 def _unload(target: Target, previous: bytes | None, report: Report) -> None:

@@ -6,6 +6,11 @@
  *   GET /            200 "hello from NAME port PORT (icf_server)\n", keep-alive
  *   GET /sleep/MS    the same after MS milliseconds (at most 10000): a request in flight
  *   GET / with Upgrade: websocket    a websocket that echoes every text or binary message
+ * Or:   icf_server --port-open PORT FILE
+ *   connects to 127.0.0.1:PORT every 0.5 ms (at most 60 s) and writes the wall-clock time
+ *   of the first accepted connection to FILE ("SECONDS.NANOSECONDS"): when a service inside
+ *   the instance started to accept, measured without any packet from outside (the host's
+ *   clock is the instance's).
  *
  * Shutdown is graceful, as a real service's: on SIGTERM the listening socket is closed at
  * once (new connections are refused), a request in flight is finished and answered with
@@ -214,7 +219,29 @@ static void serve(int fd) {
     }
 }
 
+static int port_open(int p, const char *file) {
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)p)};
+    addr.sin_addr.s_addr = htonl(0x7f000001);
+    for (int i = 0; i < 120000; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        int ok = fd >= 0 && connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0;
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        if (fd >= 0) close(fd);
+        if (ok) {
+            FILE *out = fopen(file, "w");
+            if (!out) return 1;
+            fprintf(out, "%ld.%09ld\n", (long)now.tv_sec, now.tv_nsec);
+            return fclose(out) == 0 ? 0 : 1;
+        }
+        struct timespec half = {0, 500000L};
+        nanosleep(&half, NULL);
+    }
+    return 1;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "--port-open") == 0) return port_open(atoi(argv[2]), argv[3]);
     if (argc > 1) port = atoi(argv[1]);
     if (argc > 2) name = argv[2];
     struct sigaction sa = {0};

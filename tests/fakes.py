@@ -47,6 +47,7 @@ class FakeCaddy:
     rejects: str | None = None  # a substring: texts containing it are rejected
     reachable: bool = True
     load_fails: bool = False  # reachable, but the load fails (not a rejection)
+    load_rejects: str | None = None  # only load() refuses texts with it (a port in use ...)
     says_running: bool = True  # False: answers running() with None, like a reload command
     load_checks: bool = False  # True: load() is the check too, like the admin API's /load
     loaded: str | None = None
@@ -73,6 +74,8 @@ class FakeCaddy:
             raise CaddyRejected(f"rejected because of {self.rejects!r}")
         if self.load_fails:
             raise CaddyError("load failed")
+        if self.load_rejects is not None and self.load_rejects in text:
+            raise CaddyRejected(f"loading new config: {self.load_rejects} in use")
         self.loaded = text
         self.loads += 1
 

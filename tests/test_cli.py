@@ -152,6 +152,7 @@ def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_pat
                 L + "matchers.path": "/api",
                 L + "upstream.scheme": "h2c",
                 L + "upstream.lb_policy": "first",
+                L + "upstream.stream_close_delay": "1h",
             },
         ),
         inst("all", host="*.example.org", address="198.18.0.12"),
@@ -164,6 +165,9 @@ def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_pat
         "{% for s in w.sites %}{% for r in s.routes %}{{ s.host }}{{ r.path }} {{ r.matcher }}"
         " {{ r.urls|join(',') }} {{ r.upstreams[0].scheme }} {{ r.upstreams[0].url }}"
         " {{ r.options.lb_policy }} {{ r.options.block }} {{ r.fallback }}"
+        " {{ r.options.stream_close_delay }} {{ r.tuning.stream_close_delay }}"
+        " {{ r.tuning.lb_try_duration }} {{ r.tuning.lb_retries }} {{ r.tuning.dial_timeout }}"
+        " {{ r.tuning.fail_duration }} {{ r.tuning.any }} {{ r.block }}"
         " {{ r.instances|join(',') }}{% endfor %}{% endfor %}"
         " {{ w.catch_all.host }}{% endfor %}|"
         "{{ options.any }} {{ options.lines|join(';') }} {{ options.extra|join(';') }}"
@@ -188,7 +192,8 @@ def test_own_template_gets_the_documented_context(fleet: list[Instance], tmp_pat
     assert out == (
         "web.example.net 198.18.0.10:80 default/web 198.18.0.10:80 True @web_example_net|"
         "*.example.org:a.example.org/api @path_api h2c://198.18.0.11:80 h2c"
-        " h2c://198.18.0.11:80 first True False default/api *.example.org|"
+        " h2c://198.18.0.11:80 first True False 1h 1h None 3 1s None True True"
+        " default/api *.example.org|"
         "True servers {;\tprotocols h1;} servers {;protocols h1;} http://|None|None"
         "|incus-caddyfile\n"
     )

@@ -327,3 +327,12 @@ def test_without_reload_the_admin_api_only_checks() -> None:
     target, _file, caddy = fake_target(load_checks=True)
     report = apply(Settings(scheme="http", reload=False), FLEET, target)
     assert report.written and caddy.calls == ["check"]
+
+
+def test_a_load_refused_for_running_it_not_its_text_keeps_everything_as_it_was() -> None:
+    """/load fails though the text adapts (its port is taken): no bisection, no write."""
+    target, file, caddy = fake_target(b"old\n", load_checks=True, load_rejects="# Generated")
+    report = apply(SETTINGS, FLEET, target)
+    assert caddy.calls == ["load", "check"] and file.writes == 0 and file.data == b"old\n"
+    assert report.return_code() == Status.CADDY_REJECTED
+    assert "keeps running the old one" in report.message and "in use" in report.message
