@@ -14,12 +14,13 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
+
+from .unixhttp import UnixConnection
 
 DEFAULT_ADMIN = "localhost:2019"
 TIMEOUT = 10.0
@@ -35,22 +36,6 @@ class CaddyRejected(CaddyError):
 
 class CaddyUnreachable(CaddyError):
     """No Caddy answered (admin endpoint down, or no executable to check with)."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -84,7 +69,7 @@ class AdminAPI:
         addr = self.address
         if addr.startswith("unix/"):
             path = addr[len("unix/") :].split("|", 1)[0]  # Caddy allows a |mode suffix
-            return _UnixConnection(path, self.timeout)
+            return UnixConnection(path, self.timeout)
         addr = addr.removeprefix("tcp/")
         host, _, port = addr.rpartition(":")
         host = host.strip("[]") or "localhost"

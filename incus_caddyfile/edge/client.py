@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 from ..doctor import Check
+from ..unixhttp import UnixConnection
 from .address import AddressError, parse
 
 __all__ = [
@@ -33,29 +33,13 @@ class Answer:
     body: str
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def get(url: str, path: str, token: str | None, timeout: float = TIMEOUT_S) -> Answer:
     """GET `path` of the watch at `url` (`http://HOST:PORT`, `HOST:PORT` or `unix//path`).
     Raises EdgeUnreachable (EdgeRefused on 401), AddressError for a bad URL."""
     address = parse(url, "--from")
     conn: http.client.HTTPConnection
     if address.path is not None:
-        conn = _UnixConnection(address.path, timeout)
+        conn = UnixConnection(address.path, timeout)
     else:
         conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
