@@ -8,7 +8,7 @@ from incus_caddyfile.labels import HTTP as L
 from incus_caddyfile.model import Instance, Site, Tuning, build
 from incus_caddyfile.render import render
 from incus_caddyfile.settings import Settings
-from incus_caddyfile.shape import GROUP_AT, layout, shape
+from incus_caddyfile.shape import GROUP_AT, GROUP_MAX, chunks, layout, shape
 
 from .helpers import inst
 
@@ -124,3 +124,25 @@ def test_the_rendered_group_lists_every_host_once_in_matcher_and_map() -> None:
         assert text.count(f"http://{host},") + text.count(f"http://{host} {{") == 1
         assert text.count(f"\t\t{host} ") == 1
     assert text.count("reverse_proxy") == 1
+
+
+def test_a_large_fleet_is_split_into_even_groups_in_host_order() -> None:
+    sites = sites_of(alike(2 * GROUP_MAX + 3))
+    out = layout(sites)
+    sizes = [len(g.sites) for g in out.groups]
+    assert len(sizes) == 3 and max(sizes) - min(sizes) <= 1 and max(sizes) <= GROUP_MAX
+    hosts = [h for g in out.groups for h in g.hosts]
+    assert hosts == sorted(s.host for s in sites)
+    assert [g.number for g in out.groups] == [1, 2, 3]
+
+
+def test_chunks_are_even_and_never_larger_than_asked() -> None:
+    for count in range(1, 60):
+        for most in range(1, 12):
+            items = list(range(count))
+            parts = chunks(items, most)
+            sizes = [len(p) for p in parts]
+            assert sum(sizes) == count and max(sizes) <= most
+            assert max(sizes) - min(sizes) <= 1
+            assert len(parts) == -(-count // most)
+            assert [s for p in parts for s in p] == items
