@@ -79,6 +79,10 @@ class Namespace:
 
     def __enter__(self) -> Namespace:
         ip = self.ip
+        taken = subprocess.run(["ip", "route", "show", UPSTREAMS], capture_output=True, text=True)
+        if taken.stdout.strip():
+            raise SystemExit(f"{UPSTREAMS} is routed already ({taken.stdout.strip()}):"
+                             " does another bench/routing.py run?")  # fmt: skip
         ip("netns", "add", self.name)
         try:
             ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.name)
