@@ -213,7 +213,9 @@ ONE_SITE = Config("one site", 1, "per-host", False)
 
 
 def configs(sizes: Sequence[int]) -> list[Config]:
-    out = [ONE_SITE]  # against itself: shows what the pairing's noise is
+    # the one-site config against itself shows the pairing's noise; one host under a
+    # wildcard shows what the wildcard site itself costs (its pattern matcher, one more level)
+    out = [ONE_SITE, Config("one host, wildcard", 1, "per-host", True)]
     for size in sizes:
         for layout in LAYOUTS:
             for wildcard in (False, True):
