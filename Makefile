@@ -42,6 +42,7 @@ bench: install lab
 	$(PY) bench/render.py
 	$(PY) bench/watch.py
 	$(PY) bench/traffic.py
+	$(PY) bench/routing.py
 
 soak: install lab
 	$(PY) bench/soak.py

@@ -66,7 +66,7 @@ from fleet import (
 from incus_caddyfile import model, pipeline, render
 from incus_caddyfile.incus import connect
 from incus_caddyfile.settings import Settings, default_incus_socket
-from tests.harness import p95
+from tests.harness import p95, routed
 
 PROJECT_PREFIX = "icfb-"
 TARGET_RATIO = 0.6
@@ -151,7 +151,7 @@ def check_bench_sites(fleet_model: model.Model, fleet: Fleet, what: str) -> None
 
 
 def check_texts(text: str, fleet: Fleet, what: str) -> None:
-    missing = [h for h in fleet.hosts() if f"\nhttp://{h} {{\n" not in text]
+    missing = [h for h in fleet.hosts() if not routed(text, h)]
     if missing:
         raise BenchError(
             f"{what}: {len(missing)} bench sites missing from the text, e.g. {missing[0]}"

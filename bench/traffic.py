@@ -94,7 +94,6 @@ from watch import (
     measure_burst,
     measure_noise,
     project_client,
-    routed,
     set_state,
     start_caddy,
     stats_ms,
@@ -118,6 +117,8 @@ from tests.harness import (
     install_icf_server,
     labels,
     launch,
+    proxied_routes,
+    routed,
     wait_for,
 )
 
@@ -455,7 +456,7 @@ def caddy_work(caddy: Caddy, texts: tuple[str, str], watch_log: list[dict[str, A
         "adapt_then_load_ms": round(statistics.median(two) * 1000, 1),
         "watch_changes": changes,
         "watch_posts": {"/load": posts.count("/load"), "/adapt": posts.count("/adapt")},
-        "sites": texts[0].count("reverse_proxy"),
+        "sites": proxied_routes(texts[0]),
     }
 
 

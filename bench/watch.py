@@ -97,7 +97,7 @@ from incus_caddyfile.caddy import find_caddy
 from incus_caddyfile.incus import EventSource, IncusError, PylxdApi
 from incus_caddyfile.labels import KEY_PORT
 from incus_caddyfile.settings import default_incus_socket
-from tests.harness import ROOT, Caddy, WatchProcess, p95, wait_for
+from tests.harness import ROOT, Caddy, WatchProcess, p95, routed, wait_for
 
 RESULTS = ROOT / "bench" / "results" / "watch.json"
 PROJECT_PREFIX = "icfw-"
@@ -240,15 +240,6 @@ class Watch(WatchProcess):
 
         if not wait_for(quiet_enough, timeout, 0.05):
             raise BenchError(f"watch did not settle within {timeout:.0f} s:\n{self.tail()}")
-
-
-def routed(text: str, hostname: str) -> bool:
-    """The file has a site for this host that proxies somewhere."""
-    start = text.find(f"\nhttp://{hostname} {{\n")
-    if start < 0:
-        return False
-    end = text.find("\n}\n", start)
-    return "reverse_proxy " in text[start : end if end >= 0 else len(text)]
 
 
 def start_watch(output: Path, caddy: Caddy, fleet: Fleet, *extra: str) -> Watch:

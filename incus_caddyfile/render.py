@@ -16,6 +16,7 @@ import jinja2
 
 from .model import Model
 from .settings import Settings, block_depths
+from .shape import layout
 
 DEFAULT_TEMPLATE = "Caddyfile.j2"
 
@@ -77,7 +78,7 @@ def context(model: Model, settings: Settings) -> dict[str, Any]:
 
 
 def environment(template_dir: Path) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -85,6 +86,8 @@ def environment(template_dir: Path) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,  # the output is a Caddyfile, not HTML; values are allowlisted instead
     )
+    env.globals["layout"] = layout  # sites -> host groups and the rest (shape.py)
+    return env
 
 
 @functools.lru_cache(maxsize=1)

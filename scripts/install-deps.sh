@@ -36,5 +36,10 @@ if ! command -v chromium >/dev/null || ! command -v pebble >/dev/null || ! comma
   update
   apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core pebble openssl >/dev/null
 fi
+# bench/routing.py (make bench) loads Caddy with wrk.
+if ! command -v wrk >/dev/null; then
+  update
+  apt-get install -y -qq --no-install-recommends wrk >/dev/null
+fi
 incus --version
 chromium --version 2>/dev/null | head -1

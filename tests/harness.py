@@ -14,6 +14,7 @@ import http.client
 import json
 import math
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -223,6 +224,27 @@ def projects_named(prefix: str, run: Callable[..., str] = incus) -> list[str]:
     """The projects whose name starts with prefix."""
     data = json.loads(run("project", "list", "--format", "json"))
     return [p["name"] for p in data if p["name"].startswith(prefix)]
+
+
+# ---------------------------------------------------------------- generated Caddyfiles
+
+
+def routed(text: str, hostname: str) -> bool:
+    """The generated file proxies this host somewhere: a site of its own with a
+    reverse_proxy, or an entry in a host group's map (`\t\tHOST DIAL # PROJECT/NAME`)."""
+    if re.search(rf"^\t+{re.escape(hostname)} \S+ # ", text, re.MULTILINE):
+        return True
+    start = text.find(f"\nhttp://{hostname} {{\n")
+    if start < 0:
+        return False
+    end = text.find("\n}\n", start)
+    return "reverse_proxy " in text[start : end if end >= 0 else len(text)]
+
+
+def proxied_routes(text: str) -> int:
+    """How many routes the generated file proxies: a host group's map entries count one each."""
+    entries = len(re.findall(r"^\t+\S+ \S+ # ", text, re.MULTILINE))
+    return text.count("reverse_proxy ") - text.count("reverse_proxy {incus_upstream}") + entries
 
 
 # ---------------------------------------------------------------- Caddy

@@ -133,12 +133,43 @@ def test_mix_with_rejected_instances(snapshot: SnapshotAssertion) -> None:
     assert text(fleet) == snapshot
 
 
+def _alike(count: int, domain: str = "example.org") -> list[Instance]:
+    """`count` instances, one plain host each, in a shuffled order (the output sorts them)."""
+    order = sorted(range(count), key=lambda i: (i * 7) % count)
+    return [
+        inst(f"svc{i:02d}", host=f"svc{i:02d}.{domain}", address=f"198.18.2.{10 + i}")
+        for i in order
+    ]
+
+
+def test_many_alike_hosts_share_one_site(snapshot: SnapshotAssertion) -> None:
+    """Sixteen or more hosts alike: one site with a map; a pool, a host with a path, an
+    https upstream and a host with a different label count keep their own sites."""
+    fleet = [
+        *_alike(17),
+        inst("pool1", host="pool.example.org", address="198.18.3.1"),
+        inst("pool2", host="pool.example.org", address="198.18.3.2"),
+        inst("api", host="svc00.example.org", address="198.18.3.3",
+             **{L + "matchers.path": "/api"}),
+        inst("tls", host="tls.example.org", address="198.18.3.4", port="443",
+             **{L + "upstream.scheme": "https"}),
+        inst("deep", host="a.b.example.org", address="198.18.3.5"),
+    ]  # fmt: skip
+    assert text(fleet, scheme="http", global_options=("http_port 6565",)) == snapshot
+
+
+def test_many_alike_hosts_under_a_wildcard(snapshot: SnapshotAssertion) -> None:
+    fleet = [*_alike(17), inst("odd", host="odd.example.org", address="198.18.3.9",
+                               **{L + "upstream.health_uri": "/health"})]  # fmt: skip
+    assert text(fleet, wildcards=("*.example.org",)) == snapshot
+
+
 def _snapshot_files() -> list[Path]:
     return sorted(SNAPSHOT_DIR.glob("*.caddyfile"))
 
 
 def test_there_are_snapshots_to_check() -> None:
-    assert len(_snapshot_files()) >= 17
+    assert len(_snapshot_files()) >= 19
 
 
 @pytest.mark.caddy
