@@ -24,6 +24,7 @@ from .model import RouteRow
 from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
 from .render import TemplateError
 from .settings import (
+    DEFAULT_INCUS_TIMEOUT,
     DEFAULT_RELOAD_BURST,
     ENV_PREFIX,
     FILE_KEYS,
@@ -133,6 +134,16 @@ SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
         envvar=_env("INCUS_SERVER_CERT"),
         metavar="FILE",
         help="Pin the remote Incus server's certificate (e.g. its server.crt).",
+    ),
+    option(
+        "--incus-timeout",
+        type=click.FloatRange(0, 3600, min_open=True),
+        default=DEFAULT_INCUS_TIMEOUT,
+        show_default=True,
+        envvar=_env("INCUS_TIMEOUT"),
+        metavar="SECONDS",
+        help="How long one Incus request may take (connecting, and waiting for each answer)"
+        " before it fails, naming the request; e.g. a cluster member cut off.",
     ),
 ]
 RENDER_OPTIONS: list[Callable[[Any], Any]] = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..incus import IncusApi
-from ..model import Instance
+from ..model import Instance, with_last_known
 from .triggers import Trigger
 
 Key = tuple[str, str]  # (project, instance)
@@ -14,7 +14,8 @@ Key = tuple[str, str]  # (project, instance)
 class InstanceCache:
     """A full listing once, then single instances refreshed as their events come; a full
     listing again whenever events may have been missed (start, reconnect, profile changes,
-    the periodic resync). Until the first listing worked, `instances` is None."""
+    the periodic resync). Until the first listing worked, `instances` is None. An instance
+    that turns unknown (its cluster member unreachable) keeps the addresses it had here."""
 
     def __init__(
         self,
@@ -44,7 +45,10 @@ class InstanceCache:
         """Fetch what is wanted; the instances fetched. Raises IncusError (then nothing in
         the cache changed, and what was wanted still is)."""
         if self.full or self.instances is None:
-            listing = self.collect(api)
+            known = self.instances or {}
+            listing = [
+                with_last_known(i, known.get((i.project, i.name))) for i in self.collect(api)
+            ]
             self.instances = {(i.project, i.name): i for i in listing}
             self.full = False
             self.dirty.clear()
@@ -53,7 +57,7 @@ class InstanceCache:
         for key, update in updates.items():
             self.put(key, update)
         self.dirty.clear()
-        return [u for u in updates.values() if u is not None]
+        return [inst for key in updates if (inst := self.get(key)) is not None]
 
     def get(self, key: Key) -> Instance | None:
         return (self.instances or {}).get(key)
@@ -65,7 +69,7 @@ class InstanceCache:
         if inst is None:
             self.instances.pop(key, None)
         else:
-            self.instances[key] = inst
+            self.instances[key] = with_last_known(inst, self.instances.get(key))
 
     def listing(self) -> list[Instance]:
         return list((self.instances or {}).values())

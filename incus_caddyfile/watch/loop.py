@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
-from ..inventory import Bounds
+from ..inventory import Bounds, LeaseOutage
 from ..model import (
     Instance,
     Model,
@@ -111,8 +111,13 @@ class Watcher:
         self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
+        self.outage = LeaseOutage()  # leases calls failing (a cluster member down)
+        self.notes: list[str] = []  # what this cycle's refresh had to do without
         self.cache = InstanceCache(
-            pipeline.collect, lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds)
+            lambda api: pipeline.collect(api, notes=self.notes, outage=self.outage),
+            lambda api, p, n: pipeline.fetch(
+                api, p, n, bounds=self.bounds, notes=self.notes, outage=self.outage
+            ),
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
@@ -306,7 +311,10 @@ class Watcher:
         if known and (warming or needs_own_address(known)) and any(n.interface for n in known.nics):
             inst = pipeline.own_addresses(client, known, self.bounds)
         else:
-            inst = pipeline.fetch(client, *key, own=warming, bounds=self.bounds)
+            inst = pipeline.fetch(
+                client, *key, own=warming, bounds=self.bounds, notes=self.notes,
+                outage=self.outage,
+            )  # fmt: skip
         self.cache.put(key, inst)
         if inst is None or not wants_address(inst):
             return self._reached(key, inst)  # gone or down: nothing to wait for
@@ -365,7 +373,7 @@ class Watcher:
         started = self.clock()
         requests_before = client.requests
         try:
-            fetched = self.cache.refresh(client)
+            fetched = self.cache.refresh(client)  # (adds to self.notes)
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
@@ -381,6 +389,7 @@ class Watcher:
         report = pipeline.apply(
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
+        report.warnings[:0], self.notes[:] = self.notes, []
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded
 
