@@ -660,6 +660,14 @@ ROUTES_EPILOG = (
 
 @main.command(epilog=ROUTES_EPILOG)
 @view_options
+@option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("OUTPUT"),
+    help="The file render writes: an instance whose cluster member is unreachable is shown"
+    " with the route it last had, as kept beside that file.",
+)
 @option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
 @from_options
 def routes(

@@ -3,8 +3,9 @@
 An instance whose cluster member is unreachable lists as status Error, without addresses,
 while its containers keep serving; the model then keeps the route it last had
 (`model.with_last_known`). `watch` knows that route from its cache; `render` runs once, so
-it keeps the addresses of the instances that could be routed in `.NAME.state.json` beside
-the output NAME, replaced atomically right after the output (and only when they changed).
+it keeps the labels, creation times and addresses of the instances that could be routed in
+`.NAME.state.json` beside the output NAME, replaced atomically right after the output (and
+only when they changed).
 
 The file is a cache, never a source of routes by itself: it is read only for an instance in
 Error, and a missing, unreadable or corrupt file, or one written for another output (copied
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import output
-from .model import Instance, Nic, is_unknown, keeps_route, with_last_known
+from .model import PREFIX, Instance, Nic, is_unknown, keeps_route, with_last_known
 from .output import OutputError
 
 VERSION = 1
@@ -37,13 +38,15 @@ def _owner(path: Path) -> str:
 
 
 def encode(path: Path, instances: Iterable[Instance]) -> bytes:
-    """The addresses of the labelled instances that are up (or unknown, with the addresses
-    they last had), sorted: equal fleets give equal bytes, so an unchanged state is not
-    written again."""
+    """The labels, creation time and addresses of the labelled instances that are up (or
+    unknown, with what they last had), sorted: equal fleets give equal bytes, so an
+    unchanged state is not written again."""
     known: dict[str, Any] = {}
     for inst in sorted(instances, key=lambda i: (i.project, i.name)):
         if inst.labels and keeps_route(inst) and any(n.addresses for n in inst.nics):
             known[f"{inst.project}/{inst.name}"] = {
+                "config": dict(inst.labels),
+                "created_at": inst.created_at,
                 "nics": [
                     {"name": n.name, "addresses": list(n.addresses), "network": n.network,
                      "interface": n.interface}
@@ -88,10 +91,15 @@ def decode(path: Path, data: bytes) -> Known:
         for key, entry in dict(doc["instances"]).items():
             project, _, name = str(key).partition("/")
             ready = entry.get("ready")
-            nics = tuple(_nic(n) for n in entry["nics"])
+            config = dict(entry["config"])
+            if not all(isinstance(v, str) for v in config.values()):
+                raise ValueError("label values must be strings")
             known[(project, name)] = Instance(
-                project, name, nics=nics, ready=ready if isinstance(ready, bool) else None
-            )
+                project, name, created_at=str(entry.get("created_at") or ""),
+                config={str(k): v for k, v in config.items() if str(k).startswith(PREFIX)},
+                nics=tuple(_nic(n) for n in entry["nics"]),
+                ready=ready if isinstance(ready, bool) else None,
+            )  # fmt: skip
         return Known(known)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return Known(problem=f"{where} is not a state this tool wrote ({exc}); ignored")
@@ -110,7 +118,7 @@ def load(path: Path) -> Known:
 def recall(path: Path, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
     """The instances, those in Error without addresses given the ones they last had (the
     file is read only when there is such an instance); and warnings."""
-    lost = [i for i in instances if is_unknown(i) and not i.nics and i.labels]
+    lost = [i for i in instances if is_unknown(i) and not i.nics]
     if not lost:
         return instances, []
     known = load(path)

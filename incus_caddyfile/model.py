@@ -228,7 +228,8 @@ class Skip:
     excluded: bool = False
 
     def __str__(self) -> str:
-        return f"skipped {self.project}/{self.instance}: {self.reason}"
+        verb = "kept" if self.reason == LAST_ROUTE_KEPT else "skipped"
+        return f"{verb} {self.project}/{self.instance}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -284,12 +285,23 @@ def keeps_route(inst: Instance) -> bool:
 
 
 def with_last_known(inst: Instance, previous: Instance | None) -> Instance:
-    """An unknown instance, listed without addresses (Incus cannot ask its member), with
-    those it had when last seen up (or unknown with them), and whether its port accepted;
-    any other instance as it is."""
-    if not is_unknown(inst) or inst.nics or previous is None or not keeps_route(previous):
+    """An unknown instance is listed with its name, status and member only (Incus cannot
+    ask its member: no config, no addresses, a zero creation time). It takes its labels,
+    creation time (its claim order), addresses and readiness from `previous`, as it was when
+    last seen up (or unknown with them). Any other instance is returned as it is."""
+    if not is_unknown(inst) or previous is None or not keeps_route(previous):
         return inst
-    return dataclasses.replace(inst, nics=previous.nics, ready=previous.ready)
+    return dataclasses.replace(
+        inst,
+        config=inst.config or previous.config,
+        created_at=inst.created_at if _known_time(inst.created_at) else previous.created_at,
+        nics=inst.nics or previous.nics,
+        ready=inst.ready if inst.nics else previous.ready,
+    )
+
+
+def _known_time(timestamp: str) -> bool:
+    return bool(timestamp) and not timestamp.startswith("0001-01-01")
 
 
 def wants_address(inst: Instance) -> bool:

@@ -23,7 +23,7 @@ from incus_caddyfile.settings import Settings, SettingsError, load_file
 from .fake_incus import FakeIncus
 from .fakes import fake_target
 from .helpers import inst
-from .test_watch_loop import Loop
+from .test_watch_loop import Loop, ports_answer  # noqa: F401  (autouse: no real dials)
 
 
 @pytest.fixture
@@ -207,13 +207,18 @@ def test_watch_keeps_the_last_route_of_an_unknown_instance_and_applies_the_rest(
     assert any("addresses from each instance's state" in line for line in loop.cycle_lines) or (
         "addresses from each instance's state" in loop.log.getvalue()
     )
-    # the member is back: everything converges, no restart
+    # the member is back (no event says so): the unknown instance is listed again every
+    # 10 s until it is known, and everything converges without a restart
     loop.incus.set_status("icfrec-a", "rec-web", "Running")
     loop.incus.fail_on = set()
-    loop.emit("icfrec-a", "rec-web", "instance-updated")
-    loop.run_for(0.5)
-    assert "198.18.77.166:80" in loop.text
-    assert loop.watcher.cache.get(("icfrec-a", "rec-web")).status == "Running"  # type: ignore[union-attr]
+    loop.run_for(10.5, step=0.05)
+    back = loop.watcher.cache.get(("icfrec-a", "rec-web"))
+    assert back is not None and back.status == "Running" and "198.18.77.166:80" in loop.text
+    assert "timer unknown instances" in loop.log.getvalue()
+    assert not loop.watcher.unknowns
+    cycles = loop.watcher.cycles
+    loop.run_for(10.5, step=0.05)
+    assert loop.watcher.cycles == cycles  # no more re-listing once nothing is unknown
 
 
 # ---- the timeout on every Incus request

@@ -31,6 +31,7 @@ from ..model import (
     Instance,
     Model,
     awaits_address,
+    is_unknown,
     needs_own_address,
     pool_mates,
     reach_target,
@@ -65,6 +66,9 @@ class WatchOptions:
     # How often to ask Caddy whether it still runs the current file (a Caddy restarted with
     # another config sends no event); a render from the cache and one /adapt + GET /config.
     caddy_check_interval: float = 10.0
+    # While an instance is unknown (its cluster member unreachable: no event says when it is
+    # back), list everything again this often, so that its return is seen.
+    unknown_recheck: float = 10.0
     log_format: str = "text"
 
 
@@ -127,6 +131,8 @@ class Watcher:
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
         self.next_resync = 0.0
         self.next_caddy_check = 0.0
+        self.next_unknown_check = 0.0
+        self.unknowns = False  # the cache holds instances in Error (see _recheck_unknown)
         self.cycles = 0
 
     # ---- inputs (any thread) ----
@@ -179,6 +185,7 @@ class Watcher:
             self.next_resync if self.link.connected else None,
             self.next_caddy_check if self.model is not None else None,
             self.drains.deadline(),
+            self.next_unknown_check if self.unknowns and self.link.connected else None,
             *self.polls.deadlines(),
         ]
         return min((d for d in deadlines if d is not None), default=None)
@@ -240,6 +247,7 @@ class Watcher:
             if self.cache.instances is not None:  # the first listing is the start cycle's own
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
+        self._recheck_unknown(now)
         self._due_polls(now)
         for key in self.drains.expire(now):
             self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
@@ -255,6 +263,13 @@ class Watcher:
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
             self.debounce.fired(self.clock(), changed=self._cycle())
+
+    def _recheck_unknown(self, now: float) -> None:
+        """Instances Incus could not tell about (status Error, keeping their last route):
+        a full listing every `unknown_recheck` seconds until they are known again."""
+        if self.unknowns and self.link.connected and now >= self.next_unknown_check:
+            self.next_unknown_check = now + self.options.unknown_recheck
+            self._want(Trigger(Kind.TIMER, detail="unknown instances"))
 
     # ---- Incus ----
     def _reconnect(self, now: float) -> None:
@@ -398,6 +413,10 @@ class Watcher:
     ) -> None:
         first = self.model is None
         self.next_caddy_check = self.clock() + self.options.caddy_check_interval
+        unknowns = any(is_unknown(i) for i in self.cache.listing())
+        if unknowns and not self.unknowns:
+            self.next_unknown_check = self.clock() + self.options.unknown_recheck
+        self.unknowns = unknowns
         changes = site_changes(self.model, report.model) if report.model else {}
         if report.error is None or report.error == Status.RELOAD_FAILED:
             self.model = report.model  # the file now holds this model
