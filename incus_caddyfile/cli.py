@@ -661,16 +661,18 @@ ROUTES_EPILOG = (
 @main.command(epilog=ROUTES_EPILOG)
 @view_options
 @option(
-    "--output",
-    "-o",
+    "--state-of",
+    "state_of",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar=_env("OUTPUT"),
-    help="The file render writes: an instance whose cluster member is unreachable is shown"
-    " with the route it last had, as kept beside that file.",
+    metavar="FILE",
+    help="The file render writes (nothing is written): an instance whose cluster member is"
+    " unreachable is shown with the route it last had, as render keeps it beside that file.",
 )
 @option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
 @from_options
 def routes(
+    state_of: Path | None,
     as_json: bool,
     from_url: str | None,
     listen_token: str | None,
@@ -688,7 +690,7 @@ def routes(
         incus-caddyfile routes --json | jq '.[] | select(.state != "routed")'
         incus-caddyfile routes --from 127.0.0.1:9180
     """
-    settings = make_settings(**kwargs)
+    settings = make_settings(**kwargs, output=state_of)
     if from_url:
         _routes_from(from_url, _from_token(listen_token, listen_token_file), as_json)
         return
