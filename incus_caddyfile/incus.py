@@ -29,6 +29,11 @@ class IncusError(Exception):
     """Incus could not be reached or a request failed; nothing must be rendered from it."""
 
 
+class IncusTimeout(IncusError):
+    """A request got no answer in time (--incus-timeout) from an Incus that may still answer
+    others: a listing that waits for a cluster member cut off from the network."""
+
+
 def _check_socket(path: str) -> None:
     """Say plainly what is wrong with a local socket path (pylxd's message is about URLs)."""
     if not os.path.exists(path):
@@ -195,7 +200,7 @@ class PylxdApi:
                 return None
             raise IncusError(f"Incus request {path} failed: {exc}") from None
         except requests.Timeout:
-            raise IncusError(f"Incus {self._late(path)}") from None
+            raise IncusTimeout(f"Incus {self._late(path)}") from None
         except (pylxd_exc.LXDAPIException, requests.RequestException, OSError, ValueError) as exc:
             raise IncusError(f"Incus request {path} failed: {exc}") from None
 

@@ -22,7 +22,7 @@ from typing import Any
 from .incus import IncusApi, IncusError
 from .labels import PREFIX
 from .model import (
-    UNKNOWN_STATUSES,
+    UNKNOWN,
     Instance,
     Nic,
     missing_address,
@@ -125,7 +125,6 @@ def within(addresses: Iterable[str], subnets: list[IPNetwork], own: set[IPAddres
 
 
 Bounds = dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]]
-UNREACHABLE = sorted(UNKNOWN_STATUSES)[0]  # the status of an instance Incus cannot ask
 
 
 @dataclass
@@ -268,8 +267,8 @@ class Inventory:
     def _unreachable(self, inst: Instance, exc: IncusError) -> Instance:
         """Its state could not be had (its cluster member went down meanwhile): Incus cannot
         tell now, which is what the unknown status says; the model keeps its last route."""
-        self.notes.append(f"{inst.project}/{inst.name}: {exc}; taken as {UNREACHABLE} (unknown)")
-        return dataclasses.replace(inst, status=UNREACHABLE, nics=())
+        self.notes.append(f"{inst.project}/{inst.name}: {exc}; taken as {UNKNOWN} (unknown)")
+        return dataclasses.replace(inst, status=UNKNOWN, nics=())
 
     def _state_nics(
         self, inst: Instance, refs: list[NicRef], state: Mapping[str, Any] | None

@@ -49,7 +49,8 @@ ROUTABLE_STATUSES = frozenset({"Running", "Frozen", "Ready"})
 # instance keeps the route it last had: the addresses it had when last seen, which watch
 # keeps in its cache and render in a state file beside the output (`with_last_known`).
 # Without them it holds its hosts, unrouted.
-UNKNOWN_STATUSES = frozenset({"Error"})
+UNKNOWN = "Error"  # what the tool calls an instance Incus could not tell it about
+UNKNOWN_STATUSES = frozenset({UNKNOWN})
 LAST_ROUTE_KEPT = "unknown: member unreachable, last known route kept"
 
 

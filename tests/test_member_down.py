@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from incus_caddyfile import lastknown, pipeline
-from incus_caddyfile.incus import IncusError, PylxdApi
+from incus_caddyfile.incus import IncusError, IncusTimeout, PylxdApi
 from incus_caddyfile.inventory import Inventory, LeaseOutage
 from incus_caddyfile.model import LAST_ROUTE_KEPT, Instance, build, explain, with_last_known
 from incus_caddyfile.settings import Settings, SettingsError, load_file
@@ -258,3 +258,32 @@ def test_incus_timeout_is_a_checked_setting(tmp_path: Path) -> None:
     config.write_text("incus-timeout = 2.5\n")
     assert load_file(config)["incus_timeout"] == 2.5
     assert os.environ.get("INCUS_CADDYFILE_INCUS_TIMEOUT") is None  # (the CLI reads it)
+
+
+def test_a_listing_that_times_out_does_not_hold_back_single_instance_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member cut off from the network: Incus holds every full listing (20 s in the lab)
+    while single instances of the other members answer at once."""
+    loop = Loop()
+    loop.run_for(0.1)
+    listing = loop.incus.list_instances
+
+    def held(*_args: object) -> list[dict[str, Any]]:
+        raise IncusTimeout("Incus request GET /1.0/instances got no answer within 5 s")
+
+    monkeypatch.setattr(loop.incus, "list_instances", held)
+    loop.watcher.hup()  # a full listing is due
+    loop.run_for(0.3)
+    assert loop.watcher.link.connected  # not a lost Incus: no reconnect
+    assert "tried again in 5 s" in loop.log.getvalue()
+    loop.incus.set_status("icfrec-a", "rec-alt", "Stopped")
+    loop.emit("icfrec-a", "rec-alt", "instance-stopped")
+    loop.run_for(0.3)
+    assert "alt.example.test" not in loop.text  # applied at once, the listing still owed
+    assert "a.example.test" in loop.text
+    loop.run_for(5.0, step=0.05)
+    assert "tried again in 10 s" in loop.log.getvalue()  # retried, with backoff
+    monkeypatch.setattr(loop.incus, "list_instances", listing)
+    loop.run_for(10.5, step=0.05)
+    assert loop.watcher.listing_retry.at is None and not loop.watcher.cache.full

@@ -69,6 +69,8 @@ class WatchOptions:
     # While an instance is unknown (its cluster member unreachable: no event says when it is
     # back), list everything again this often, so that its return is seen.
     unknown_recheck: float = 10.0
+    listing_retry_first: float = 5.0
+    listing_retry_cap: float = 30.0
     log_format: str = "text"
 
 
@@ -126,6 +128,9 @@ class Watcher:
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
         self.retry = Retry(options.retry_first, options.retry_cap)
+        # A full listing that timed out is tried again after 5, 10, 20, 30 s; meanwhile
+        # cycles refresh the instances with events on their own.
+        self.listing_retry = Retry(options.listing_retry_first, options.listing_retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
@@ -182,6 +187,7 @@ class Watcher:
             self.debounce.deadline(),
             self.link.retry.at,
             self.retry.at,
+            self.listing_retry.at,
             self.next_resync if self.link.connected else None,
             self.next_caddy_check if self.model is not None else None,
             self.drains.deadline(),
@@ -248,6 +254,9 @@ class Watcher:
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
         self._recheck_unknown(now)
+        if self.listing_retry.due(now):
+            self.listing_retry.take()
+            self._want(Trigger(Kind.TIMER, detail="listing retry"))
         self._due_polls(now)
         for key in self.drains.expire(now):
             self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
@@ -388,7 +397,9 @@ class Watcher:
         started = self.clock()
         requests_before = client.requests
         try:
-            fetched = self.cache.refresh(client)  # (adds to self.notes)
+            # (adds to self.notes) A full listing that timed out waits for its retry.
+            fetched = self.cache.refresh(client, full_due=self.listing_retry.at is None)
+            self._late_listing()
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
@@ -437,6 +448,19 @@ class Watcher:
         self.cycles += 1
         self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
         self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
+
+    def _late_listing(self) -> None:
+        """Say what the refresh had to do without: a full listing that timed out (retried
+        with backoff, the cached instances rendered meanwhile), instances unanswered."""
+        self.notes.extend(self.cache.unanswered)
+        if self.cache.late is not None:
+            delay = self.listing_retry.schedule(self.clock())
+            self.notes.append(
+                f"{self.cache.late}: rendered from the instances known, those with events"
+                f" refreshed on their own; the full listing is tried again in {delay:.0f} s"
+            )
+        elif not self.cache.full:
+            self.listing_retry.clear()
 
     def _imported(self, path: Path) -> bool:
         """A file the Caddyfile imports (so Caddy reads it), not one only we read."""
