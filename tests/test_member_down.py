@@ -277,6 +277,7 @@ def test_a_listing_that_times_out_does_not_hold_back_single_instance_changes(
     loop.run_for(0.3)
     assert loop.watcher.link.connected  # not a lost Incus: no reconnect
     assert "tried again in 5 s" in loop.log.getvalue()
+    assert not loop.watcher.outage.open(loop.clock())  # leases wait for every member too
     loop.incus.set_status("icfrec-a", "rec-alt", "Stopped")
     loop.emit("icfrec-a", "rec-alt", "instance-stopped")
     loop.run_for(0.3)

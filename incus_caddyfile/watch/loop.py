@@ -454,6 +454,8 @@ class Watcher:
         with backoff, the cached instances rendered meanwhile), instances unanswered."""
         self.notes.extend(self.cache.unanswered)
         if self.cache.late is not None:
+            # Leases, like the listing, are gathered from every member: they wait too.
+            self.outage.failed(self.clock())
             delay = self.listing_retry.schedule(self.clock())
             self.notes.append(
                 f"{self.cache.late}: rendered from the instances known, those with events"

@@ -287,6 +287,58 @@ def test_a_dead_member_keeps_its_routes_and_the_others_changes_are_applied(
     cluster.set_host(healthy, f"{healthy}.localhost")
 
 
+def test_a_member_cut_off_does_not_stall_watch(
+    cluster: Cluster,
+    fleet: dict[int, str],
+    caddy: Caddy,
+    start_watch: Callable[..., WatchProcess],
+    member_back: Callable[[int], None],
+    tmp_path: Path,
+) -> None:
+    """Its link down: Incus holds every full listing ~20 s while it waits for the member;
+    watch gives up on it after --incus-timeout (5 s) and applies other changes meanwhile."""
+    watch = watch_on(start_watch, tmp_path / "Caddyfile", caddy, cluster)
+    cut, healthy = fleet[3], fleet[2]
+    for name in fleet.values():
+        assert serves(caddy, name)
+    member_back(3)
+    cluster.member("cut", 3)
+    seen = len(watch.cycles())
+    watch.signal(signal.SIGHUP)  # a full listing, which Incus holds up
+    index = watch.wait_cycle(lambda c: "signal" in c["triggers"], seen, timeout=30)
+    held = watch.cycles()[index]
+    assert held["error"] is None and 4500 < held["duration_ms"] < 8000, held
+    print(f"watch cycle whose full listing timed out (m3 cut off): {held['duration_ms']} ms")
+    watch.wait_log("got no answer within 5 s (--incus-timeout)")
+    assert f"{cut}.localhost" in watch.routes()  # its route is kept
+
+    started = time.monotonic()
+    cluster.set_host(healthy, f"cut-{healthy}.localhost")
+    assert serves(caddy, healthy, f"cut-{healthy}.localhost", timeout=30)
+    applied = time.monotonic() - started
+    print(f"a change on m2 applied {applied:.1f} s after it was made, m3 cut off")
+    print("\n".join(f"{c['triggers']} {c['duration_ms']} ms" for c in watch.cycles()[seen:]))
+    assert applied < 5  # not after the listing Incus holds (20 s), nor its 5 s timeout
+
+    once = time.monotonic()
+    result = run_cli("render", "--incus", cluster.socket(1), *caddy.render_args)
+    took = time.monotonic() - once
+    print(f"render with m3 cut off: exit {result.returncode} in {took:.1f} s")
+    assert took < 15 and result.returncode in (0, 4), result.stderr
+    if result.returncode == 4:  # the listing itself was held: named, and nothing written
+        assert "got no answer within 5 s (--incus-timeout)" in result.stderr
+    cycles = [c["duration_ms"] for c in watch.cycles()[seen:]]
+    print(f"watch cycles while cut off: {len(cycles)}, longest {max(cycles)} ms")
+
+    cluster.member("mend", 3)
+    back = time.monotonic()
+    cluster.set_host(cut, f"mended-{cut}.localhost")
+    assert serves(caddy, cut, f"mended-{cut}.localhost", timeout=60)
+    print(f"a change on m3 applied {time.monotonic() - back:.1f} s after its link came back")
+    cluster.set_host(cut, f"{cut}.localhost")
+    cluster.set_host(healthy, f"{healthy}.localhost")
+
+
 def test_a_moved_instance_keeps_one_route_updated(
     cluster: Cluster, caddy: Caddy, start_watch: Callable[..., WatchProcess], tmp_path: Path
 ) -> None:
