@@ -332,6 +332,8 @@ def _remember(settings: Settings, instances: list[Instance], report: Report) -> 
     holds = report.error is None or report.error is Status.RELOAD_FAILED
     if path is None or report.mode.dry_run or not holds:
         return
+    if not report.written and lastknown.state_path(path).exists():
+        return  # the output, and so the routes it was kept for, did not change
     warning = lastknown.remember(path, instances)
     if warning:
         report.warnings.append(warning)
