@@ -187,7 +187,7 @@ class Watcher:
             self.debounce.deadline(),
             self.link.retry.at,
             self.retry.at,
-            self.listing_retry.at,
+            None if self.cache.dirty else self.listing_retry.at,  # (dirty: a cycle is due)
             self.next_resync if self.link.connected else None,
             self.next_caddy_check if self.model is not None else None,
             self.drains.deadline(),
@@ -254,7 +254,7 @@ class Watcher:
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
         self._recheck_unknown(now)
-        if self.listing_retry.due(now):
+        if self.listing_retry.due(now) and not self.cache.dirty:  # changes first: fast
             self.listing_retry.take()
             self._want(Trigger(Kind.TIMER, detail="listing retry"))
         self._due_polls(now)
