@@ -288,3 +288,42 @@ def test_a_listing_that_times_out_does_not_hold_back_single_instance_changes(
     monkeypatch.setattr(loop.incus, "list_instances", listing)
     loop.run_for(10.5, step=0.05)
     assert loop.watcher.listing_retry.at is None and not loop.watcher.cache.full
+
+
+def _half_answering(path: str) -> socket.socket:
+    """A unix socket that answers GET /1.0 like Incus and never answers anything else."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    body = b'{"type":"sync","status_code":200,"metadata":{"auth":"trusted","api_extensions":[]}}'
+
+    def serve() -> None:
+        held = []
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            request = conn.recv(65536)
+            if request.startswith(b"GET /1.0 "):
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n" + body
+                )  # fmt: skip
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_the_event_stream_connect_is_bounded_by_the_timeout_too(tmp_path: Path) -> None:
+    server = _half_answering(str(tmp_path / "half.sock"))
+    api = PylxdApi(str(tmp_path / "half.sock"), timeout=0.3)
+    stream = api.events(lambda event: None, lambda: None)
+    started = time.monotonic()
+    with pytest.raises(IncusError, match=r"event stream: no answer within 0\.3 s"):
+        stream.start()
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(IncusError, match=r"GET /1\.0/instances got no answer within 0\.3 s"):
+        api.list_instances()
+    server.close()
