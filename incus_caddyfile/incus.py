@@ -29,6 +29,9 @@ class IncusError(Exception):
     """Incus could not be reached or a request failed; nothing must be rendered from it."""
 
 
+EXEC_TIMEOUT = 60.0  # seconds a command run in an instance (and its file transfers) may take
+
+
 class IncusTimeout(IncusError):
     """A request got no answer in time (--incus-timeout) from an Incus that may still answer
     others: a listing that waits for a cluster member cut off from the network."""
@@ -175,10 +178,11 @@ class PylxdApi:
         except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
             raise IncusError(f"cannot connect to Incus at {endpoint}: {_reason(exc)}") from None
 
-    def _new_client(self, project: str | None) -> pylxd.Client:
+    def _new_client(self, project: str | None, timeout: float | None = None) -> pylxd.Client:
+        timeout = timeout or self.timeout
         if self.endpoint.startswith("https://"):
-            return _remote_client(self.endpoint, self.tls, project, self.timeout)
-        return pylxd.Client(endpoint=self.endpoint, project=project, timeout=self.timeout)
+            return _remote_client(self.endpoint, self.tls, project, timeout)
+        return pylxd.Client(endpoint=self.endpoint, project=project, timeout=timeout)
 
     def _late(self, path: str) -> str:
         """A request that timed out, named (GET /1.0/PATH) with the limit it broke."""
@@ -245,10 +249,14 @@ class PylxdApi:
         return str(env.get("server_version") or "?")
 
     def _project_client(self, project: str) -> pylxd.Client:
-        """pylxd's instance objects (file API, exec) are bound to one project."""
+        """pylxd's instance objects (file API, exec) are bound to one project. An exec's
+        answer waits for the command (a Caddy's reload inside the instance): these requests
+        may take up to EXEC_TIMEOUT, or the timeout if that is longer."""
         if project not in self._by_project:
             try:
-                self._by_project[project] = self._new_client(project)
+                self._by_project[project] = self._new_client(
+                    project, max(self.timeout, EXEC_TIMEOUT)
+                )
             except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
                 raise IncusError(f"cannot use project {project}: {_reason(exc)}") from None
         return self._by_project[project]
