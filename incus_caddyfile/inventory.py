@@ -160,8 +160,8 @@ class Inventory:
         """`considers(project)`: whether the project counts (the settings' policy); the
         instances of the others are listed without addresses, at no request of their own.
         `outage`: failed leases calls, remembered across inventories (see LeaseOutage).
-        `notes`: what the listing had to do without (failed requests), for the cycle's
-        warnings."""
+        After a listing, `self.notes` says what it had to do without (failed requests), for
+        the cycle's warnings."""
         self.api = api
         self._bounds: Bounds = {} if bounds is None else bounds
         self.considers = considers or (lambda project: True)
