@@ -21,16 +21,11 @@ for i in $(seq "$N" -1 1); do
   for _ in $(seq 1 10); do alive "$pid" || break; sleep 0.5; done
   alive "$pid" && kill -KILL "$pid"
 done
+log "daemons stopped"
 # 3. containers left running (children of our lxc monitors), and the monitors
-for i in $(seq 1 "$N"); do
-  for p in /proc/[0-9]*; do
-    pid=${p#/proc/}
-    cmd=$(tr '\0' ' ' 2>/dev/null < "$p/cmdline") || continue
-    case "$cmd" in "[lxc monitor] ${DIRPFX}$i/containers "*)
-      for c in $(cat "$p/task/$pid/children" 2>/dev/null); do kill -KILL "$c"; done
-      kill -KILL "$pid" ;;
-    esac
-  done
+for pid in $(pgrep -f "^\[lxc monitor\] ${DIRPFX}[0-9]+/containers " || true); do
+  for c in $(cat "/proc/$pid/task/$pid/children" 2>/dev/null); do kill -KILL "$c"; done
+  kill -KILL "$pid"
 done
 sleep 0.5
 # 3b. empty cgroups LXC leaves when a container dies with its daemon (our names only)
