@@ -24,6 +24,7 @@ from .model import RouteRow
 from .pipeline import EXIT_CODES_HELP, Report, RunMode, Status
 from .render import TemplateError
 from .settings import (
+    DEFAULT_INCUS_TIMEOUT,
     DEFAULT_RELOAD_BURST,
     ENV_PREFIX,
     FILE_KEYS,
@@ -133,6 +134,16 @@ SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
         envvar=_env("INCUS_SERVER_CERT"),
         metavar="FILE",
         help="Pin the remote Incus server's certificate (e.g. its server.crt).",
+    ),
+    option(
+        "--incus-timeout",
+        type=click.FloatRange(0, 3600, min_open=True),
+        default=DEFAULT_INCUS_TIMEOUT,
+        show_default=True,
+        envvar=_env("INCUS_TIMEOUT"),
+        metavar="SECONDS",
+        help="How long one Incus request may take (connecting, and waiting for each answer)"
+        " before it fails, naming the request; e.g. a cluster member cut off.",
     ),
 ]
 RENDER_OPTIONS: list[Callable[[Any], Any]] = [
@@ -649,9 +660,19 @@ ROUTES_EPILOG = (
 
 @main.command(epilog=ROUTES_EPILOG)
 @view_options
+@option(
+    "--state-of",
+    "state_of",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("OUTPUT"),
+    metavar="FILE",
+    help="The file render writes (nothing is written): an instance whose cluster member is"
+    " unreachable is shown with the route it last had, as render keeps it beside that file.",
+)
 @option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
 @from_options
 def routes(
+    state_of: Path | None,
     as_json: bool,
     from_url: str | None,
     listen_token: str | None,
@@ -669,7 +690,7 @@ def routes(
         incus-caddyfile routes --json | jq '.[] | select(.state != "routed")'
         incus-caddyfile routes --from 127.0.0.1:9180
     """
-    settings = make_settings(**kwargs)
+    settings = make_settings(**kwargs, output=state_of)
     if from_url:
         _routes_from(from_url, _from_token(listen_token, listen_token_file), as_json)
         return

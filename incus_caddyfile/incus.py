@@ -22,11 +22,19 @@ from pylxd import exceptions as pylxd_exc
 from pylxd.client import EventType, get_session_for_url
 from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
-from .settings import Settings, default_incus_socket
+from .settings import DEFAULT_INCUS_TIMEOUT, Settings, default_incus_socket
 
 
 class IncusError(Exception):
     """Incus could not be reached or a request failed; nothing must be rendered from it."""
+
+
+EXEC_TIMEOUT = 60.0  # seconds a command run in an instance (and its file transfers) may take
+
+
+class IncusTimeout(IncusError):
+    """A request got no answer in time (--incus-timeout) from an Incus that may still answer
+    others: a listing that waits for a cluster member cut off from the network."""
 
 
 def _check_socket(path: str) -> None:
@@ -58,7 +66,9 @@ def default_client_cert() -> tuple[str, str] | None:
     return (cert, key) if os.path.exists(cert) and os.path.exists(key) else None
 
 
-def _remote_client(endpoint: str, tls: Tls, project: str | None = None) -> pylxd.Client:
+def _remote_client(
+    endpoint: str, tls: Tls, project: str | None = None, timeout: float | None = None
+) -> pylxd.Client:
     """pylxd over HTTPS with a client certificate and, if given, a pinned server certificate.
 
     The session ignores REQUESTS_CA_BUNDLE and friends: with them set, requests would
@@ -79,7 +89,12 @@ def _remote_client(endpoint: str, tls: Tls, project: str | None = None) -> pylxd
     session = get_session_for_url(endpoint, verify=verify, cert=cert)
     session.trust_env = False
     client = pylxd.Client(
-        endpoint=endpoint, cert=cert, verify=verify, session=session, project=project
+        endpoint=endpoint,
+        cert=cert,
+        verify=verify,
+        session=session,
+        project=project,
+        timeout=timeout,
     )
     if tls.server_cert:  # pin the event stream (websocket) too
         client.ssl_options = {
@@ -139,28 +154,40 @@ class IncusApi(Protocol):
 def connect(settings: Settings) -> PylxdApi:
     """The Incus the settings name (a local socket by default). Raises IncusError."""
     tls = Tls(settings.incus_cert, settings.incus_key, settings.incus_server_cert)
-    return PylxdApi(settings.incus or default_incus_socket(), tls)
+    return PylxdApi(settings.incus or default_incus_socket(), tls, settings.incus_timeout)
 
 
 class PylxdApi:
     """The real IncusApi, over pylxd (a unix socket, or HTTPS with a client certificate)."""
 
-    def __init__(self, endpoint: str, tls: Tls | None = None) -> None:
+    def __init__(
+        self, endpoint: str, tls: Tls | None = None, timeout: float = DEFAULT_INCUS_TIMEOUT
+    ) -> None:
+        """`timeout`: seconds one request may take to connect, and to send each answer."""
         self.endpoint = endpoint
         self.tls = tls or Tls()
+        self.timeout = timeout
         self.requests = 0
         self._by_project: dict[str, pylxd.Client] = {}
         try:
             if not endpoint.startswith("https://"):
                 _check_socket(endpoint)
             self._client = self._new_client(None)
+        except requests.Timeout:
+            raise IncusError(f"cannot connect to Incus at {endpoint}: {self._late('')}") from None
         except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
             raise IncusError(f"cannot connect to Incus at {endpoint}: {_reason(exc)}") from None
 
-    def _new_client(self, project: str | None) -> pylxd.Client:
+    def _new_client(self, project: str | None, timeout: float | None = None) -> pylxd.Client:
+        timeout = timeout or self.timeout
         if self.endpoint.startswith("https://"):
-            return _remote_client(self.endpoint, self.tls, project)
-        return pylxd.Client(endpoint=self.endpoint, project=project)
+            return _remote_client(self.endpoint, self.tls, project, timeout)
+        return pylxd.Client(endpoint=self.endpoint, project=project, timeout=timeout)
+
+    def _late(self, path: str) -> str:
+        """A request that timed out, named (GET /1.0/PATH) with the limit it broke."""
+        url = f"/1.0/{path}" if path else "/1.0"
+        return f"request GET {url} got no answer within {self.timeout:g} s (--incus-timeout)"
 
     def _get(self, path: str, params: dict[str, str], missing_ok: bool = False) -> Any:
         """GET one API path below /1.0; any failure becomes IncusError naming the path.
@@ -176,6 +203,8 @@ class PylxdApi:
             if missing_ok:
                 return None
             raise IncusError(f"Incus request {path} failed: {exc}") from None
+        except requests.Timeout:
+            raise IncusTimeout(f"Incus {self._late(path)}") from None
         except (pylxd_exc.LXDAPIException, requests.RequestException, OSError, ValueError) as exc:
             raise IncusError(f"Incus request {path} failed: {exc}") from None
 
@@ -220,10 +249,14 @@ class PylxdApi:
         return str(env.get("server_version") or "?")
 
     def _project_client(self, project: str) -> pylxd.Client:
-        """pylxd's instance objects (file API, exec) are bound to one project."""
+        """pylxd's instance objects (file API, exec) are bound to one project. An exec's
+        answer waits for the command (a Caddy's reload inside the instance): these requests
+        may take up to EXEC_TIMEOUT, or the timeout if that is longer."""
         if project not in self._by_project:
             try:
-                self._by_project[project] = self._new_client(project)
+                self._by_project[project] = self._new_client(
+                    project, max(self.timeout, EXEC_TIMEOUT)
+                )
             except (pylxd_exc.ClientConnectionFailed, requests.RequestException, OSError) as exc:
                 raise IncusError(f"cannot use project {project}: {_reason(exc)}") from None
         return self._by_project[project]
@@ -269,7 +302,7 @@ class PylxdApi:
         self, on_event: Callable[[dict[str, Any]], None], on_close: Callable[[], None]
     ) -> EventStream:
         """Lifecycle and operation events of all projects, on a thread of their own."""
-        return EventStream(self._client, on_event, on_close)
+        return EventStream(self._client, on_event, on_close, self.timeout)
 
 
 class EventStream:
@@ -285,8 +318,12 @@ class EventStream:
         client: pylxd.Client,
         on_event: Callable[[dict[str, Any]], None],
         on_close: Callable[[], None],
+        timeout: float | None = None,
     ) -> None:
+        """`timeout`: seconds the connect and handshake may take (then it reads unbounded:
+        a quiet stream is not a broken one)."""
         stream = self
+        self._timeout = timeout
         self._closed_once = threading.Lock()
 
         class _Socket(_PylxdWebsocket):  # type: ignore[misc]
@@ -316,7 +353,14 @@ class EventStream:
     def start(self) -> None:
         """Connect (raises IncusError when that fails) and read events on a daemon thread."""
         try:
+            self._socket.sock.settimeout(self._timeout)
             self._socket.connect()
+            self._socket.sock.settimeout(None)
+        except TimeoutError:
+            raise IncusError(
+                f"cannot open the Incus event stream: no answer within {self._timeout:g} s"
+                " (--incus-timeout)"
+            ) from None
         except Exception as exc:  # ws4py raises plain socket and handshake errors
             raise IncusError(f"cannot open the Incus event stream: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="incus-events", daemon=True)

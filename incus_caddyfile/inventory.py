@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .incus import IncusApi
+from .incus import IncusApi, IncusError
 from .labels import PREFIX
-from .model import Instance, Nic, missing_address, needs_own_address, wants_address
+from .model import (
+    UNKNOWN,
+    Instance,
+    Nic,
+    missing_address,
+    needs_own_address,
+    wants_address,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -119,6 +127,23 @@ def within(addresses: Iterable[str], subnets: list[IPNetwork], own: set[IPAddres
 Bounds = dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]]
 
 
+@dataclass
+class LeaseOutage:
+    """Leases calls that failed, remembered by a caller that lists often (watch). With a
+    cluster member down, every leases call (any bridge) fails with "peer node is down", and
+    while a member is cut off each one takes ~5 s to: after a failure the leases are not
+    asked for `pause` seconds, and addresses come from each instance's state meanwhile."""
+
+    pause: float = 30.0
+    until: float = float("-inf")
+
+    def open(self, now: float) -> bool:
+        return now >= self.until
+
+    def failed(self, now: float) -> None:
+        self.until = now + self.pause
+
+
 class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
     return a partial listing. `bounds`: managed networks' subnets already known (a caller
@@ -129,12 +154,20 @@ class Inventory:
         api: IncusApi,
         bounds: Bounds | None = None,
         considers: Callable[[str], bool] | None = None,
+        outage: LeaseOutage | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`considers(project)`: whether the project counts (the settings' policy); the
-        instances of the others are listed without addresses, at no request of their own."""
+        instances of the others are listed without addresses, at no request of their own.
+        `outage`: failed leases calls, remembered across inventories (see LeaseOutage).
+        After a listing, `self.notes` says what it had to do without (failed requests), for
+        the cycle's warnings."""
         self.api = api
         self._bounds: Bounds = {} if bounds is None else bounds
         self.considers = considers or (lambda project: True)
+        self.outage = outage or LeaseOutage()
+        self.clock = clock
+        self.notes: list[str] = []
 
     def instances(self) -> list[Instance]:
         """Every instance of every project."""
@@ -163,10 +196,27 @@ class Inventory:
         return wants_address(inst) and self.considers(inst.project)
 
     def _lease_maps(self, wanted: Iterable[tuple[Instance, Mapping[str, Any]]]) -> LeaseMaps:
+        """Leases of each (project, network) the wanted instances use. When a leases call
+        fails (a cluster member down fails them all), none is asked any more: the instances
+        then find their addresses in their own state (`_addressed`), one request each."""
         pairs = sorted(
             {(inst.project, n.network) for inst, raw in wanted for n in nic_refs(raw) if n.network}
         )
-        return {pair: lease_map(self.api.network_leases(*pair)) for pair in pairs}
+        maps: dict[tuple[str, str], Mapping[str, list[str]]] = {}
+        if pairs and not self.outage.open(self.clock()):
+            self.notes.append(
+                "leases not asked (they failed less than"
+                f" {self.outage.pause:g} s ago); addresses from each instance's state"
+            )
+            return maps
+        for pair in pairs:
+            try:
+                maps[pair] = lease_map(self.api.network_leases(*pair))
+            except IncusError as exc:
+                self.outage.failed(self.clock())
+                self.notes.append(f"{exc}; addresses from each instance's state instead")
+                break
+        return maps
 
     def _addressed(
         self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps, own: bool = False
@@ -177,6 +227,14 @@ class Inventory:
         if not self._wants(inst):
             return inst
         refs = nic_refs(raw)
+        try:
+            return self._addresses(inst, refs, leases, own)
+        except IncusError as exc:
+            return self._unreachable(inst, exc)
+
+    def _addresses(
+        self, inst: Instance, refs: list[NicRef], leases: LeaseMaps, own: bool
+    ) -> Instance:
         if own or needs_own_address(inst):
             return dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         nics = tuple(
@@ -205,6 +263,12 @@ class Inventory:
         the network's own (gateway) address: a tenant cannot point a route at the host or at
         another network. Interfaces Incus did not create are ignored."""
         return self._state_nics(inst, refs, self.api.instance_state(inst.project, inst.name))
+
+    def _unreachable(self, inst: Instance, exc: IncusError) -> Instance:
+        """Its state could not be had (its cluster member went down meanwhile): Incus cannot
+        tell now, which is what the unknown status says; the model keeps its last route."""
+        self.notes.append(f"{inst.project}/{inst.name}: {exc}; taken as {UNKNOWN} (unknown)")
+        return dataclasses.replace(inst, status=UNKNOWN, nics=())
 
     def _state_nics(
         self, inst: Instance, refs: list[NicRef], state: Mapping[str, Any] | None

@@ -45,7 +45,13 @@ __all__ = [
 # Ready is Running as the guest reported it through the guest API (`/dev/incus/sock`).
 ROUTABLE_STATUSES = frozenset({"Running", "Frozen", "Ready"})
 # Error: Incus cannot tell (an instance on an unreachable cluster member): unknown, not down.
-UNKNOWN_STATUSES = frozenset({"Error"})
+# Its containers keep serving while their member's daemon is dead or cut off, so such an
+# instance keeps the route it last had: the addresses it had when last seen, which watch
+# keeps in its cache and render in a state file beside the output (`with_last_known`).
+# Without them it holds its hosts, unrouted.
+UNKNOWN = "Error"  # what the tool calls an instance Incus could not tell it about
+UNKNOWN_STATUSES = frozenset({UNKNOWN})
+LAST_ROUTE_KEPT = "unknown: member unreachable, last known route kept"
 
 
 @dataclass(frozen=True)
@@ -208,11 +214,13 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Skip:
-    """An instance that carries labels but is not routed now (stopped, disabled ...).
+    """An instance that carries labels but is not routed now (stopped, disabled ...), or
+    whose status is unknown.
 
     unknown: Incus cannot say whether it runs (status Error: its cluster member is
-    unreachable); excluded: its project is not included by the settings (not reported by
-    render and watch, shown by routes)."""
+    unreachable); it may still be routed, to the addresses it last had. excluded: its
+    project is not included by the settings (not reported by render and watch, shown by
+    routes)."""
 
     project: str
     instance: str
@@ -221,7 +229,8 @@ class Skip:
     excluded: bool = False
 
     def __str__(self) -> str:
-        return f"skipped {self.project}/{self.instance}: {self.reason}"
+        verb = "kept" if self.reason == LAST_ROUTE_KEPT else "skipped"
+        return f"{verb} {self.project}/{self.instance}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,36 @@ def is_up(inst: Instance) -> bool:
     return inst.status in ROUTABLE_STATUSES
 
 
+def is_unknown(inst: Instance) -> bool:
+    """Incus cannot tell whether it runs (its cluster member is unreachable)."""
+    return inst.status in UNKNOWN_STATUSES
+
+
+def keeps_route(inst: Instance) -> bool:
+    """Up, or unknown: then it is routed to the addresses it had when last seen, if any."""
+    return is_up(inst) or is_unknown(inst)
+
+
+def with_last_known(inst: Instance, previous: Instance | None) -> Instance:
+    """An unknown instance is listed with its name, status and member only (Incus cannot
+    ask its member: no config, no addresses, a zero creation time). It takes its labels,
+    creation time (its claim order), addresses and readiness from `previous`, as it was when
+    last seen up (or unknown with them). Any other instance is returned as it is."""
+    if not is_unknown(inst) or previous is None or not keeps_route(previous):
+        return inst
+    return dataclasses.replace(
+        inst,
+        config=inst.config or previous.config,
+        created_at=inst.created_at if _known_time(inst.created_at) else previous.created_at,
+        nics=inst.nics or previous.nics,
+        ready=inst.ready if inst.nics else previous.ready,
+    )
+
+
+def _known_time(timestamp: str) -> bool:
+    return bool(timestamp) and not timestamp.startswith("0001-01-01")
+
+
 def wants_address(inst: Instance) -> bool:
     """Labelled and up: the only instances whose address is worth an Incus request."""
     return is_up(inst) and bool(inst.labels)
@@ -274,7 +313,7 @@ def wants_address(inst: Instance) -> bool:
 def address_of(inst: Instance, reach: lb.Reach) -> str | None:
     """The address an instance is proxied to, if it gets one: up, and holding a usable
     address of the family its labels ask for, on the NIC or network they name."""
-    return pick_address(inst, reach.network, reach.family) if is_up(inst) else None
+    return pick_address(inst, reach.network, reach.family) if keeps_route(inst) else None
 
 
 def missing_address(inst: Instance) -> bool:
@@ -376,9 +415,12 @@ class _Claim:
 
 def _unroutable(inst: Instance, wanted: lb.Labels, address: str | None) -> str | None:
     """Why an instance with valid labels gets no upstream right now, if it does not."""
-    if inst.status in UNKNOWN_STATUSES:
-        return f"unknown: Incus cannot reach it (status {inst.status}, its cluster member is down?)"
-    if not is_up(inst):
+    if is_unknown(inst) and address is None:
+        return (
+            f"unknown: Incus cannot reach it (status {inst.status}, its cluster member is down"
+            " or cut off?), and no earlier route of it is known"
+        )
+    if not keeps_route(inst):
         return f"not running ({inst.status})"
     if address is None:
         reach = wanted.reach
@@ -447,8 +489,8 @@ def _claims_of(
         for h in wanted.hosts
     ]  # fmt: skip
     skip = None
-    if why_not:
-        skip = Skip(inst.project, inst.name, why_not, unknown=inst.status in UNKNOWN_STATUSES)
+    if why_not or is_unknown(inst):
+        skip = Skip(inst.project, inst.name, why_not or LAST_ROUTE_KEPT, unknown=is_unknown(inst))
     return claims, rejections, skip
 
 
@@ -681,7 +723,7 @@ class RouteRow:
 
     @property
     def state(self) -> str:
-        if self.unknown and not self.routed:
+        if self.unknown:  # routed to its last known address, or not at all
             return "unknown"
         if self.routed and set(self.asked) <= set(self.routed):
             return "routed"

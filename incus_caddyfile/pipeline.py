@@ -14,11 +14,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 
-from . import output, probe, targets
+from . import lastknown, output, probe, targets
 from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
-from .inventory import Bounds, Inventory
+from .inventory import Bounds, Inventory, LeaseOutage
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .policy import Policy
@@ -116,21 +117,57 @@ class Report:
         return int(Status.OK)
 
 
-def collect(api: IncusApi, policy: Policy | None = None) -> list[Instance]:
-    """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
-    listing is never rendered. Projects the policy leaves out cost no address request."""
+def collect(
+    api: IncusApi,
+    policy: Policy | None = None,
+    notes: list[str] | None = None,
+    outage: LeaseOutage | None = None,
+) -> list[Instance]:
+    """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed listing is
+    never rendered. Projects the policy leaves out cost no address request. What had to be
+    done without (leases that failed; an instance whose state failed, then unknown) is
+    added to `notes`; `outage`: failed leases remembered across cycles (watch)."""
     considers = policy.considers if policy is not None else None
-    return probe.annotate(Inventory(api, considers=considers).instances())
+    inventory = Inventory(api, considers=considers, outage=outage)
+    try:
+        return probe.annotate(inventory.instances())
+    finally:
+        if notes is not None:
+            notes.extend(inventory.notes)
 
 
 def fetch(
-    api: IncusApi, project: str, name: str, own: bool = False, bounds: Bounds | None = None
+    api: IncusApi,
+    project: str,
+    name: str,
+    own: bool = False,
+    bounds: Bounds | None = None,
+    notes: list[str] | None = None,
+    outage: LeaseOutage | None = None,
 ) -> Instance | None:
     """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
     its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
-    managed networks' subnets the caller keeps (see Inventory)."""
-    inst = Inventory(api, bounds).instance(project, name, own)
+    managed networks' subnets the caller keeps (see Inventory); `notes`, `outage`: as for
+    collect."""
+    inventory = Inventory(api, bounds, outage=outage)
+    try:
+        inst = inventory.instance(project, name, own)
+    finally:
+        if notes is not None:
+            notes.extend(inventory.notes)
     return None if inst is None else probe.annotate([inst])[0]
+
+
+def state_output(settings: Settings) -> Path | None:
+    """The output file beside which the last known routes are kept (a file on this host)."""
+    return settings.output if settings.caddy_instance is None else None
+
+
+def recall(settings: Settings, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
+    """Instances in Error (cluster member unreachable) with the addresses they last had, as
+    kept beside the output; warnings when that memory is unusable."""
+    path = state_output(settings)
+    return lastknown.recall(path, instances) if path is not None else (instances, [])
 
 
 def own_addresses(api: IncusApi, inst: Instance, bounds: Bounds | None = None) -> Instance | None:
@@ -249,12 +286,15 @@ def snippet_names(settings: Settings) -> tuple[str, ...]:
 def run(settings: Settings, mode: RunMode | None = None) -> Report:
     """The whole cycle, from the Incus listing to a reloaded Caddy."""
     mode = mode or RunMode()
+    notes: list[str] = []
     try:
         api = connect(settings)
-        instances = collect(api, settings.policy)
+        instances = collect(api, settings.policy, notes)
     except IncusError as exc:
         return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
-    return apply(settings, instances, targets.for_settings(settings, api), mode)
+    report = apply(settings, instances, targets.for_settings(settings, api), mode)
+    report.warnings[:0] = notes
+    return report
 
 
 def apply(
@@ -269,6 +309,7 @@ def apply(
     `draining`: instances to take out of their pools (see model.build)."""
     report = Report(mode or RunMode())
     drained = frozenset(draining)
+    instances, report.warnings = recall(settings, instances)
     try:
         report.model = model_for(settings, instances, draining=drained)
         report.text = render(report.model, settings)
@@ -279,7 +320,23 @@ def apply(
     if target is None:
         return report
     report.target = target.name
-    return _write_and_reload(settings, instances, target, report, drained)
+    _write_and_reload(settings, instances, target, report, drained)
+    _remember(settings, instances, report)
+    return report
+
+
+def _remember(settings: Settings, instances: list[Instance], report: Report) -> None:
+    """Keep the addresses of this listing beside the output once the output holds it (so
+    the next run can keep the route of an instance whose member becomes unreachable)."""
+    path = state_output(settings)
+    holds = report.error is None or report.error is Status.RELOAD_FAILED
+    if path is None or report.mode.dry_run or not holds:
+        return
+    if not report.written and lastknown.state_path(path).exists():
+        return  # the output, and so the routes it was kept for, did not change
+    warning = lastknown.remember(path, instances)
+    if warning:
+        report.warnings.append(warning)
 
 
 def _write_and_reload(
@@ -584,6 +641,7 @@ def routes(settings: Settings) -> tuple[list[RouteRow], list[str]]:
     """Every labelled instance with its verdict, Caddy's included (for `routes`), and
     warnings. Raises IncusError, SettingsError and TemplateError."""
     api = connect(settings)
-    instances = collect(api, settings.policy)
+    notes: list[str] = []
+    instances, recalled = recall(settings, collect(api, settings.policy, notes))
     verdict = ask_caddy(settings, instances, checker(settings, api))
-    return explain(instances, verdict.model), verdict.warnings
+    return explain(instances, verdict.model), notes + recalled + verdict.warnings

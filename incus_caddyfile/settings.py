@@ -38,6 +38,7 @@ FILE_KEYS = {
     "incus-cert": "incus_cert",
     "incus-key": "incus_key",
     "incus-server-cert": "incus_server_cert",
+    "incus-timeout": "incus_timeout",
     "template": "template",
     "output": "output",
     "email": "email",
@@ -65,6 +66,12 @@ FILE_KEYS.update(WATCH_KEYS)
 DEFAULT_RELOAD_BURST = 2
 DURATION_KEYS = ("stream-close-delay", "lb-try-duration", "dial-timeout", "fail-duration")
 INTEGER_KEYS = ("lb-retries", "reload-burst")
+NUMBER_KEYS = ("incus-timeout",)
+# Seconds any one Incus request may take (connect and each read; the event stream's connect).
+# A healthy Incus answers every request the tool makes well within it (the listing of 1000
+# instances at recursion=1: ~0.2 s); a partitioned cluster member made a listing block 20 s
+# and each leases call 5 s, which would stall watch's other work that long.
+DEFAULT_INCUS_TIMEOUT = 5.0
 # Tables the file may hold that are not options (reserved for per-project policy).
 FILE_TABLES = frozenset({"projects"})
 # Global options with a setting of their own: rendering them twice would confuse Caddy or us.
@@ -81,6 +88,7 @@ class Settings:
     incus_cert: str | None = None
     incus_key: str | None = None
     incus_server_cert: str | None = None
+    incus_timeout: float = DEFAULT_INCUS_TIMEOUT
     template: Path | None = None
     output: Path | None = None
     email: str | None = None
@@ -199,6 +207,14 @@ def validate(s: Settings) -> None:
             )
         if s.output is not None and not s.output.is_absolute():
             raise SettingsError("--output: with --caddy-instance, an absolute path in it")
+    if (
+        isinstance(s.incus_timeout, bool)
+        or not isinstance(s.incus_timeout, int | float)
+        or not 0 < s.incus_timeout <= 3600
+    ):
+        raise SettingsError(
+            f"--incus-timeout: seconds, more than 0 and at most 3600, got {s.incus_timeout!r}"
+        )
     if s.reload_command is not None and not s.reload_command.strip():
         raise SettingsError("--reload-command: empty command")
     if s.on_demand_tls and s.scheme != "https":
@@ -338,6 +354,9 @@ def load_file(path: Path) -> dict[str, Any]:
         elif key in INTEGER_KEYS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SettingsError(f"{path}: {key} must be a whole number")
+        elif key in NUMBER_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SettingsError(f"{path}: {key} must be a number")
         elif not isinstance(value, str):
             raise SettingsError(f"{path}: {key} must be a string")
         out[FILE_KEYS[key]] = value

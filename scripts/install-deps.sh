@@ -19,6 +19,11 @@ if [ ! -x /usr/libexec/incus/incusd ] || ! command -v incus >/dev/null || [ ! -x
   apt-get install -y -qq -t bookworm-backports --no-install-recommends incus-base incus-client >/dev/null
   apt-get install -y -qq --no-install-recommends busybox-static dnsmasq-base curl xz-utils iproute2 >/dev/null
 fi
+# The Incus cluster of scripts/cluster (lab.sh cluster up): jq, bc, ip netns.
+if ! command -v jq >/dev/null || ! command -v bc >/dev/null || ! command -v ip >/dev/null; then
+  update
+  apt-get install -y -qq --no-install-recommends jq bc iproute2 >/dev/null
+fi
 appliance_tools="debootstrap mksquashfs unsquashfs incus-simplestreams pebble pebble-challtestsrv openssl zstd flock findmnt"
 for tool in $appliance_tools; do
   if ! command -v "$tool" >/dev/null; then

@@ -4,6 +4,8 @@
 #   scripts/lab.sh start   start incusd only (after it was stopped or killed)
 #   scripts/lab.sh status  exit 0 when the lab is ready
 #   scripts/lab.sh down    stop incusd (instances and projects created by tests are theirs to remove)
+#   scripts/lab.sh cluster up|down|status
+#                          a 3-member Incus cluster next to the main incusd (scripts/cluster/)
 #   scripts/lab.sh forget-leases
 #                          restart incusd and the bridges' dnsmasq on empty lease files, as an
 #                          incusd restart once did: running instances keep their addresses but
@@ -77,6 +79,11 @@ case "$1" in
   deconfig) ifconfig "$interface" 0.0.0.0 ;;
 esac
 UDHCPC
+  if [ "${INCUS_CADDYFILE_LAB_ROUTE:-0}" = 1 ]; then
+    # The cluster's image: its hosts reach the instances through a router (a member).
+    echo '[ "$1" = bound ] && [ -n "$router" ] && route add default gw "${router%% *}" dev "$interface"' \
+      >> "$root/etc/udhcpc.script"
+  fi
   chmod +x "$root/etc/init.d/rcS" "$root/etc/udhcpc.script"
   printf '127.0.0.1 localhost\n::1 localhost\n' > "$root/etc/hosts"
   echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
@@ -118,8 +125,14 @@ dnsmasq_pid() {
   case "$cmd" in *"--dhcp-leasefile=$dir/dnsmasq.leases"*) echo "$pid" ;; esac
 }
 
-# The daemon itself, not its helpers (/usr/libexec/incus/incusd forkfile ... and the like).
-incusd_pids() { pgrep -f '^/usr/libexec/incus/incusd( --|$)' || true; }
+# The daemon itself, not its helpers (/usr/libexec/incus/incusd forkfile ... and the like),
+# nor the cluster's member daemons (scripts/cluster: each has an INCUS_DIR of its own).
+incusd_pids() {
+  local pid
+  for pid in $(pgrep -f '^/usr/libexec/incus/incusd( --|$)' || true); do
+    tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -q '^INCUS_DIR=' || echo "$pid"
+  done
+}
 
 # Dynamic leases Incus lists on bridge $1, over all projects.
 lease_count() {
@@ -183,10 +196,23 @@ case "${1:-up}" in
       && incus network show "$NET2" >/dev/null 2>&1
     ;;
   down)
-    pkill -f '/usr/libexec/incus/incusd' || true
+    pids=$(incusd_pids)
+    [ -z "$pids" ] || kill $pids 2>/dev/null || true
+    ;;
+  image)  # (used by scripts/cluster/up.sh) the image, in whichever incusd INCUS_DIR names
+    build_image
+    ;;
+  cluster)
+    case "${2:-}" in
+      up) [ "$(id -u)" = 0 ] && bash "$here/install-deps.sh" >/dev/null
+          bash "$here/cluster/up.sh" ;;
+      down) bash "$here/cluster/down.sh" ;;
+      status) bash -c 'source "$1/cluster/common.sh"; cluster_ready' status "$here" ;;
+      *) echo "usage: $0 cluster up|down|status" >&2; exit 2 ;;
+    esac
     ;;
   forget-leases)
     forget_leases
     ;;
-  *) echo "usage: $0 up|start|status|down|forget-leases" >&2; exit 2 ;;
+  *) echo "usage: $0 up|start|status|down|forget-leases|cluster up|down|status" >&2; exit 2 ;;
 esac

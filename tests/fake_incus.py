@@ -150,6 +150,17 @@ class FakeEventSource:
         self.closed = True
 
 
+def _as_listed(raw: dict[str, Any]) -> dict[str, Any]:
+    if raw.get("status") != "Error":
+        return copy.deepcopy(raw)
+    kept = ("name", "project", "status", "status_code", "type", "location")
+    return {
+        **{k: raw.get(k) for k in kept},
+        "config": None, "devices": None, "profiles": None,
+        "created_at": "0001-01-01T00:00:00Z", "architecture": "",
+    }  # fmt: skip
+
+
 class FakeIncus:
     """IncusApi over a recording. Mutable; every answer is a deep copy."""
 
@@ -195,14 +206,19 @@ class FakeIncus:
     # --- the IncusApi protocol ----------------------------------------------------------------
 
     def list_instances(self) -> list[dict[str, Any]]:
+        """An instance in Error (its cluster member down) is listed as the real Incus lists
+        it: name, project, status, type and location only, no config or devices."""
         self._request("list_instances")
         with self._lock:
-            return [copy.deepcopy(self._raw[key]) for key in self._order]
+            return [_as_listed(self._raw[key]) for key in self._order]
 
     def get_instance(self, project: str, name: str) -> dict[str, Any] | None:
+        """An instance in Error cannot be asked (500: its member is down): IncusError."""
         self._request("get_instance", project, name)
         with self._lock:
             raw = self._raw.get((project, name))
+            if raw is not None and raw.get("status") == "Error":
+                raise IncusError(f"Incus request instances/{name} failed: peer node is down")
             return copy.deepcopy(raw) if raw is not None else None
 
     def instance_state(self, project: str, name: str) -> dict[str, Any] | None:

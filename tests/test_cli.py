@@ -29,7 +29,7 @@ FLEET = [inst("web", host="web.example.org")]
 def fleet(monkeypatch: pytest.MonkeyPatch) -> list[Instance]:
     listing = list(FLEET)
     monkeypatch.setattr(pipeline, "connect", lambda settings: None)
-    monkeypatch.setattr(pipeline, "collect", lambda api, policy=None: listing)
+    monkeypatch.setattr(pipeline, "collect", lambda api, *args, **kwargs: listing)
     monkeypatch.setattr(pipeline, "checker", lambda settings, api: FakeCaddy())
 
     def fake_caddy_target(settings: Settings, api: object) -> Target | None:

@@ -119,8 +119,9 @@ def test_one_instance_refresh_costs_the_instance_and_its_leases(fake: FakeIncus)
     assert Inventory(fake).instance("icfrec-a", "rec-web") is None
 
 
-def test_a_failed_request_fails_the_whole_listing(fake: FakeIncus) -> None:
-    fake.fail_on = {"network_leases"}
+def test_a_failed_listing_fails_the_whole_listing(fake: FakeIncus) -> None:
+    """(A failed leases or state request does not: tests/test_member_down.py.)"""
+    fake.fail_on = {"list_instances"}
     with pytest.raises(IncusError):
         Inventory(fake).instances()
 

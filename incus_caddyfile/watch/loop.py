@@ -26,11 +26,12 @@ from typing import Any
 
 from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
-from ..inventory import Bounds
+from ..inventory import Bounds, LeaseOutage
 from ..model import (
     Instance,
     Model,
     awaits_address,
+    is_unknown,
     needs_own_address,
     pool_mates,
     reach_target,
@@ -65,6 +66,11 @@ class WatchOptions:
     # How often to ask Caddy whether it still runs the current file (a Caddy restarted with
     # another config sends no event); a render from the cache and one /adapt + GET /config.
     caddy_check_interval: float = 10.0
+    # While an instance is unknown (its cluster member unreachable: no event says when it is
+    # back), list everything again this often, so that its return is seen.
+    unknown_recheck: float = 10.0
+    listing_retry_first: float = 5.0
+    listing_retry_cap: float = 30.0
     log_format: str = "text"
 
 
@@ -111,17 +117,27 @@ class Watcher:
         self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
+        self.outage = LeaseOutage()  # leases calls failing (a cluster member down)
+        self.notes: list[str] = []  # what this cycle's refresh had to do without
         self.cache = InstanceCache(
-            pipeline.collect, lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds)
+            lambda api: pipeline.collect(api, notes=self.notes, outage=self.outage),
+            lambda api, p, n: pipeline.fetch(
+                api, p, n, bounds=self.bounds, notes=self.notes, outage=self.outage
+            ),
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
         self.retry = Retry(options.retry_first, options.retry_cap)
+        # A full listing that timed out is tried again after 5, 10, 20, 30 s; meanwhile
+        # cycles refresh the instances with events on their own.
+        self.listing_retry = Retry(options.listing_retry_first, options.listing_retry_cap)
         self.triggers: list[Trigger] = []
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
         self.next_resync = 0.0
         self.next_caddy_check = 0.0
+        self.next_unknown_check = 0.0
+        self.unknowns = False  # the cache holds instances in Error (see _recheck_unknown)
         self.cycles = 0
 
     # ---- inputs (any thread) ----
@@ -171,9 +187,11 @@ class Watcher:
             self.debounce.deadline(),
             self.link.retry.at,
             self.retry.at,
+            None if self.cache.dirty else self.listing_retry.at,  # (dirty: a cycle is due)
             self.next_resync if self.link.connected else None,
             self.next_caddy_check if self.model is not None else None,
             self.drains.deadline(),
+            self.next_unknown_check if self.unknowns and self.link.connected else None,
             *self.polls.deadlines(),
         ]
         return min((d for d in deadlines if d is not None), default=None)
@@ -235,6 +253,10 @@ class Watcher:
             if self.cache.instances is not None:  # the first listing is the start cycle's own
                 self.verify_caddy = True
                 self._want(Trigger(Kind.TIMER))
+        self._recheck_unknown(now)
+        if self.listing_retry.due(now) and not self.cache.dirty:  # changes first: fast
+            self.listing_retry.take()
+            self._want(Trigger(Kind.TIMER, detail="listing retry"))
         self._due_polls(now)
         for key in self.drains.expire(now):
             self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
@@ -250,6 +272,13 @@ class Watcher:
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
             self.debounce.fired(self.clock(), changed=self._cycle())
+
+    def _recheck_unknown(self, now: float) -> None:
+        """Instances Incus could not tell about (status Error, keeping their last route):
+        a full listing every `unknown_recheck` seconds until they are known again."""
+        if self.unknowns and self.link.connected and now >= self.next_unknown_check:
+            self.next_unknown_check = now + self.options.unknown_recheck
+            self._want(Trigger(Kind.TIMER, detail="unknown instances"))
 
     # ---- Incus ----
     def _reconnect(self, now: float) -> None:
@@ -306,7 +335,10 @@ class Watcher:
         if known and (warming or needs_own_address(known)) and any(n.interface for n in known.nics):
             inst = pipeline.own_addresses(client, known, self.bounds)
         else:
-            inst = pipeline.fetch(client, *key, own=warming, bounds=self.bounds)
+            inst = pipeline.fetch(
+                client, *key, own=warming, bounds=self.bounds, notes=self.notes,
+                outage=self.outage,
+            )  # fmt: skip
         self.cache.put(key, inst)
         if inst is None or not wants_address(inst):
             return self._reached(key, inst)  # gone or down: nothing to wait for
@@ -365,7 +397,9 @@ class Watcher:
         started = self.clock()
         requests_before = client.requests
         try:
-            fetched = self.cache.refresh(client)
+            # (adds to self.notes) A full listing that timed out waits for its retry.
+            fetched = self.cache.refresh(client, full_due=self.listing_retry.at is None)
+            self._late_listing()
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
@@ -381,6 +415,7 @@ class Watcher:
         report = pipeline.apply(
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
+        report.warnings[:0], self.notes[:] = self.notes, []
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded
 
@@ -389,6 +424,10 @@ class Watcher:
     ) -> None:
         first = self.model is None
         self.next_caddy_check = self.clock() + self.options.caddy_check_interval
+        unknowns = any(is_unknown(i) for i in self.cache.listing())
+        if unknowns and not self.unknowns:
+            self.next_unknown_check = self.clock() + self.options.unknown_recheck
+        self.unknowns = unknowns
         changes = site_changes(self.model, report.model) if report.model else {}
         if report.error is None or report.error == Status.RELOAD_FAILED:
             self.model = report.model  # the file now holds this model
@@ -409,6 +448,21 @@ class Watcher:
         self.cycles += 1
         self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
         self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
+
+    def _late_listing(self) -> None:
+        """Say what the refresh had to do without: a full listing that timed out (retried
+        with backoff, the cached instances rendered meanwhile), instances unanswered."""
+        self.notes.extend(self.cache.unanswered)
+        if self.cache.late is not None:
+            # Leases, like the listing, are gathered from every member: they wait too.
+            self.outage.failed(self.clock())
+            delay = self.listing_retry.schedule(self.clock())
+            self.notes.append(
+                f"{self.cache.late}: rendered from the instances known, those with events"
+                f" refreshed on their own; the full listing is tried again in {delay:.0f} s"
+            )
+        elif not self.cache.full:
+            self.listing_retry.clear()
 
     def _imported(self, path: Path) -> bool:
         """A file the Caddyfile imports (so Caddy reads it), not one only we read."""

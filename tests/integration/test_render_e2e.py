@@ -161,7 +161,8 @@ def test_config_caddy_rejects_keeps_old_file_and_routes(
     assert "unrecognized global option: no_such_option" in result.stderr
     assert out.read_bytes() == good
     assert "hello from" in caddy.wait_body(f"{name}.localhost", "hello from", timeout=3)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".Caddyfile")] == []
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".Caddyfile")]
+    assert left == [".Caddyfile.state.json"]  # (the last known routes), no temp, no mark
 
 
 def test_reload_rejected_by_caddy_restores_previous_file(

@@ -1,0 +1,144 @@
+"""The addresses instances last had, kept beside the output file for the next run.
+
+An instance whose cluster member is unreachable lists as status Error, without addresses,
+while its containers keep serving; the model then keeps the route it last had
+(`model.with_last_known`). `watch` knows that route from its cache; `render` runs once, so
+it keeps the labels, creation times and addresses of the instances that could be routed in
+`.NAME.state.json` beside the output NAME, replaced atomically right after the output (and
+only when they changed).
+
+The file is a cache, never a source of routes by itself: it is read only for an instance in
+Error, and a missing, unreadable or corrupt file, or one written for another output (copied
+along with it), only means no route is known to keep (said in a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import output
+from .model import PREFIX, Instance, Nic, is_unknown, keeps_route, with_last_known
+from .output import OutputError
+
+VERSION = 1
+Key = tuple[str, str]
+
+
+def state_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.state.json"
+
+
+def _owner(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def encode(path: Path, instances: Iterable[Instance]) -> bytes:
+    """The labels, creation time and addresses of the labelled instances that are up (or
+    unknown, with what they last had), sorted: equal fleets give equal bytes, so an
+    unchanged state is not written again."""
+    known: dict[str, Any] = {}
+    for inst in sorted(instances, key=lambda i: (i.project, i.name)):
+        if inst.labels and keeps_route(inst) and any(n.addresses for n in inst.nics):
+            known[f"{inst.project}/{inst.name}"] = {
+                "config": dict(inst.labels),
+                "created_at": inst.created_at,
+                "nics": [
+                    {"name": n.name, "addresses": list(n.addresses), "network": n.network,
+                     "interface": n.interface}
+                    for n in inst.nics
+                ],
+                "ready": inst.ready,
+            }  # fmt: skip
+    data = {"version": VERSION, "output": _owner(path), "instances": known}
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+
+@dataclass
+class Known:
+    """What a state file holds: key -> an instance (status Running) with the addresses it
+    had; `problem`: why the file gave nothing (missing is no problem)."""
+
+    instances: dict[Key, Instance] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def _nic(raw: Mapping[str, Any]) -> Nic:
+    addresses = raw.get("addresses")
+    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+        raise ValueError("addresses must be a list of strings")
+    return Nic(
+        str(raw["name"]), tuple(addresses), str(raw.get("network") or ""),
+        str(raw.get("interface") or ""),
+    )  # fmt: skip
+
+
+def decode(path: Path, data: bytes) -> Known:
+    """A state file's content, checked (the addresses still go through the model's
+    allowlist like any other: `labels.usable_address`)."""
+    where = state_path(path)
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != VERSION:
+            raise ValueError(f"not a version {VERSION} state")
+        if doc.get("output") != _owner(path):
+            return Known(problem=f"{where} was written for {doc.get('output')!r}; ignored")
+        known = {}
+        for key, entry in dict(doc["instances"]).items():
+            project, _, name = str(key).partition("/")
+            ready = entry.get("ready")
+            config = dict(entry["config"])
+            if not all(isinstance(v, str) for v in config.values()):
+                raise ValueError("label values must be strings")
+            known[(project, name)] = Instance(
+                project, name, created_at=str(entry.get("created_at") or ""),
+                config={str(k): v for k, v in config.items() if str(k).startswith(PREFIX)},
+                nics=tuple(_nic(n) for n in entry["nics"]),
+                ready=ready if isinstance(ready, bool) else None,
+            )  # fmt: skip
+        return Known(known)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return Known(problem=f"{where} is not a state this tool wrote ({exc}); ignored")
+
+
+def load(path: Path) -> Known:
+    try:
+        data = state_path(path).read_bytes()
+    except FileNotFoundError:
+        return Known(problem=None)
+    except OSError as exc:
+        return Known(problem=f"cannot read {state_path(path)}: {exc.strerror}")
+    return decode(path, data)
+
+
+def recall(path: Path, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
+    """The instances, those in Error without addresses given the ones they last had (the
+    file is read only when there is such an instance); and warnings."""
+    lost = [i for i in instances if is_unknown(i) and not i.nics]
+    if not lost:
+        return instances, []
+    known = load(path)
+    warnings = [known.problem] if known.problem else []
+    if not known.instances:
+        return instances, warnings
+    return [with_last_known(i, known.instances.get((i.project, i.name))) for i in instances], (
+        warnings
+    )
+
+
+def remember(path: Path, instances: Iterable[Instance]) -> str | None:
+    """Replace the state beside `path` when it changed; a warning when it cannot be written
+    (the output itself is fine: only a later run's memory of routes is lost)."""
+    data = encode(path, instances)
+    target = state_path(path)
+    try:
+        if output.read_current(target) == data:
+            return None
+        output.write_atomic(target, data)
+    except OutputError as exc:
+        return f"last known routes not kept: {exc}"
+    return None
