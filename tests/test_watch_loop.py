@@ -498,3 +498,60 @@ def test_quiet_caddy_checks_log_nothing_and_count_no_cycle(loop: Loop) -> None:
     loop.run_for(25.0, step=0.25)
     assert loop.watcher.cycles == 1 and len(loop.log.getvalue().splitlines()) == lines
     assert loop.caddy.calls.count("running") >= 2  # it did ask
+
+
+# ---- require_ready: found in the host's neighbour table between Incus requests
+
+READY_KEY = "user.caddyserver.http.upstream.require_ready"
+WEB_MAC = "10:66:6a:e7:d0:83"
+
+
+def arp_line(address: str, mac: str, flags: str = "0x2") -> str:
+    return f"{address:17}0x1         {flags:12}{mac}     *        icfbr0\n"
+
+
+def test_a_ready_instance_answering_at_a_resolved_address_is_routed_without_its_state(
+    monkeypatch: pytest.MonkeyPatch, no_host_neighbours: Path
+) -> None:
+    """A start of a require_ready instance: while its live state does not show its address
+    yet, the host's neighbour table is looked at between the Incus requests; an address it
+    resolves to the instance's MAC (complete, inside the managed subnet) is dialled, and
+    the route follows as soon as the port accepts, with no further Incus request."""
+    loop = Loop(debounce_max=2.0)
+    loop.incus.set_config(*WEB, READY_KEY, "true")
+    loop.run_for(0.1)
+    loop.run_for(4.0, step=0.1)
+    address = WEB_ADDRESS.split(":")[0]
+    assert WEB_ADDRESS in loop.text
+    dialled: list[tuple[str, int]] = []
+    open_ports: set[tuple[str, int]] = set()
+
+    def accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+        dialled.append((host, port))
+        return (host, port) in open_ports
+
+    monkeypatch.setattr(probe, "accepts", accepts)
+    loop.incus.set_status(*WEB, "Stopped")
+    loop.emit(*WEB, "instance-stopped")
+    loop.run_for(0.5)
+    assert WEB_ADDRESS not in loop.text
+    # started again; its address not configured yet (not in its state)
+    loop.incus.set_status(*WEB, "Running")
+    loop.incus.set_state(*WEB, {"status": "Running", "network": {}})
+    no_host_neighbours.write_text(
+        no_host_neighbours.read_text()
+        + arp_line(address, WEB_MAC, "0x0")  # incomplete: never dialled
+        + arp_line("10.9.9.9", WEB_MAC)  # outside the bridge's subnet: never dialled
+    )
+    loop.emit(*WEB, "instance-started")
+    loop.run_for(0.3)
+    assert dialled == [] and WEB_ADDRESS not in loop.text
+    no_host_neighbours.write_text(no_host_neighbours.read_text() + arp_line(address, WEB_MAC))
+    loop.run_for(0.1)
+    assert set(dialled) == {(address, 80)} and WEB_ADDRESS not in loop.text  # port closed
+    open_ports.add((address, 80))
+    loop.incus.calls.clear()
+    loop.run_for(0.1)
+    assert WEB_ADDRESS in loop.text  # routed, its state still without the address
+    assert "(after address icfrec-a/rec-web)" in loop.cycle_lines[-1]
+    assert not any(c[0] == "instance_state" for c in loop.incus.calls)

@@ -81,6 +81,9 @@ RETRIED = frozenset({Status.WRITE_FAILED, Status.RELOAD_FAILED, Status.CADDY_REJ
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
 PORT_PROBE_TIMEOUT = 0.2  # the address is configured: a closed port answers at once
+# A neighbour-table candidate may not be configured yet: its SYN is dropped, and the loop
+# waits this long for nothing (on a bridge, an answer takes well under a millisecond).
+NEARBY_TIMEOUT = 0.015
 
 
 class Watcher:
@@ -118,6 +121,7 @@ class Watcher:
         self.drains = Drains(options.address_timeout, enabled=options.drain)
         self.retry = Retry(options.retry_first, options.retry_cap)
         self.triggers: list[Trigger] = []
+        self.waited: dict[str, dict[str, Any]] = {}  # polls that ended: the next cycle's log
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
         self.next_resync = 0.0
@@ -303,6 +307,16 @@ class Watcher:
             if not awaits_address(known):  # nothing else to wait for (the event's own cycle
                 self.polls.drop(key)  # refreshes it, and polls again if it must)
                 return
+        quick = known is not None and not warming and needs_own_address(known)
+        if quick and known is not None:
+            self.polls.polled(key, incus=False)
+            found = pipeline.nearby(client, known, self.bounds, NEARBY_TIMEOUT)
+            if found is not None:
+                self.cache.put(key, found)
+                return self._reached(key, found)
+            if not self.polls.asks(key, self.clock()):
+                return self._again(key, known, asked=False)
+        self.polls.polled(key, incus=True)
         if known and (warming or needs_own_address(known)) and any(n.interface for n in known.nics):
             inst = pipeline.own_addresses(client, known, self.bounds)
         else:
@@ -320,6 +334,7 @@ class Watcher:
     def _poll_port(self, key: Key, target: tuple[str, int]) -> None:
         """The port phase: the instance has configured its address, so a connect to it is
         safe and cheap (no Incus request); until it accepts."""
+        self.polls.polled(key, incus=False)
         if probe.accepts(*target, timeout=PORT_PROBE_TIMEOUT):
             inst = self.cache.get(key)
             if inst is not None and reach_target(inst) == target and needs_own_address(inst):
@@ -328,19 +343,25 @@ class Watcher:
         else:
             self._again(key, self.cache.get(key))
 
-    def _again(self, key: Key, inst: Instance | None) -> None:
+    def _again(self, key: Key, inst: Instance | None, asked: bool = True) -> None:
+        """Not reached yet: try again later (`asked`: an Incus request was just made). An
+        instance that must answer on its own address is looked for in the host's neighbour
+        table between Incus requests, which costs none (see `pipeline.nearby`)."""
         if self.polls.expired(key, self.clock()):
             self._reached(key, inst, gave_up=True)  # let it in: Caddy's retries cover it
         else:
-            self.polls.again(key, self.clock())
+            quick = inst is not None and key not in self.drains and needs_own_address(inst)
+            self.polls.again(key, self.clock(), asked=asked, quick=quick)
 
     def _reached(self, key: Key, inst: Instance | None, gave_up: bool = False) -> None:
         """The poll is over: the route can follow (its address, its open port, its return
         to its pools), or it never will (gone, down, timed out)."""
-        self.polls.drop(key)
+        waited = self.polls.drop(key, self.clock())
         back = self.drains.end(key)
         if gave_up and not back:
             return  # still without its address: nothing changed
+        if waited is not None:
+            self.waited[f"{key[0]}/{key[1]}"] = waited.as_log()
         kind = Kind.WARM if back else Kind.ADDRESS
         self._want(Trigger(kind, project=key[0], instance=key[1]))
         self.debounce.hurry(self.clock())
@@ -366,6 +387,7 @@ class Watcher:
         requests_before = client.requests
         try:
             fetched = self.cache.refresh(client)
+            refreshed = self.clock() - started
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
@@ -381,12 +403,19 @@ class Watcher:
         report = pipeline.apply(
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
-        self._after(report, triggers, started, client.requests - requests_before)
+        self._after(report, triggers, started, client.requests - requests_before, refreshed)
         return report.written or report.reloaded
 
     def _after(
-        self, report: Report, triggers: list[Trigger], started: float, requests: int
+        self,
+        report: Report,
+        triggers: list[Trigger],
+        started: float,
+        requests: int,
+        refreshed: float = 0.0,
     ) -> None:
+        """Bookkeeping and the log after a cycle; `refreshed`: the seconds its Incus
+        requests took."""
         first = self.model is None
         self.next_caddy_check = self.clock() + self.options.caddy_check_interval
         changes = site_changes(self.model, report.model) if report.model else {}
@@ -407,7 +436,11 @@ class Watcher:
         if quiet:
             return  # Caddy runs the current file: nothing to tell, every 10 s
         self.cycles += 1
-        self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
+        steps = {"refresh": refreshed, **report.steps}
+        waited, self.waited = self.waited, {}
+        self.cycle_log.cycle(
+            report, triggers, changes, duration, requests, first=first, steps=steps, waited=waited
+        )
         self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
 
     def _imported(self, path: Path) -> bool:
