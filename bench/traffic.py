@@ -566,7 +566,9 @@ def caddy_work(caddy: Caddy, texts: tuple[str, str], watch_log: list[dict[str, A
 
 def baseline_code(workdir: Path, ref: str) -> Path | None:
     """The repository at `ref` (git archive), to run the previous code as a baseline."""
-    target = workdir / "baseline"
+    target = workdir / f"code-{ref}"
+    if target.exists():
+        return target
     target.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True,
                              check=False, timeout=60)  # fmt: skip
