@@ -448,6 +448,31 @@ def test_events_of_projects_the_settings_leave_out_cost_nothing() -> None:
     assert loop.watcher.cycles == cycles + 1
 
 
+def test_others_projects_come_and_go_without_a_resync_of_ours() -> None:
+    """Seen in the lab: other test sessions create and delete projects all the time; each
+    project event re-listed everything, and every labelled instance of every project cost
+    a state request (when the leases are short): 50 s per listing on a shared Incus."""
+    from incus_caddyfile.policy import Policy
+
+    loop = Loop(Settings(scheme="http", policy=Policy(include=("icfrec-a",))))
+    loop.run_for(0.1)
+    assert not [c for c in loop.incus.calls if c[1:2] == ("icfrec-b",)]  # no address asked
+    stream = loop.incus.last_events
+    assert stream is not None
+    before, cycles = loop.incus.requests, loop.watcher.cycles
+    for action in ("project-created", "project-deleted"):
+        event = lifecycle_event("default", "other-tenant", action)
+        event["metadata"]["source"] = "/1.0/projects/other-tenant"
+        assert stream.emit(event)
+    loop.run_for(0.5)
+    assert loop.watcher.cycles == cycles and loop.incus.requests == before
+    event = lifecycle_event("default", "icfrec-a", "project-updated")
+    event["metadata"]["source"] = "/1.0/projects/icfrec-a"
+    assert stream.emit(event)
+    loop.run_for(0.3)
+    assert loop.watcher.cycles == cycles + 1 and "(after project-updated" in loop.cycle_lines[-1]
+
+
 def test_a_failed_write_is_retried_when_nothing_else_happens(loop: Loop) -> None:
     """Found by the soak: a read-only output directory failed the cycle, and the change
     waited for the next event (or the resync, minutes later) once the disk was back."""

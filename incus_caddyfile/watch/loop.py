@@ -115,7 +115,8 @@ class Watcher:
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
         self.cache = InstanceCache(
-            pipeline.collect, lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds)
+            lambda api: pipeline.collect(api, self.settings.policy),  # others' cost nothing
+            lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds),
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
