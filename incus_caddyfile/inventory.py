@@ -147,14 +147,36 @@ class Inventory:
         )
         return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
 
-    def instance(self, project: str, name: str, own: bool = False) -> Instance | None:
+    def instance(
+        self,
+        project: str,
+        name: str,
+        own: bool = False,
+        just_up: Callable[[str], bool] | None = None,
+    ) -> Instance | None:
         """One instance, refreshed on its own (a few requests whatever the fleet size);
         None when it no longer exists. `own`: its addresses as it reports them itself (those
-        it has configured), not its leases."""
+        it has configured), not its leases. `just_up(network)`: it was down before, and the
+        host can tell addresses on this network by itself (its neighbour table): if it turns
+        out to need its own address on such a network, none is asked (its live state, the
+        slowest request, would not have it yet), and its NICs come without addresses, for a
+        poll to find them."""
         raw = self.api.get_instance(project, name)
         if raw is None:
             return None
         inst = bare_instance(raw, project)
+        refs = nic_refs(raw)
+        if (
+            just_up is not None
+            and self._wants(inst)
+            and needs_own_address(inst)
+            and any(r.hwaddr and r.network and just_up(r.network) for r in refs)
+        ):
+            for ref in refs:  # the subnets a poll checks addresses against
+                if ref.network:
+                    self._network_bounds(inst.project, ref.network)
+            nics = tuple(Nic(r.device, (), r.network or "", r.interface, r.hwaddr) for r in refs)
+            return dataclasses.replace(inst, nics=nics)
         own = own or needs_own_address(inst)
         wanted = [(inst, raw)] if self._wants(inst) and not own else []
         return self._addressed(inst, raw, self._lease_maps(wanted), own)

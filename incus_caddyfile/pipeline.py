@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -137,12 +137,18 @@ def collect(api: IncusApi, policy: Policy | None = None) -> list[Instance]:
 
 
 def fetch(
-    api: IncusApi, project: str, name: str, own: bool = False, bounds: Bounds | None = None
+    api: IncusApi,
+    project: str,
+    name: str,
+    own: bool = False,
+    bounds: Bounds | None = None,
+    just_up: Callable[[str], bool] | None = None,
 ) -> Instance | None:
     """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
     its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
-    managed networks' subnets the caller keeps (see Inventory)."""
-    inst = Inventory(api, bounds).instance(project, name, own)
+    managed networks' subnets the caller keeps (see Inventory); `just_up`: it was down
+    (see Inventory.instance)."""
+    inst = Inventory(api, bounds).instance(project, name, own, just_up)
     return None if inst is None else probe.annotate([inst])[0]
 
 

@@ -16,6 +16,7 @@ from .model import Instance, probe_target
 
 TIMEOUT = 0.5
 MAX_PARALLEL = 32
+NET_DEVICES = Path("/sys/class/net")  # a managed bridge is a device of its own name
 ARP_TABLE = Path("/proc/net/arp")  # the host's IPv4 neighbour table (any user may read it)
 ATF_COM = 0x2  # a complete entry: the MAC is known
 
@@ -64,3 +65,9 @@ def neighbours(hwaddr: str, table: Path | None = None) -> list[str]:
             if complete:
                 out.append(fields[0])
     return out
+
+
+def bridged_here(network: str, devices: Path | None = None) -> bool:
+    """The Incus network is a bridge on this host (watch runs beside Incus), so the host's
+    neighbour table learns its instances' addresses."""
+    return bool(network) and "/" not in network and ((devices or NET_DEVICES) / network).exists()

@@ -37,4 +37,6 @@ def no_host_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     table = tmp_path / "arp"
     table.write_text("IP address       HW type     Flags       HW address       Mask     Device\n")
     monkeypatch.setattr(probe, "ARP_TABLE", table)
+    (tmp_path / "net").mkdir()
+    monkeypatch.setattr(probe, "NET_DEVICES", tmp_path / "net")  # no bridge is on this host
     return table

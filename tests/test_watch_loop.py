@@ -563,6 +563,8 @@ def test_a_ready_instance_answering_at_a_resolved_address_is_routed_without_its_
     # started again; its address not configured yet (not in its state)
     loop.incus.set_status(*WEB, "Running")
     loop.incus.set_state(*WEB, {"status": "Running", "network": {}})
+    (no_host_neighbours.parent / "net" / "icfbr0").mkdir()  # its bridge is on this host
+    loop.incus.calls.clear()
     no_host_neighbours.write_text(
         no_host_neighbours.read_text()
         + arp_line(address, WEB_MAC, "0x0")  # incomplete: never dialled
@@ -571,6 +573,8 @@ def test_a_ready_instance_answering_at_a_resolved_address_is_routed_without_its_
     loop.emit(*WEB, "instance-started")
     loop.run_for(0.3)
     assert dialled == [] and WEB_ADDRESS not in loop.text
+    # neither the start's cycle nor the poll asked its live state yet (the table first)
+    assert "instance_state" not in [c[0] for c in loop.incus.calls]
     no_host_neighbours.write_text(no_host_neighbours.read_text() + arp_line(address, WEB_MAC))
     loop.run_for(0.1)
     assert set(dialled) == {(address, 80)} and WEB_ADDRESS not in loop.text  # port closed

@@ -66,11 +66,14 @@ class AddressPolls:
     def __contains__(self, key: Key) -> bool:
         return key in self._polls
 
-    def start(self, key: Key, now: float) -> None:
+    def start(self, key: Key, now: float, first_ask: float | None = None) -> None:
+        """Poll this instance; `first_ask`: its first Incus request no sooner than this
+        (quick looks come first)."""
         if key not in self._polls:
             backoff = Backoff(self.first, self.cap, self.factor)
             due = now + backoff.next()
-            self._polls[key] = _Poll(due, now + self.timeout, backoff, now, due)
+            asked_at = due if first_ask is None else max(due, now + first_ask)
+            self._polls[key] = _Poll(due, now + self.timeout, backoff, now, asked_at)
 
     def probe_port(self, key: Key, target: Target, now: float) -> None:
         """The address is there: from now on only the port is probed, at once first."""
