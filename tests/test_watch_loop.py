@@ -255,7 +255,25 @@ def test_two_changes_in_a_row_are_both_applied_at_once() -> None:
     assert ":8080" in loop.text and loop.caddy.loads == 2
     _port_change(loop, "rec-frozen", "8081")
     loop.run_for(0.1)
+    assert loop.caddy.loads == 2  # 0.2 s after a reload first (see the next test)
+    loop.run_for(0.1)
     assert ":8081" in loop.text and loop.caddy.loads == 3  # no 2 s hold
+
+
+def test_a_reload_keeps_a_gap_after_the_one_before_even_a_drain() -> None:
+    """A reload closes idle keep-alive connections; clients send the request again on new
+    connections at once, and a second reload tens of ms later closed those without an
+    answer (a failed request, seen in the rolling-restart test: a member's return and the
+    next member's drain came ~50 ms apart). The next cycle waits 0.2 s after a reload."""
+    loop = pool_loop()
+    _port_change(loop, "rec-frozen", "8081")
+    loop.run_for(0.06, step=0.002)
+    first = loop.caddy.loads
+    operation(loop, "Stopping instance", "Running")  # urgent: out of its pool now
+    loop.run_for(0.19, step=0.002)
+    assert loop.caddy.loads == first and WEB_ADDRESS in loop.text  # not yet
+    loop.run_for(0.03, step=0.002)
+    assert loop.caddy.loads == first + 1 and WEB_ADDRESS not in loop.text
 
 
 def test_a_sustained_burst_is_paced_by_the_bucket() -> None:
@@ -342,7 +360,7 @@ def test_a_stop_that_fails_brings_the_member_back() -> None:
     loop.run_for(0.1)
     assert WEB_ADDRESS not in loop.text
     operation(loop, "Stopping instance", "Failure")
-    loop.run_for(0.1)
+    loop.run_for(0.3)  # 0.2 s after the drain's reload at the soonest
     assert WEB_ADDRESS in loop.text and MATE_ADDRESS in loop.text
 
 
@@ -381,7 +399,7 @@ def test_a_restarted_member_rejoins_once_its_port_accepts(monkeypatch: pytest.Mo
     loop.incus.set_state(*WEB, {"network": {}})
     operation(loop, "Restarting instance", "Success")
     loop.emit(*WEB, "instance-restarted")
-    loop.run_for(0.1)
+    loop.run_for(0.3)  # its cycle comes 0.2 s after the drain's reload at the soonest
     loop.incus.calls.clear()
     loop.run_for(0.2)
     assert WEB_ADDRESS not in loop.text and probed == []  # nothing dials an unconfigured address

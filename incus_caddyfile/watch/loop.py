@@ -55,6 +55,7 @@ class WatchOptions:
     debounce_min: float = 0.05
     debounce_max: float = 2.0
     reload_burst: int = 2
+    reload_gap: float = 0.2  # between the end of a reload and the next cycle (see Debouncer)
     resync_interval: float = 300.0
     address_timeout: float = 30.0
     address_poll_first: float = 0.01
@@ -115,7 +116,9 @@ class Watcher:
         self.observer: Observer = observer or Unobserved()  # what `watch --listen` serves
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
-        self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
+        self.debounce = Debouncer(
+            options.debounce_min, options.debounce_max, options.reload_burst, options.reload_gap
+        )
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
         self.cache = InstanceCache(
