@@ -412,8 +412,8 @@ def cycle_span(cycle: dict[str, Any], rel: Callable[[float], float]) -> dict[str
 
 def where_time_goes(sample: dict[str, Any]) -> dict[str, float | None]:
     """One round's steps in ms after the port's first accept: the start event's cycle, the
-    address seen in the instance's state, its port accepting (the poll's end: the routing
-    cycle begins), the render done, Caddy's /load received, the cycle logged (after /load
+    address seen in the instance's state, the routing cycle begun (after a poll: as the poll
+    saw the port accept), the render done, Caddy's /load received, the cycle logged (after /load
     returned and the file was written), the first 200 through Caddy."""
     cycles = sample.get("cycles") or []
     started = next((c for c in cycles if any(t.startswith("instance-started") for t in
@@ -422,7 +422,7 @@ def where_time_goes(sample: dict[str, Any]) -> dict[str, float | None]:
         t.startswith(("address", "warm")) for t in c["triggers"])), started)  # fmt: skip
     out: dict[str, float | None] = {
         "start_cycle_began": started["began"] if started else None,
-        "address_seen": None, "port_accepts": None, "rendered": None, "load_received": None,
+        "address_seen": None, "routing_cycle_began": None, "rendered": None, "load_received": None,
         "routing_cycle_logged": None, "first_200": sample.get("first_200"),
     }  # fmt: skip
     if routing is None:
@@ -431,7 +431,7 @@ def where_time_goes(sample: dict[str, Any]) -> dict[str, float | None]:
     began = routing["began"]
     if waited and waited.get("address_ms") is not None:
         out["address_seen"] = round(began - (waited["total_ms"] - waited["address_ms"]), 1)
-    out["port_accepts"] = began
+    out["routing_cycle_began"] = began
     steps = routing["steps_ms"]
     out["rendered"] = round(began + steps.get("refresh", 0) + steps.get("render", 0), 1)
     out["load_received"] = next((at for at in sample.get("loads") or [] if at >= began), None)
