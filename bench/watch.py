@@ -44,7 +44,8 @@ What is measured (default sizes; every wait is bounded):
    within the noise). Then the plain watch is restarted for measures 3 and 4.
    `--no-listener` skips it.
 
-watch follows every project, so other users of this Incus make cycles too. A latency round
+watch follows the fleet's projects only (a settings file with a `[projects]` policy), so other
+users of this Incus make no cycles of its own; should any come, a latency round
 or a request sample with others' triggers in its cycles (or in the 2 s before: a reload holds
 the next one) is set aside and taken again, within bounds; so is a disturbed idle window
 (--idle-tries). Noise and burst count only cycles with a trigger of ours (reloads: Caddy's
@@ -256,8 +257,15 @@ def routed(text: str, hostname: str) -> bool:
 
 
 def start_watch(output: Path, caddy: Caddy, fleet: Fleet, *extra: str) -> Watch:
-    """Start watch; return once its first cycle routed the whole fleet and it settled."""
-    watch = Watch(output, caddy, mark(fleet), *extra)
+    """Start watch for the fleet's projects only (a [projects] policy: on a shared Incus,
+    other sessions' instances and projects would make cycles of their own, and every
+    latency round was set aside as disturbed); return once its first cycle routed the
+    whole fleet and it settled."""
+    config = output.parent / "fleet.toml"
+    config.write_text(
+        "[projects]\ninclude = [" + ", ".join(f'"{p}"' for p in fleet.projects) + "]\n"
+    )
+    watch = Watch(output, caddy, mark(fleet), "--config", str(config), *extra)
     try:
         first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
         if first.get("error"):
