@@ -32,12 +32,16 @@ What is measured:
 4. Reloads: 100 reloads (as in 1, every 100 ms) under 200 requests/s to an unrelated fleet
    host. Failed requests with the browser-like client, goal 0; raw socket errors reported.
    Baseline: the configs rendered with the traffic settings off.
-5. Readiness: start the require_ready instance (20 rounds); the benchmark probes its port
-   directly, in parallel (polling its state until its address shows, every 10 ms, then a
-   connect every 2 ms, so that it does not poison the host's ARP entry itself), and GETs
-   through Caddy every 5 ms. Start-to-first-200 = first 200 through Caddy - the port's first
-   accept. Goal p50 <= 40 ms, p95 <= 80 ms. Baseline: the code before these changes
-   (`--baseline-ref`, a git archive of it run as `watch`), which probed at lease time.
+5. Readiness: start the require_ready instance and, in turn, the same image without
+   require_ready (the baseline), 20 rounds each. Each notes inside the instance, from its
+   init, the wall-clock time its port 80 first accepts (icf_server --port-open, dialling
+   127.0.0.1 every 0.5 ms: no packet from the host, so the host's ARP entry is not touched
+   by the measurement); the benchmark GETs through Caddy every 10 ms.
+   Start-to-first-200 = first 200 through Caddy - the port's first accept. Goal p50 <= 40
+   ms, p95 <= 80 ms; reported with the baseline's figures and the ratio, and a median
+   timeline from watch's cycle records (steps_ms, waited) and Caddy's log. `--only
+   readiness` runs this alone; `--compare-ref REF` adds the same rounds with the watch of
+   an older commit, in blocks of 5 in turn.
 6. Back-to-back changes: two `incus config set` of the upstream port on two instances, one
    right after the other (10 pairs, 4.5 s apart): seconds from each command's return until
    Caddy serves the change. Goal p95 <= 300 ms. Reloads of a burst (30 fleet instances
