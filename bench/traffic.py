@@ -32,12 +32,16 @@ What is measured:
 4. Reloads: 100 reloads (as in 1, every 100 ms) under 200 requests/s to an unrelated fleet
    host. Failed requests with the browser-like client, goal 0; raw socket errors reported.
    Baseline: the configs rendered with the traffic settings off.
-5. Readiness: start the require_ready instance (20 rounds); the benchmark probes its port
-   directly, in parallel (polling its state until its address shows, every 10 ms, then a
-   connect every 2 ms, so that it does not poison the host's ARP entry itself), and GETs
-   through Caddy every 5 ms. Start-to-first-200 = first 200 through Caddy - the port's first
-   accept. Goal p50 <= 40 ms, p95 <= 80 ms. Baseline: the code before these changes
-   (`--baseline-ref`, a git archive of it run as `watch`), which probed at lease time.
+5. Readiness: start the require_ready instance and, in turn, the same image without
+   require_ready (the baseline), 20 rounds each. Each notes inside the instance, from its
+   init, the wall-clock time its port 80 first accepts (icf_server --port-open, dialling
+   127.0.0.1 every 0.5 ms: no packet from the host, so the host's ARP entry is not touched
+   by the measurement); the benchmark GETs through Caddy every 10 ms.
+   Start-to-first-200 = first 200 through Caddy - the port's first accept. Goal p50 <= 40
+   ms, p95 <= 80 ms; reported with the baseline's figures and the ratio, and a median
+   timeline from watch's cycle records (steps_ms, waited) and Caddy's log. `--only
+   readiness` runs this alone; `--compare-ref REF` adds the same rounds with the watch of
+   an older commit, in blocks of 5 in turn.
 6. Back-to-back changes: two `incus config set` of the upstream port on two instances, one
    right after the other (10 pairs, 4.5 s apart): seconds from each command's return until
    Caddy serves the change. Goal p95 <= 300 ms. Reloads of a burst (30 fleet instances
@@ -131,6 +135,7 @@ WORKERS = 8
 OFF = ["--no-drain", "--lb-retries", "0", "--stream-close-delay", "0"]
 SETTINGS_OFF = {"stream_close_delay": "0", "lb_try_duration": "0", "lb_retries": 0,
                 "dial_timeout": "0", "fail_duration": "0"}  # fmt: skip
+READY_BLOCK = 5  # readiness rounds per watch when codes are compared in turn
 READY_P50_MS, READY_P95_MS, BACK_TO_BACK_P95_MS = 40.0, 80.0, 300.0
 ROUND_TIMEOUT_S = 15.0
 
@@ -150,7 +155,8 @@ class Cast:
     suffix: str
     pool: list[str] = field(default_factory=list)
     ws: str = ""
-    ready: str = ""
+    ready: str = ""  # upstream.require_ready=true
+    plain: str = ""  # the same without require_ready: the readiness baseline
 
     @property
     def pool_host(self) -> str:
@@ -165,20 +171,23 @@ def cast_instances(fleet: Fleet, exe: Path, endpoint: str) -> Cast:
     cast = Cast(fleet.projects[0], fleet.suffix)
     cast.pool = [f"tp{i}-{fleet.suffix}" for i in (1, 2, 3)]
     cast.ws, cast.ready = f"tws-{fleet.suffix}", f"trdy-{fleet.suffix}"
+    cast.plain = f"tpln-{fleet.suffix}"
     for name in cast.pool:
         launch(cast.project, name, labels(cast.pool_host, ICF_SERVER_PORT), run=incus)
     launch(cast.project, cast.ws, labels(cast.ws_host, ICF_SERVER_PORT), run=incus)
     ready = {**labels(host(cast.ready)), KEY_REQUIRE_READY: "true"}
     launch(cast.project, cast.ready, ready, run=incus)
+    launch(cast.project, cast.plain, labels(host(cast.plain)), run=incus)
     client = project_client(endpoint, cast.project)
-    for name in [*cast.pool, cast.ws, cast.ready]:
+    for name in [*cast.pool, cast.ws, cast.ready, cast.plain]:
         api = client.api.instances[name]
         if not wait_for(lambda api=api: global_ipv4(api.state.get().json()["metadata"]), 60, 0.2):
             raise BenchError(f"{name} got no IPv4 address within 60 s")
     for name in [*cast.pool, cast.ws]:
         install_icf_server(cast.project, name, exe, run=incus)
-    watch_port_at_boot(cast.project, cast.ready, exe)
-    set_state(client, cast.ready, "stop")  # started once: its lease is known
+    for name in (cast.ready, cast.plain):
+        watch_port_at_boot(cast.project, name, exe)
+        set_state(client, name, "stop")  # started once: its lease is known
     return cast
 
 
@@ -361,20 +370,21 @@ def port_opened(project: str, name: str, since: float) -> float | None:
     return value if value >= since else None
 
 
-def readiness_round(endpoint: str, caddy: Caddy, watch: Watch, cast: Cast) -> dict[str, Any]:
+def readiness_round(endpoint: str, caddy: Caddy, watch: Watch, project: str, name: str
+                    ) -> dict[str, Any]:  # fmt: skip
     """One start; times in ms after the port's first accept (the figure: first_200)."""
-    client = project_client(endpoint, cast.project)
-    target = Target(cast.project, cast.ready)
+    client = project_client(endpoint, project)
+    target = Target(project, name)
     after = len(watch.cycles())
     wall_start = time.time()
-    set_state(client, cast.ready, "start")
+    set_state(client, name, "start")
     t0, wall0 = time.monotonic(), time.time()
     prober = Prober(caddy, target, t0)
     prober.run()
-    opened = wait_for(lambda: port_opened(cast.project, cast.ready, wall_start), 10, 0.1)
-    cycles = [c for c in watch.cycles()[after:] if any(cast.ready in t for t in c["triggers"])]
+    opened = wait_for(lambda: port_opened(project, name, wall_start), 10, 0.1)
+    cycles = [c for c in watch.cycles()[after:] if any(name in t for t in c["triggers"])]
     loads = [at for at, uri in caddy.admin_requests(wall0) if uri == "/load"]
-    set_state(client, cast.ready, "stop")
+    set_state(client, name, "stop")
     if not wait_for(lambda: not routed(watch.routes(), target.hostname), 15, 0.05):
         raise BenchError(f"{target.hostname} still routed 15 s after it stopped")
     time.sleep(2.5)  # the reload bucket refills
@@ -392,22 +402,118 @@ def readiness_round(endpoint: str, caddy: Caddy, watch: Watch, cast: Cast) -> di
     }
 
 
-def cycle_span(cycle: dict[str, Any], rel: Callable[[float], float]) -> list[Any]:
-    """[began, logged, triggers] of a watch cycle, in ms after the port opened."""
+def cycle_span(cycle: dict[str, Any], rel: Callable[[float], float]) -> dict[str, Any]:
+    """A watch cycle in ms after the port opened: when it began and was logged, its triggers,
+    its steps (refresh, render, load, write) and the polls that ended as it began."""
     end = float(cycle["ts"])
-    return [rel(end - float(cycle["duration_ms"]) / 1000), rel(end), cycle["triggers"]]
+    return {
+        "began": rel(end - float(cycle["duration_ms"]) / 1000),
+        "logged": rel(end),
+        "triggers": cycle["triggers"],
+        "steps_ms": cycle.get("steps_ms") or {},
+        "waited": cycle.get("waited") or {},
+    }
+
+
+def where_time_goes(sample: dict[str, Any]) -> dict[str, float | None]:
+    """One round's steps in ms after the port's first accept: the start event's cycle, the
+    address seen in the instance's state, the routing cycle begun (after a poll: as the poll
+    saw the port accept), the render done, Caddy's /load received, the cycle logged (after /load
+    returned and the file was written), the first 200 through Caddy."""
+    cycles = sample.get("cycles") or []
+    started = next((c for c in cycles if any(t.startswith("instance-started") for t in
+                                              c["triggers"])), None)  # fmt: skip
+    routing = next((c for c in cycles if c["waited"] or any(
+        t.startswith(("address", "warm")) for t in c["triggers"])), started)  # fmt: skip
+    out: dict[str, float | None] = {
+        "start_cycle_began": started["began"] if started else None,
+        "address_seen": None, "routing_cycle_began": None, "rendered": None, "load_received": None,
+        "routing_cycle_logged": None, "first_200": sample.get("first_200"),
+    }  # fmt: skip
+    if routing is None:
+        return out
+    waited = next(iter(routing["waited"].values()), None)
+    began = routing["began"]
+    if waited and waited.get("address_ms") is not None:
+        out["address_seen"] = round(began - (waited["total_ms"] - waited["address_ms"]), 1)
+    out["routing_cycle_began"] = began
+    steps = routing["steps_ms"]
+    out["rendered"] = round(began + steps.get("refresh", 0) + steps.get("render", 0), 1)
+    out["load_received"] = next((at for at in sample.get("loads") or [] if at >= began), None)
+    out["routing_cycle_logged"] = routing["logged"]
+    return out
+
+
+def median_steps(rounds: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    steps = [where_time_goes(r) for r in rounds if r.get("first_200") is not None]
+    keys = steps[0].keys() if steps else []
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [v for s in steps if (v := s[key]) is not None]
+        out[key] = round(statistics.median(values), 1) if values else None
+    return out
 
 
 def measure_readiness(
     endpoint: str, caddy: Caddy, watch: Watch, cast: Cast, rounds: int
 ) -> dict[str, Any]:
-    samples = []
+    """Rounds of the require_ready instance and of the plain one (the baseline), in turn, so
+    that both see the same machine."""
+    return readiness_figures(readiness_samples(endpoint, caddy, watch, cast, rounds), cast)
+
+
+def readiness_samples(
+    endpoint: str, caddy: Caddy, watch: Watch, cast: Cast, rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    samples: dict[str, list[dict[str, Any]]] = {cast.ready: [], cast.plain: []}
     for i in range(rounds):
-        sample = readiness_round(endpoint, caddy, watch, cast)
-        samples.append(sample)
-        print(f"  readiness round {i + 1}: {sample}", flush=True)
-    values = [None if s["first_200"] is None else s["first_200"] / 1000 for s in samples]
-    return {**stats_ms(values), "rounds": samples}
+        for name, taken in samples.items():
+            sample = readiness_round(endpoint, caddy, watch, cast.project, name)
+            taken.append(sample)
+            print(f"  readiness round {i + 1} {name}: {sample}", flush=True)
+    return samples
+
+
+def readiness_figures(samples: dict[str, list[dict[str, Any]]], cast: Cast) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, name in (("require_ready", cast.ready), ("plain", cast.plain)):
+        values = [None if s["first_200"] is None else s["first_200"] / 1000 for s in samples[name]]
+        out[key] = {**stats_ms(values), "steps_p50_ms": median_steps(samples[name]),
+                    "rounds": samples[name]}  # fmt: skip
+    ready, plain = out["require_ready"], out["plain"]
+    out["ratio_p50"] = _ratio(ready["p50_ms"], plain["p50_ms"])
+    out["ratio_p95"] = _ratio(ready["p95_ms"], plain["p95_ms"])
+    return out
+
+
+def compare_readiness(
+    endpoint: str, caddy: Caddy, workdir: Path, fleet: Fleet, cast: Cast, rounds: int,
+    codes: dict[str, Path], run: Run,
+) -> dict[str, Any]:  # fmt: skip
+    """measure_readiness with each code (e.g. this tree and a commit before a change), in
+    blocks of READY_BLOCK rounds in turn, a watch of that code for each block."""
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {
+        label: {cast.ready: [], cast.plain: []} for label in codes
+    }
+    done = 0
+    while done < rounds:
+        block = min(READY_BLOCK, rounds - done)
+        for label, code in codes.items():
+            print(f"  {block} rounds with the code of {label} ...", flush=True)
+            watch = fleet_watch(workdir, caddy, fleet, "--resync-interval", "3600", code=code)
+            run.watches.append(watch)
+            try:
+                for name, taken in readiness_samples(endpoint, caddy, watch, cast, block).items():
+                    samples[label][name].extend(taken)
+            finally:
+                watch.stop()
+                run.watches.remove(watch)
+        done += block
+    return {label: readiness_figures(s, cast) for label, s in samples.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
 
 
 # ---------------------------------------------------------------- 6. back to back
@@ -465,7 +571,9 @@ def caddy_work(caddy: Caddy, texts: tuple[str, str], watch_log: list[dict[str, A
 
 def baseline_code(workdir: Path, ref: str) -> Path | None:
     """The repository at `ref` (git archive), to run the previous code as a baseline."""
-    target = workdir / "baseline"
+    target = workdir / f"code-{ref}"
+    if target.exists():
+        return target
     target.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True,
                              check=False, timeout=60)  # fmt: skip
@@ -510,6 +618,19 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     run.caddy = caddy = start_caddy(run.workdir)
     out: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                            "instances": fleet.size, "baseline_ref": args.baseline_ref}  # fmt: skip
+    if args.only == "readiness":
+        print("5. readiness (require_ready and plain, in turn) ...", flush=True)
+        codes = {"this tree": ROOT}
+        before = baseline_code(run.workdir, args.compare_ref) if args.compare_ref else None
+        if before is not None:
+            codes[args.compare_ref] = before
+        arms = compare_readiness(run.endpoint, caddy, run.workdir, fleet, cast, args.rounds,
+                                 codes, run)  # fmt: skip
+        out["readiness"] = arms.pop("this tree")
+        out["readiness_code_before"] = arms
+        out["goals"] = goals(out)
+        out["total_s"] = round(time.monotonic() - began, 1)
+        return out
     stable = host(fleet.members()[-1][1])
     leave_out = fleet.members()[1][1]
     on = two_configs(run.endpoint, fleet_settings(caddy, fleet), leave_out)
@@ -550,12 +671,9 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     out["caddy_work"] = caddy_work(caddy, on, cycles, since)
 
     if base is not None:
-        print("5-6. the same with the previous code (baseline) ...", flush=True)
+        print("6. the same with the previous code (baseline) ...", flush=True)
         watch = fleet_watch(run.workdir, caddy, fleet, code=base)
         run.watches.append(watch)
-        out["readiness_baseline"] = measure_readiness(
-            run.endpoint, caddy, watch, cast, max(1, args.rounds // 2)
-        )
         out["back_to_back_baseline"] = back_to_back(caddy, watch, fleet, args.pairs)
         events = Events(run.endpoint)
         try:
@@ -571,15 +689,24 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     return out
 
 
-def goals(f: dict[str, Any]) -> dict[str, bool]:
-    ws, pool, ready, b2b = f["websocket"], f["pool"], f["readiness"], f["back_to_back"]
+def readiness_goals(ready: dict[str, Any]) -> dict[str, bool]:
+    r = ready["require_ready"]
     return {
+        "readiness p50 <= 40 ms": (r["p50_ms"] or 1e9) <= READY_P50_MS,
+        "readiness p95 <= 80 ms": (r["p95_ms"] or 1e9) <= READY_P95_MS,
+    }
+
+
+def goals(f: dict[str, Any]) -> dict[str, bool]:
+    if "websocket" not in f:  # --only readiness
+        return readiness_goals(f["readiness"])
+    ws, pool, b2b = f["websocket"], f["pool"], f["back_to_back"]
+    return {
+        **readiness_goals(f["readiness"]),
         "websocket 20/20": ws["survived"] == ws["reloads"],
         "rolling restart 0 failed": pool["rolling_restart"]["failed"] == 0,
         "kill 0 failed": pool["kill"]["failed"] == 0,
         "reloads 0 failed (browser-like)": f["reloads"]["result"]["failed"] == 0,
-        "readiness p50 <= 40 ms": (ready["p50_ms"] or 1e9) <= READY_P50_MS,
-        "readiness p95 <= 80 ms": (ready["p95_ms"] or 1e9) <= READY_P95_MS,
         "back-to-back p95 <= 300 ms": (b2b["p95_ms"] or 1e9) <= BACK_TO_BACK_P95_MS,
         "burst <= 3 reloads": f["burst"]["reloads"] <= 3,
         "noise 0 reloads": f["noise"]["reloads"] == 0,
@@ -593,26 +720,48 @@ def report(f: dict[str, Any]) -> None:
         return (f"{r['failed']} failed of {r['sent']} ({r['rate']}/s), {r['raw_errors']} raw "
                 f"socket errors, {r['retried']} browser retries {r['failures'] or ''}")  # fmt: skip
 
-    ws, pool, base = f["websocket"], f["pool"], f["pool_baseline"]
     print(f"\n== traffic benchmark: {f['instances']} instances (baseline ref {f['baseline_ref']})")
-    print(f"1. websocket across {ws['reloads']} reloads: survived {ws['survived']}/"
-          f"{ws['reloads']} (baseline without stream_close_delay: {ws['baseline_survived']}/"
-          f"{ws['reloads']})")  # fmt: skip
-    print(f"2. rolling restart, 3 members, {RATE:.0f} req/s: {load_line(pool['rolling_restart'])}")
-    print(f"   baseline ({' '.join(base['watch_args'])}): {load_line(base['rolling_restart'])}")
-    print(f"3. member killed (stop --force): {load_line(pool['kill'])}")
-    print(f"   baseline: {load_line(base['kill'])}")
-    rel = f["reloads"]
-    print(f"4. unrelated host during {rel['reloads']} reloads: {load_line(rel['result'])}")
-    print(f"   baseline (traffic settings off): {load_line(rel['baseline'])}")
-    for key, label in (("readiness", "5. readiness start-to-first-200"),
-                       ("back_to_back", "6. back-to-back change to 200")):  # fmt: skip
-        r = f[key]
-        line = f"{label}: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, max {r['max_ms']} ms"
-        b = f.get(f"{key}_baseline")
-        if b:
-            line += f" (baseline: p50 {b['p50_ms']} ms, p95 {b['p95_ms']} ms)"
-        print(line)
+    if "websocket" in f:
+        ws, pool, base = f["websocket"], f["pool"], f["pool_baseline"]
+        print(f"1. websocket across {ws['reloads']} reloads: survived {ws['survived']}/"
+              f"{ws['reloads']} (baseline without stream_close_delay: {ws['baseline_survived']}/"
+              f"{ws['reloads']})")  # fmt: skip
+        print(f"2. rolling restart, 3 members, {RATE:.0f} req/s: "
+              f"{load_line(pool['rolling_restart'])}")  # fmt: skip
+        print(f"   baseline ({' '.join(base['watch_args'])}): {load_line(base['rolling_restart'])}")
+        print(f"3. member killed (stop --force): {load_line(pool['kill'])}")
+        print(f"   baseline: {load_line(base['kill'])}")
+        rel = f["reloads"]
+        print(f"4. unrelated host during {rel['reloads']} reloads: {load_line(rel['result'])}")
+        print(f"   baseline (traffic settings off): {load_line(rel['baseline'])}")
+    report_readiness(f["readiness"])
+    for ref, r in (f.get("readiness_code_before") or {}).items():
+        print(f"   the same with the code of {ref}, in turn:")
+        report_readiness(r)
+    if "websocket" in f:
+        report_changes(f)
+    print("goals: " + ", ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in f["goals"].items()))
+
+
+def report_readiness(r: dict[str, Any]) -> None:
+    ready, plain = r["require_ready"], r["plain"]
+    print(f"5. start-to-first-200 from the port's first accept, {len(ready['rounds'])} rounds"
+          " each, in turn:")  # fmt: skip
+    for label, s in (("require_ready=true", ready), ("without (baseline)", plain)):
+        print(f"   {label:20} p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, max {s['max_ms']} ms")
+    print(f"   ratio require_ready / baseline: p50 {r['ratio_p50']}, p95 {r['ratio_p95']}")
+    for label, s in (("require_ready=true", ready), ("without (baseline)", plain)):
+        steps = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["steps_p50_ms"].items())
+        print(f"   {label}, median ms after the port opened: {steps}")
+
+
+def report_changes(f: dict[str, Any]) -> None:
+    r, b = f["back_to_back"], f.get("back_to_back_baseline")
+    line = f"6. back-to-back change to 200: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, max "
+    line += f"{r['max_ms']} ms"
+    if b:
+        line += f" (baseline: p50 {b['p50_ms']} ms, p95 {b['p95_ms']} ms)"
+    print(line)
     burst = f["burst"]
     b = f.get("burst_baseline")
     print(
@@ -626,7 +775,6 @@ def report(f: dict[str, Any]) -> None:
           f"{w['watch_posts']['/load']} POST /load for {w['watch_changes']} changes (and "
           f"{w['watch_posts']['/adapt']} POST /adapt: its periodic check whether Caddy runs "
           "the file, not per change)")  # fmt: skip
-    print("goals: " + ", ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in f["goals"].items()))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -637,6 +785,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reloads", type=int, default=100, help="reloads under load")
     parser.add_argument("--reloads-ws", type=int, default=20, help="reloads for the websocket")
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="the previous code's commit")
+    parser.add_argument("--only", choices=["all", "readiness"], default="all",
+                        help="readiness: measure 5 alone (and its baseline)")  # fmt: skip
+    parser.add_argument("--compare-ref", default=None,
+                        help="--only readiness: also this commit's code, in turn")  # fmt: skip
     args = parser.parse_args(argv)
     if not 1 <= args.projects <= 9 or not 3 <= args.instances <= 999:
         parser.error("need 1 <= --projects <= 9 and 3 <= --instances <= 999")

@@ -34,14 +34,18 @@ What is measured (default sizes; every wait is bounded):
    Target: <= 3.
 4. Idle: resident memory (VmRSS) and CPU time (utime + stime) of the watch process over 60 s
    in which this script causes no events.
-5. Listener (`--listen`, see bench/listener.py): watch restarted with `--listen 127.0.0.1:0`,
-   the latency rounds of measure 1 taken again while a client asks `/ask` 200 times a second
-   (on one keep-alive connection, as Caddy's on-demand TLS asks; routed and unknown names in
-   turn). Reported: /ask latency p50/p99, and the watch's part of the latency (t_200 - t_addr)
-   with the listener on against measure 1's, listener off. Then the plain watch is restarted
-   for measures 3 and 4. `--no-listener` skips it.
+5. Listener (`--listen`, see bench/listener.py): the latency rounds of measure 1 with the
+   listener off and on, in turn (blocks of 5 rounds, watch restarted with or without
+   `--listen 127.0.0.1:0` for each block; `--listener-rounds` each, default 10), while a
+   client asks `/ask` 200 times a second whenever it is on (on one keep-alive connection, as
+   Caddy's on-demand TLS asks; routed and unknown names in turn). Reported: /ask latency
+   p50/p99 (all blocks), and for each arm the watch's part of the latency (t_200 - t_addr)
+   and the duration of the cycle that routed the target, with the ratio on / off (goal: 1,
+   within the noise). Then the plain watch is restarted for measures 3 and 4.
+   `--no-listener` skips it.
 
-watch follows every project, so other users of this Incus make cycles too. A latency round
+watch follows the fleet's projects only (a settings file with a `[projects]` policy), so other
+users of this Incus make no cycles of its own; should any come, a latency round
 or a request sample with others' triggers in its cycles (or in the 2 s before: a reload holds
 the next one) is set aside and taken again, within bounds; so is a disturbed idle window
 (--idle-tries). Noise and burst count only cycles with a trigger of ours (reloads: Caddy's
@@ -105,6 +109,7 @@ POLL_S = 0.010  # both latency pollers
 ROUND_TIMEOUT_S = 15.0  # each latency loop
 PROBE_TIMEOUT_S = 4.0  # one request through Caddy (its default upstream dial timeout is 3 s)
 MAX_PROBES_IN_FLIGHT = 64
+LISTENER_BLOCK = 5  # measure 5: rounds with the listener off, then on, in turn
 HOLD_S = 2.5  # watch's reload bucket gets a token back every 2 s (the debounce's MAX)
 SETTLE_TIMEOUT_S = 60.0
 CYCLE_TIMEOUT_S = 20.0
@@ -243,8 +248,15 @@ class Watch(WatchProcess):
 
 
 def start_watch(output: Path, caddy: Caddy, fleet: Fleet, *extra: str) -> Watch:
-    """Start watch; return once its first cycle routed the whole fleet and it settled."""
-    watch = Watch(output, caddy, mark(fleet), *extra)
+    """Start watch for the fleet's projects only (a [projects] policy: on a shared Incus,
+    other sessions' instances and projects would make cycles of their own, and every
+    latency round was set aside as disturbed); return once its first cycle routed the
+    whole fleet and it settled."""
+    config = output.parent / "fleet.toml"
+    config.write_text(
+        "[projects]\ninclude = [" + ", ".join(f'"{p}"' for p in fleet.projects) + "]\n"
+    )
+    watch = Watch(output, caddy, mark(fleet), "--config", str(config), *extra)
     try:
         first = watch.wait_cycle(lambda _c: True, 0, START_TIMEOUT_S)
         if first.get("error"):
@@ -1036,6 +1048,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="idle windows to try when others' events disturb one",
     )
     parser.add_argument(
+        "--listener-rounds",
+        type=int,
+        default=10,
+        help="latency rounds with the listener off, and as many on (measure 5)",
+    )
+    parser.add_argument(
         "--no-listener",
         dest="listener",
         action="store_false",
@@ -1049,6 +1067,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.projects <= 9 or args.jobs < 1 or args.rounds < 1:
         parser.error("need 1 <= --projects <= 9, --jobs >= 1, --rounds >= 1")
+    if args.listener_rounds < 1:
+        parser.error("need --listener-rounds >= 1")
     if args.idle <= 0 or args.idle_tries < 1:
         parser.error("need --idle > 0 and --idle-tries >= 1")
     if not args.projects <= args.small <= args.instances <= 999:
@@ -1080,45 +1100,86 @@ def grow(args: argparse.Namespace, run: Run, fleet: Fleet) -> tuple[Fleet, float
 
 
 def measure_listener(
-    args: argparse.Namespace,
-    run: Run,
-    output: Path,
-    fleet: Fleet,
-    target: Target,
-    off: dict[str, Any],
+    args: argparse.Namespace, run: Run, output: Path, fleet: Fleet, target: Target
 ) -> dict[str, Any]:
-    """Measure 5: the latency rounds again with --listen on and /ask under load; then the
-    plain watch again, for the measures after this one."""
+    """Measure 5: the latency rounds with the listener off and on, in turn (blocks of
+    LISTENER_BLOCK rounds, watch restarted for each, so that both arms see the same
+    machine), with /ask asked ASK_RATE times a second while it is on; then the plain watch
+    again, for the measures after this one."""
     assert run.watch is not None and run.caddy is not None and run.events is not None
-    print(f"listener: watch restarted with --listen; {args.rounds} starts under"
-          f" {ASK_RATE:.0f} /ask per s ...", flush=True)  # fmt: skip
-    run.watch.stop()
-    run.watch = start_watch(output, run.caddy, fleet, "--listen", "127.0.0.1:0")
+    print(f"listener: {args.listener_rounds} starts with --listen off and {args.listener_rounds}"
+          f" with it on (under {ASK_RATE:.0f} /ask per s), in turn ...", flush=True)  # fmt: skip
+    arms: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    asks: list[AskLoad] = []
     names = list(fleet.hosts())[:20] + [f"nobody{n}.bench.localhost" for n in range(20)]
-    load = AskLoad(listen_url(run.watch), names)
-    load.start()
-    try:
-        on = measure_latency(
-            run.endpoint, run.caddy, run.watch, target, fleet, run.events, args.rounds
-        )
-    finally:
-        load.stop()
+    while min(len(v) for v in arms.values()) < args.listener_rounds:
+        for arm, taken in arms.items():
+            rounds = min(LISTENER_BLOCK, args.listener_rounds - len(taken))
+            if rounds <= 0:
+                continue
+            run.watch.stop()
+            extra = ("--listen", "127.0.0.1:0") if arm == "on" else ()
+            run.watch = start_watch(output, run.caddy, fleet, *extra)
+            load = AskLoad(listen_url(run.watch), names) if arm == "on" else None
+            if load is not None:
+                asks.append(load)
+                load.start()
+            try:
+                block = measure_latency(
+                    run.endpoint, run.caddy, run.watch, target, fleet, run.events, rounds
+                )
+            finally:
+                if load is not None:
+                    load.stop()
+            taken.extend(block["samples"])
     run.watch.stop()
     run.watch = start_watch(output, run.caddy, fleet)
-    key = "t_200_minus_t_addr"
+    figures = {arm: listener_arm(samples) for arm, samples in arms.items()}
+    off, on = figures["off"], figures["on"]
     return {
-        "ask": load.figures(),
-        "latency_off": off[key],
-        "latency_on": on[key],
-        "moved_p50_ms": _delta(on[key]["p50_ms"], off[key]["p50_ms"]),
-        "moved_p95_ms": _delta(on[key]["p95_ms"], off[key]["p95_ms"]),
-        "rounds_on": on["rounds"],
-        "samples_on": on["samples"],
+        "ask": merged_figures(asks),
+        "rounds_per_arm": args.listener_rounds,
+        "block": LISTENER_BLOCK,
+        "off": off,
+        "on": on,
+        "ratio": {
+            f"{key}_{q}": _ratio(on[key][q], off[key][q])
+            for key in ("t_200_minus_t_addr", "routing_cycle_ms")
+            for q in ("p50_ms", "p95_ms")
+        },
     }
 
 
-def _delta(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else round(a - b, 1)
+def listener_arm(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's figures from its rounds (in ms, as measure_latency keeps them): the
+    watch's part of the latency, and the duration of the cycle that routed the target."""
+    added = [
+        None if s["t_addr"] is None or s["t_200"] is None else (s["t_200"] - s["t_addr"]) / 1000
+        for s in samples
+    ]
+    routing = [next((c["duration_ms"] for c in s["cycles"] if c["added"]), None) for s in samples]
+    return {
+        "rounds": len(samples),
+        "t_200_minus_t_addr": stats_ms(added),
+        "routing_cycle_ms": stats_ms([None if d is None else d / 1000 for d in routing]),
+    }
+
+
+def merged_figures(loads: Sequence[AskLoad]) -> dict[str, Any]:
+    """The /ask figures of every block's load, as one."""
+    merged = AskLoad("http://127.0.0.1:0", ["-"])
+    for load in loads:
+        merged.latencies += load.latencies
+        merged.errors += load.errors
+        merged.late += load.late
+        merged.elapsed += load.elapsed
+        for status, count in load.statuses.items():
+            merged.statuses[status] = merged.statuses.get(status, 0) + count
+    return merged.figures()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
 
 
 def report_listener(lst: dict[str, Any]) -> None:
@@ -1129,11 +1190,17 @@ def report_listener(lst: dict[str, Any]) -> None:
         f" {ask['statuses']}): p50 {ask['p50_ms']} ms, p99 {ask['p99_ms']} ms,"
         f" max {ask['max_ms']} ms"
     )
-    off, on = lst["latency_off"], lst["latency_on"]
-    print(f"   {'t_200 - t_addr (watch)':30}{'p50':>10}{'p95':>10}{'max':>10}")
-    for label, s in (("listener off (measure 1)", off), ("listener on, /ask load", on)):
-        print(f"   {label:30}{fms(s['p50_ms'])}{fms(s['p95_ms'])}{fms(s['max_ms'])}")
-    print(f"   moved: p50 {lst['moved_p50_ms']} ms, p95 {lst['moved_p95_ms']} ms")
+    print(f"   {lst['rounds_per_arm']} starts each with the listener off and on, in blocks of"
+          f" {lst['block']} in turn:")  # fmt: skip
+    print(f"   {'':38}{'p50':>10}{'p95':>10}{'max':>10}")
+    for key, what in (("t_200_minus_t_addr", "t_200 - t_addr"),
+                      ("routing_cycle_ms", "routing cycle")):  # fmt: skip
+        for arm, label in (("off", "listener off"), ("on", "listener on, /ask load")):
+            s = lst[arm][key]
+            print(f"   {what + ', ' + label:38}{fms(s['p50_ms'])}{fms(s['p95_ms'])}"
+                  f"{fms(s['max_ms'])}")  # fmt: skip
+        r = lst["ratio"]
+        print(f"   {what}, on / off: p50 {r[key + '_p50_ms']}, p95 {r[key + '_p95_ms']}")
 
 
 def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
@@ -1160,7 +1227,7 @@ def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     )
     listener = None
     if args.listener:
-        listener = measure_listener(args, run, output, fleet, target, latency)
+        listener = measure_listener(args, run, output, fleet, target)
     print(f"burst: {args.burst} starts at once ...", flush=True)
     burst = measure_burst(run.endpoint, run.caddy, run.watch, fleet, run.events, args.burst)
     print(f"idle: {args.idle:.0f} s ...", flush=True)

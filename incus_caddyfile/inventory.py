@@ -180,14 +180,36 @@ class Inventory:
         )
         return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
 
-    def instance(self, project: str, name: str, own: bool = False) -> Instance | None:
+    def instance(
+        self,
+        project: str,
+        name: str,
+        own: bool = False,
+        just_up: Callable[[str], bool] | None = None,
+    ) -> Instance | None:
         """One instance, refreshed on its own (a few requests whatever the fleet size);
         None when it no longer exists. `own`: its addresses as it reports them itself (those
-        it has configured), not its leases."""
+        it has configured), not its leases. `just_up(network)`: it was down before, and the
+        host can tell addresses on this network by itself (its neighbour table): if it turns
+        out to need its own address on such a network, none is asked (its live state, the
+        slowest request, would not have it yet), and its NICs come without addresses, for a
+        poll to find them."""
         raw = self.api.get_instance(project, name)
         if raw is None:
             return None
         inst = bare_instance(raw, project)
+        refs = nic_refs(raw)
+        if (
+            just_up is not None
+            and self._wants(inst)
+            and needs_own_address(inst)
+            and any(r.hwaddr and r.network and just_up(r.network) for r in refs)
+        ):
+            for ref in refs:  # the subnets a poll checks addresses against
+                if ref.network:
+                    self._network_bounds(inst.project, ref.network)
+            nics = tuple(Nic(r.device, (), r.network or "", r.interface, r.hwaddr) for r in refs)
+            return dataclasses.replace(inst, nics=nics)
         own = own or needs_own_address(inst)
         wanted = [(inst, raw)] if self._wants(inst) and not own else []
         return self._addressed(inst, raw, self._lease_maps(wanted), own)
@@ -239,7 +261,7 @@ class Inventory:
             return dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
         nics = tuple(
             Nic(r.device, tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, [])),
-                r.network or "", r.interface)
+                r.network or "", r.interface, r.hwaddr)
             for r in refs
         )  # fmt: skip
         inst = dataclasses.replace(inst, nics=nics)
@@ -253,9 +275,26 @@ class Inventory:
         state = self.api.instance_state(inst.project, inst.name)
         if state is None:
             return None
-        refs = [NicRef(n.name, n.interface or n.name, n.network or None, "") for n in inst.nics]
+        refs = [
+            NicRef(n.name, n.interface or n.name, n.network or None, n.hwaddr) for n in inst.nics
+        ]
         status = str(state.get("status") or inst.status)
         return dataclasses.replace(inst, status=status, nics=self._state_nics(inst, refs, state))
+
+    def nearby(self, inst: Instance, resolved: Callable[[str], list[str]]) -> Instance | None:
+        """The instance with, as its NICs' addresses, those the host's neighbour table
+        already resolves to their MACs (`resolved(mac)`), inside their managed networks'
+        subnets; None when there are none. Candidates only: an address is the instance's own
+        once it answers on it (a TCP connection to it is accepted). Only NICs on managed
+        networks whose subnets are known count (no Incus request here)."""
+        nics = []
+        for nic in inst.nics:
+            subnets, own = self._bounds.get((inst.project, nic.network), ([], set()))
+            found = resolved(nic.hwaddr) if nic.hwaddr and subnets else []
+            nics.append(dataclasses.replace(nic, addresses=tuple(within(found, subnets, own))))
+        if not any(n.addresses for n in nics):
+            return None
+        return dataclasses.replace(inst, nics=tuple(nics))
 
     def _nics_from_state(self, inst: Instance, refs: list[NicRef]) -> tuple[Nic, ...]:
         """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
@@ -279,7 +318,7 @@ class Inventory:
             found = by_ifname.get(ref.interface, [])
             if ref.network:
                 found = within(found, *self._network_bounds(inst.project, ref.network))
-            nics.append(Nic(ref.device, tuple(found), ref.network or "", ref.interface))
+            nics.append(Nic(ref.device, tuple(found), ref.network or "", ref.interface, ref.hwaddr))
         return tuple(nics)
 
     def _network_bounds(self, project: str, network: str) -> tuple[list[IPNetwork], set[IPAddress]]:

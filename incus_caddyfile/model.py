@@ -62,6 +62,7 @@ class Nic:
     addresses: tuple[str, ...] = ()
     network: str = ""  # the Incus network it is attached to, when known
     interface: str = ""  # its name inside the instance (the live state's), when known
+    hwaddr: str = ""  # its MAC address, lower case, when known
 
 
 @dataclass(frozen=True)

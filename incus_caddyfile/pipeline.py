@@ -10,8 +10,11 @@ the previous file back. Either way the file on disk is always a config Caddy acc
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -20,7 +23,7 @@ from . import lastknown, output, probe, targets
 from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
 from .inventory import Bounds, Inventory, LeaseOutage
-from .model import Instance, Model, RouteRow, build, explain
+from .model import Instance, Model, RouteRow, build, explain, reach_target
 from .output import Changed, OutputError
 from .policy import Policy
 from .render import TemplateError, render
@@ -91,6 +94,16 @@ class Report:
     error: Status | None = None
     message: str = ""
     warnings: list[str] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)  # seconds: render, load, write
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """Add the time the block takes to `steps` (where a cycle's time goes)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[step] = self.steps.get(step, 0.0) + time.perf_counter() - began
 
     def summary(self) -> str:
         """What happened to the file and Caddy, in the words `render` and `watch` print."""
@@ -144,14 +157,15 @@ def fetch(
     bounds: Bounds | None = None,
     notes: list[str] | None = None,
     outage: LeaseOutage | None = None,
+    just_up: Callable[[str], bool] | None = None,
 ) -> Instance | None:
     """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
     its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
     managed networks' subnets the caller keeps (see Inventory); `notes`, `outage`: as for
-    collect."""
+    collect; `just_up`: it was down (see Inventory.instance)."""
     inventory = Inventory(api, bounds, outage=outage)
     try:
-        inst = inventory.instance(project, name, own)
+        inst = inventory.instance(project, name, own, just_up)
     finally:
         if notes is not None:
             notes.extend(inventory.notes)
@@ -176,6 +190,23 @@ def own_addresses(api: IncusApi, inst: Instance, bounds: Bounds | None = None) -
     known from a refresh."""
     found = Inventory(api, bounds).own(inst)
     return None if found is None else probe.annotate([found])[0]
+
+
+def nearby(
+    api: IncusApi, inst: Instance, bounds: Bounds | None = None, timeout: float = probe.TIMEOUT
+) -> Instance | None:
+    """The instance, ready, at an address it answers on that the host already resolves to
+    its MAC (its DHCP answer went out), found without an Incus request: the address is in
+    the host's neighbour table with the NIC's MAC, inside its managed network's subnet, and
+    its port accepts a connection (which proves the instance has configured the address).
+    None when there is no such address yet. Dialling only complete neighbour entries never
+    leaves one incomplete (a dial before the instance configured its address would, and
+    the next dials would wait about 1 s for the kernel's next ARP try)."""
+    candidate = Inventory(api, bounds).nearby(inst, probe.neighbours)
+    target = reach_target(candidate) if candidate is not None else None
+    if candidate is None or target is None or not probe.accepts(*target, timeout=timeout):
+        return None
+    return dataclasses.replace(candidate, ready=True)
 
 
 _SNIPPET = re.compile(r"^\(([A-Za-z0-9_.-]+)\)", re.MULTILINE)
@@ -311,8 +342,9 @@ def apply(
     drained = frozenset(draining)
     instances, report.warnings = recall(settings, instances)
     try:
-        report.model = model_for(settings, instances, draining=drained)
-        report.text = render(report.model, settings)
+        with report.timed("render"):
+            report.model = model_for(settings, instances, draining=drained)
+            report.text = render(report.model, settings)
     except SettingsError as exc:
         return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
     except TemplateError as exc:
@@ -425,7 +457,8 @@ def _load_then_write(
     gets the other order (checked by `caddy adapt`, written, the reload left pending)."""
     assert report.text is not None
     try:
-        target.caddy.load(report.text)
+        with report.timed("load"):
+            target.caddy.load(report.text)
     except CaddyRejected as exc:
         reason = _refused_text(target.caddy, report.text, exc)
         if reason is None:  # the text is fine; running it is not (a port in use ...)
@@ -453,7 +486,8 @@ def _load_then_write(
         return _check_then_write(settings, instances, target, current, report, draining)
     report.reloaded = True
     try:
-        note = target.destination.write((report.text or "").encode())
+        with report.timed("write"):
+            note = target.destination.write((report.text or "").encode())
     except OutputError as exc:
         _unload(target, current, report)
         return report.fail(Status.WRITE_FAILED, f"{exc}; the previous file is intact")

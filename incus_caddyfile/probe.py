@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .model import Instance, probe_target
 
 TIMEOUT = 0.5
 MAX_PARALLEL = 32
+NET_DEVICES = Path("/sys/class/net")  # a managed bridge is a device of its own name
+ARP_TABLE = Path("/proc/net/arp")  # the host's IPv4 neighbour table (any user may read it)
+ATF_COM = 0x2  # a complete entry: the MAC is known
 
 
 def accepts(address: str, port: int, timeout: float = TIMEOUT) -> bool:
@@ -39,3 +43,31 @@ def annotate(instances: list[Instance], timeout: float = TIMEOUT) -> list[Instan
         dataclasses.replace(inst, ready=results[i]) if i in results else inst
         for i, inst in enumerate(instances)
     ]
+
+
+def neighbours(hwaddr: str, table: Path | None = None) -> list[str]:
+    """IPv4 addresses the host's neighbour table resolves to this MAC now (complete entries
+    only). Dialling such an address cannot leave the entry incomplete (no ARP request is
+    needed), unlike dialling an address the host has no entry for. Empty when the table
+    cannot be read (not Linux, or Incus on another host)."""
+    try:
+        lines = (table or ARP_TABLE).read_text().splitlines()[1:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4 and fields[3].lower() == hwaddr.lower():
+            try:
+                complete = int(fields[2], 16) & ATF_COM
+            except ValueError:
+                continue
+            if complete:
+                out.append(fields[0])
+    return out
+
+
+def bridged_here(network: str, devices: Path | None = None) -> bool:
+    """The Incus network is a bridge on this host (watch runs beside Incus), so the host's
+    neighbour table learns its instances' addresses."""
+    return bool(network) and "/" not in network and ((devices or NET_DEVICES) / network).exists()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from incus_caddyfile import probe
 from incus_caddyfile.caddy import AdminAPI, find_caddy
 
 from .harness import Caddy
@@ -26,3 +28,15 @@ def caddy_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminAPI]:
         yield AdminAPI(caddy.admin, timeout=5)
     finally:
         caddy.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_host_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The host's neighbour table is not read in tests (the recorded MACs and addresses may
+    be in it): an empty table a test can fill (probe.neighbours reads this path)."""
+    table = tmp_path / "arp"
+    table.write_text("IP address       HW type     Flags       HW address       Mask     Device\n")
+    monkeypatch.setattr(probe, "ARP_TABLE", table)
+    (tmp_path / "net").mkdir()
+    monkeypatch.setattr(probe, "NET_DEVICES", tmp_path / "net")  # no bridge is on this host
+    return table

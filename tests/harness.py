@@ -494,7 +494,10 @@ class Load:
                     if self.browser and reused and attempt == 1:
                         self.result.retried += 1
                         continue
-                    self.result.note_failure(f"{type(exc).__name__}: {exc}")
+                    how = "a retry" if attempt == 2 else "reused" if reused else "a new connection"
+                    self.result.note_failure(
+                        f"{type(exc).__name__}: {exc} (on {how}, at {time.time():.3f})"
+                    )
                 return conn, used
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from incus_caddyfile import probe
@@ -45,3 +47,19 @@ def test_a_port_that_does_not_answer_yet_is_waited_for(monkeypatch: pytest.Monke
     [probed] = probe.annotate([inst("web", **{KEY_REQUIRE_READY: "true"})])
     assert probed.ready is False and awaits_address(probed)
     assert build([probed]).sites == ()
+
+
+ARP = """IP address       HW type     Flags       HW address            Mask     Device
+198.18.77.166    0x1         0x2         10:66:6a:e7:d0:83     *        icfbr0
+198.18.77.167    0x1         0x0         10:66:6a:e7:d0:84     *        icfbr0
+198.18.77.168    0x1         0x2         10:66:6A:E7:D0:85     *        icfbr0
+"""
+
+
+def test_neighbours_are_the_complete_entries_of_a_mac(tmp_path: Path) -> None:
+    table = tmp_path / "arp"
+    table.write_text(ARP)
+    assert probe.neighbours("10:66:6a:e7:d0:83", table) == ["198.18.77.166"]
+    assert probe.neighbours("10:66:6a:e7:d0:84", table) == []  # incomplete: never dialled
+    assert probe.neighbours("10:66:6a:e7:d0:85", table) == ["198.18.77.168"]
+    assert probe.neighbours("10:66:6a:e7:d0:83", tmp_path / "missing") == []

@@ -255,7 +255,25 @@ def test_two_changes_in_a_row_are_both_applied_at_once() -> None:
     assert ":8080" in loop.text and loop.caddy.loads == 2
     _port_change(loop, "rec-frozen", "8081")
     loop.run_for(0.1)
+    assert loop.caddy.loads == 2  # 0.2 s after a reload first (see the next test)
+    loop.run_for(0.1)
     assert ":8081" in loop.text and loop.caddy.loads == 3  # no 2 s hold
+
+
+def test_a_reload_keeps_a_gap_after_the_one_before_even_a_drain() -> None:
+    """A reload closes idle keep-alive connections; clients send the request again on new
+    connections at once, and a second reload tens of ms later closed those without an
+    answer (a failed request, seen in the rolling-restart test: a member's return and the
+    next member's drain came ~50 ms apart). The next cycle waits 0.2 s after a reload."""
+    loop = pool_loop()
+    _port_change(loop, "rec-frozen", "8081")
+    loop.run_for(0.06, step=0.002)
+    first = loop.caddy.loads
+    operation(loop, "Stopping instance", "Running")  # urgent: out of its pool now
+    loop.run_for(0.19, step=0.002)
+    assert loop.caddy.loads == first and WEB_ADDRESS in loop.text  # not yet
+    loop.run_for(0.03, step=0.002)
+    assert loop.caddy.loads == first + 1 and WEB_ADDRESS not in loop.text
 
 
 def test_a_sustained_burst_is_paced_by_the_bucket() -> None:
@@ -342,7 +360,7 @@ def test_a_stop_that_fails_brings_the_member_back() -> None:
     loop.run_for(0.1)
     assert WEB_ADDRESS not in loop.text
     operation(loop, "Stopping instance", "Failure")
-    loop.run_for(0.1)
+    loop.run_for(0.3)  # 0.2 s after the drain's reload at the soonest
     assert WEB_ADDRESS in loop.text and MATE_ADDRESS in loop.text
 
 
@@ -381,7 +399,7 @@ def test_a_restarted_member_rejoins_once_its_port_accepts(monkeypatch: pytest.Mo
     loop.incus.set_state(*WEB, {"network": {}})
     operation(loop, "Restarting instance", "Success")
     loop.emit(*WEB, "instance-restarted")
-    loop.run_for(0.1)
+    loop.run_for(0.3)  # its cycle comes 0.2 s after the drain's reload at the soonest
     loop.incus.calls.clear()
     loop.run_for(0.2)
     assert WEB_ADDRESS not in loop.text and probed == []  # nothing dials an unconfigured address
@@ -448,6 +466,31 @@ def test_events_of_projects_the_settings_leave_out_cost_nothing() -> None:
     assert loop.watcher.cycles == cycles + 1
 
 
+def test_others_projects_come_and_go_without_a_resync_of_ours() -> None:
+    """Seen in the lab: other test sessions create and delete projects all the time; each
+    project event re-listed everything, and every labelled instance of every project cost
+    a state request (when the leases are short): 50 s per listing on a shared Incus."""
+    from incus_caddyfile.policy import Policy
+
+    loop = Loop(Settings(scheme="http", policy=Policy(include=("icfrec-a",))))
+    loop.run_for(0.1)
+    assert not [c for c in loop.incus.calls if c[1:2] == ("icfrec-b",)]  # no address asked
+    stream = loop.incus.last_events
+    assert stream is not None
+    before, cycles = loop.incus.requests, loop.watcher.cycles
+    for action in ("project-created", "project-deleted"):
+        event = lifecycle_event("default", "other-tenant", action)
+        event["metadata"]["source"] = "/1.0/projects/other-tenant"
+        assert stream.emit(event)
+    loop.run_for(0.5)
+    assert loop.watcher.cycles == cycles and loop.incus.requests == before
+    event = lifecycle_event("default", "icfrec-a", "project-updated")
+    event["metadata"]["source"] = "/1.0/projects/icfrec-a"
+    assert stream.emit(event)
+    loop.run_for(0.3)
+    assert loop.watcher.cycles == cycles + 1 and "(after project-updated" in loop.cycle_lines[-1]
+
+
 def test_a_failed_write_is_retried_when_nothing_else_happens(loop: Loop) -> None:
     """Found by the soak: a read-only output directory failed the cycle, and the change
     waited for the next event (or the resync, minutes later) once the disk was back."""
@@ -498,3 +541,64 @@ def test_quiet_caddy_checks_log_nothing_and_count_no_cycle(loop: Loop) -> None:
     loop.run_for(25.0, step=0.25)
     assert loop.watcher.cycles == 1 and len(loop.log.getvalue().splitlines()) == lines
     assert loop.caddy.calls.count("running") >= 2  # it did ask
+
+
+# ---- require_ready: found in the host's neighbour table between Incus requests
+
+READY_KEY = "user.caddyserver.http.upstream.require_ready"
+WEB_MAC = "10:66:6a:e7:d0:83"
+
+
+def arp_line(address: str, mac: str, flags: str = "0x2") -> str:
+    return f"{address:17}0x1         {flags:12}{mac}     *        icfbr0\n"
+
+
+def test_a_ready_instance_answering_at_a_resolved_address_is_routed_without_its_state(
+    monkeypatch: pytest.MonkeyPatch, no_host_neighbours: Path
+) -> None:
+    """A start of a require_ready instance: while its live state does not show its address
+    yet, the host's neighbour table is looked at between the Incus requests; an address it
+    resolves to the instance's MAC (complete, inside the managed subnet) is dialled, and
+    the route follows as soon as the port accepts, with no further Incus request."""
+    loop = Loop(debounce_max=2.0)
+    loop.incus.set_config(*WEB, READY_KEY, "true")
+    loop.run_for(0.1)
+    loop.run_for(4.0, step=0.1)
+    address = WEB_ADDRESS.split(":")[0]
+    assert WEB_ADDRESS in loop.text
+    dialled: list[tuple[str, int]] = []
+    open_ports: set[tuple[str, int]] = set()
+
+    def accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+        dialled.append((host, port))
+        return (host, port) in open_ports
+
+    monkeypatch.setattr(probe, "accepts", accepts)
+    loop.incus.set_status(*WEB, "Stopped")
+    loop.emit(*WEB, "instance-stopped")
+    loop.run_for(0.5)
+    assert WEB_ADDRESS not in loop.text
+    # started again; its address not configured yet (not in its state)
+    loop.incus.set_status(*WEB, "Running")
+    loop.incus.set_state(*WEB, {"status": "Running", "network": {}})
+    (no_host_neighbours.parent / "net" / "icfbr0").mkdir()  # its bridge is on this host
+    loop.incus.calls.clear()
+    no_host_neighbours.write_text(
+        no_host_neighbours.read_text()
+        + arp_line(address, WEB_MAC, "0x0")  # incomplete: never dialled
+        + arp_line("10.9.9.9", WEB_MAC)  # outside the bridge's subnet: never dialled
+    )
+    loop.emit(*WEB, "instance-started")
+    loop.run_for(0.3)
+    assert dialled == [] and WEB_ADDRESS not in loop.text
+    # neither the start's cycle nor the poll asked its live state yet (the table first)
+    assert "instance_state" not in [c[0] for c in loop.incus.calls]
+    no_host_neighbours.write_text(no_host_neighbours.read_text() + arp_line(address, WEB_MAC))
+    loop.run_for(0.1)
+    assert set(dialled) == {(address, 80)} and WEB_ADDRESS not in loop.text  # port closed
+    open_ports.add((address, 80))
+    loop.incus.calls.clear()
+    loop.run_for(0.1)
+    assert WEB_ADDRESS in loop.text  # routed, its state still without the address
+    assert "(after address icfrec-a/rec-web)" in loop.cycle_lines[-1]
+    assert not any(c[0] == "instance_state" for c in loop.incus.calls)

@@ -67,9 +67,13 @@ class CycleLog:
         duration: float,
         requests: int,
         first: bool = False,
+        steps: dict[str, float] | None = None,
+        waited: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """One line; the first cycle of a process says what the file holds (there is no
-        "before" to compare with), later ones what changed."""
+        "before" to compare with), later ones what changed. `steps` (seconds: refresh from
+        Incus, render, load into Caddy, write) and `waited` (the polls for an address or an
+        open port that ended before it) say where its time went, in the JSON record."""
         if report.model is not None:
             self.rejections(report.model)
         for warning in report.warnings:
@@ -94,4 +98,6 @@ class CycleLog:
             error=report.error.name.lower() if report.error is not None else None,
             incus_requests=requests,
             duration_ms=round(duration * 1000, 1),
+            steps_ms={k: round(v * 1000, 1) for k, v in (steps or {}).items()},
+            **({"waited": waited} if waited else {}),
         )

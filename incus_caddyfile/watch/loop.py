@@ -32,6 +32,7 @@ from ..model import (
     Model,
     awaits_address,
     is_unknown,
+    is_up,
     needs_own_address,
     pool_mates,
     reach_target,
@@ -55,6 +56,7 @@ class WatchOptions:
     debounce_min: float = 0.05
     debounce_max: float = 2.0
     reload_burst: int = 2
+    reload_gap: float = 0.2  # between the end of a reload and the next cycle (see Debouncer)
     resync_interval: float = 300.0
     address_timeout: float = 30.0
     address_poll_first: float = 0.01
@@ -87,6 +89,12 @@ RETRIED = frozenset({Status.WRITE_FAILED, Status.RELOAD_FAILED, Status.CADDY_REJ
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
 PORT_PROBE_TIMEOUT = 0.2  # the address is configured: a closed port answers at once
+# A neighbour-table candidate may not be configured yet: its SYN is dropped, and the loop
+# waits this long for nothing (on a bridge, an answer takes well under a millisecond).
+NEARBY_TIMEOUT = 0.005
+# With the neighbour table to look at, the first live-state request of a poll waits this
+# long: while it runs (up to ~200 ms on a busy host) the loop looks nowhere else.
+NEARBY_FIRST_ASK = 0.5
 
 
 class Watcher:
@@ -114,16 +122,19 @@ class Watcher:
         self.observer: Observer = observer or Unobserved()  # what `watch --listen` serves
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
-        self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
+        self.debounce = Debouncer(
+            options.debounce_min, options.debounce_max, options.reload_burst, options.reload_gap
+        )
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
         self.outage = LeaseOutage()  # leases calls failing (a cluster member down)
         self.notes: list[str] = []  # what this cycle's refresh had to do without
         self.cache = InstanceCache(
-            lambda api: pipeline.collect(api, notes=self.notes, outage=self.outage),
-            lambda api, p, n: pipeline.fetch(
-                api, p, n, bounds=self.bounds, notes=self.notes, outage=self.outage
+            # the projects the policy leaves out cost nothing
+            lambda api: pipeline.collect(
+                api, self.settings.policy, notes=self.notes, outage=self.outage
             ),
+            self._fetch,
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
@@ -132,6 +143,7 @@ class Watcher:
         # cycles refresh the instances with events on their own.
         self.listing_retry = Retry(options.listing_retry_first, options.listing_retry_cap)
         self.triggers: list[Trigger] = []
+        self.waited: dict[str, dict[str, Any]] = {}  # polls that ended: the next cycle's log
         self.model: Model | None = None  # what the file holds
         self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
         self.next_resync = 0.0
@@ -332,6 +344,16 @@ class Watcher:
             if not awaits_address(known):  # nothing else to wait for (the event's own cycle
                 self.polls.drop(key)  # refreshes it, and polls again if it must)
                 return
+        quick = known is not None and not warming and needs_own_address(known)
+        if quick and known is not None:
+            self.polls.polled(key, incus=False)
+            found = pipeline.nearby(client, known, self.bounds, NEARBY_TIMEOUT)
+            if found is not None:
+                self.cache.put(key, found)
+                return self._reached(key, found)
+            if not self.polls.asks(key, self.clock()):
+                return self._again(key, known, asked=False)
+        self.polls.polled(key, incus=True)
         if known and (warming or needs_own_address(known)) and any(n.interface for n in known.nics):
             inst = pipeline.own_addresses(client, known, self.bounds)
         else:
@@ -352,6 +374,7 @@ class Watcher:
     def _poll_port(self, key: Key, target: tuple[str, int]) -> None:
         """The port phase: the instance has configured its address, so a connect to it is
         safe and cheap (no Incus request); until it accepts."""
+        self.polls.polled(key, incus=False)
         if probe.accepts(*target, timeout=PORT_PROBE_TIMEOUT):
             inst = self.cache.get(key)
             if inst is not None and reach_target(inst) == target and needs_own_address(inst):
@@ -360,29 +383,57 @@ class Watcher:
         else:
             self._again(key, self.cache.get(key))
 
-    def _again(self, key: Key, inst: Instance | None) -> None:
+    def _again(self, key: Key, inst: Instance | None, asked: bool = True) -> None:
+        """Not reached yet: try again later (`asked`: an Incus request was just made). An
+        instance that must answer on its own address is looked for in the host's neighbour
+        table between Incus requests, which costs none (see `pipeline.nearby`)."""
         if self.polls.expired(key, self.clock()):
             self._reached(key, inst, gave_up=True)  # let it in: Caddy's retries cover it
         else:
-            self.polls.again(key, self.clock())
+            quick = inst is not None and key not in self.drains and needs_own_address(inst)
+            self.polls.again(key, self.clock(), asked=asked, quick=quick)
 
     def _reached(self, key: Key, inst: Instance | None, gave_up: bool = False) -> None:
         """The poll is over: the route can follow (its address, its open port, its return
         to its pools), or it never will (gone, down, timed out)."""
-        self.polls.drop(key)
+        waited = self.polls.drop(key, self.clock())
         back = self.drains.end(key)
         if gave_up and not back:
             return  # still without its address: nothing changed
+        if waited is not None:
+            self.waited[f"{key[0]}/{key[1]}"] = waited.as_log()
         kind = Kind.WARM if back else Kind.ADDRESS
         self._want(Trigger(kind, project=key[0], instance=key[1]))
         self.debounce.hurry(self.clock())
 
+    def _fetch(self, client: IncusApi, project: str, name: str) -> Instance | None:
+        """One instance for the cache. One that was down and must answer on its own
+        address is not asked its live state here when the host's neighbour table will tell
+        sooner (its bridge is on this host): the poll looks there first, and the cycle does
+        not wait for the slowest Incus request (~200 ms on a busy host) while its port
+        opens."""
+        known = self.cache.get((project, name))
+        just_up = probe.bridged_here if known is not None and not is_up(known) else None
+        return pipeline.fetch(
+            client, project, name, bounds=self.bounds, notes=self.notes, outage=self.outage,
+            just_up=just_up,
+        )  # fmt: skip
+
+    @staticmethod
+    def _bridged(inst: Instance) -> bool:
+        return any(n.hwaddr and probe.bridged_here(n.network) for n in inst.nics)
+
     def _poll_waiting(self, instances: Iterable[Instance]) -> None:
         """Started instances still without an address (or open port): poll them, from 10 ms
-        with backoff, instead of sleeping; the route appears when the address does."""
+        with backoff, instead of sleeping; the route appears when the address does. One
+        whose own address the host's neighbour table can tell is looked for there first;
+        its first Incus request waits NEARBY_FIRST_ASK."""
         for inst in instances:
             if awaits_address(inst) and self.settings.policy.considers(inst.project):
-                self.polls.start((inst.project, inst.name), self.clock())
+                first_ask = (
+                    NEARBY_FIRST_ASK if needs_own_address(inst) and self._bridged(inst) else None
+                )
+                self.polls.start((inst.project, inst.name), self.clock(), first_ask)
 
     # ---- one cycle ----
     def _cycle(self) -> bool:
@@ -399,6 +450,7 @@ class Watcher:
         try:
             # (adds to self.notes) A full listing that timed out waits for its retry.
             fetched = self.cache.refresh(client, full_due=self.listing_retry.at is None)
+            refreshed = self.clock() - started
             self._late_listing()
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
@@ -416,12 +468,19 @@ class Watcher:
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
         report.warnings[:0], self.notes[:] = self.notes, []
-        self._after(report, triggers, started, client.requests - requests_before)
+        self._after(report, triggers, started, client.requests - requests_before, refreshed)
         return report.written or report.reloaded
 
     def _after(
-        self, report: Report, triggers: list[Trigger], started: float, requests: int
+        self,
+        report: Report,
+        triggers: list[Trigger],
+        started: float,
+        requests: int,
+        refreshed: float = 0.0,
     ) -> None:
+        """Bookkeeping and the log after a cycle; `refreshed`: the seconds its Incus
+        requests took."""
         first = self.model is None
         self.next_caddy_check = self.clock() + self.options.caddy_check_interval
         unknowns = any(is_unknown(i) for i in self.cache.listing())
@@ -446,7 +505,11 @@ class Watcher:
         if quiet:
             return  # Caddy runs the current file: nothing to tell, every 10 s
         self.cycles += 1
-        self.cycle_log.cycle(report, triggers, changes, duration, requests, first=first)
+        steps = {"refresh": refreshed, **report.steps}
+        waited, self.waited = self.waited, {}
+        self.cycle_log.cycle(
+            report, triggers, changes, duration, requests, first=first, steps=steps, waited=waited
+        )
         self.observer.cycle(report, triggers, changes, duration, self.cache.listing(), self.clock())
 
     def _late_listing(self) -> None:

@@ -23,7 +23,29 @@ class _Poll:
     due: float
     deadline: float
     backoff: Backoff
+    began: float
+    asked_at: float  # the address phase: when the next Incus request is due
     port: Target | None = None  # the port phase: probe this
+    quick: Backoff | None = None  # the address phase's ticks between Incus requests
+    polls: int = 0  # Incus requests of the address phase
+    probes: int = 0  # connects of the port phase
+    address_at: float | None = None  # when the address showed (the port phase began)
+
+
+@dataclass(frozen=True)
+class Waited:
+    """How a poll went, for the cycle record (where the time of a start goes): seconds from
+    its start to the address, and to its end (the open port, or the address alone)."""
+
+    polls: int
+    probes: int
+    address_s: float | None
+    total_s: float
+
+    def as_log(self) -> dict[str, float | int | None]:
+        ms = None if self.address_s is None else round(self.address_s * 1000, 1)
+        return {"polls": self.polls, "probes": self.probes, "address_ms": ms,
+                "total_ms": round(self.total_s * 1000, 1)}  # fmt: skip
 
 
 class AddressPolls:
@@ -44,15 +66,20 @@ class AddressPolls:
     def __contains__(self, key: Key) -> bool:
         return key in self._polls
 
-    def start(self, key: Key, now: float) -> None:
+    def start(self, key: Key, now: float, first_ask: float | None = None) -> None:
+        """Poll this instance; `first_ask`: its first Incus request no sooner than this
+        (quick looks come first)."""
         if key not in self._polls:
             backoff = Backoff(self.first, self.cap, self.factor)
-            self._polls[key] = _Poll(now + backoff.next(), now + self.timeout, backoff)
+            due = now + backoff.next()
+            asked_at = due if first_ask is None else max(due, now + first_ask)
+            self._polls[key] = _Poll(due, now + self.timeout, backoff, now, asked_at)
 
     def probe_port(self, key: Key, target: Target, now: float) -> None:
         """The address is there: from now on only the port is probed, at once first."""
         poll = self._polls[key]
         poll.port, poll.due, poll.backoff = target, now, Backoff(*self.port_backoff)
+        poll.address_at = now
 
     def port(self, key: Key) -> Target | None:
         return self._polls[key].port
@@ -66,9 +93,37 @@ class AddressPolls:
     def expired(self, key: Key, now: float) -> bool:
         return now >= self._polls[key].deadline
 
-    def again(self, key: Key, now: float) -> None:
+    def polled(self, key: Key, incus: bool) -> None:
+        """One try made: an Incus request, or a connect."""
         poll = self._polls[key]
-        poll.due = now + poll.backoff.next()
+        if incus:
+            poll.polls += 1
+        else:
+            poll.probes += 1
 
-    def drop(self, key: Key) -> None:
-        self._polls.pop(key, None)
+    def asks(self, key: Key, now: float) -> bool:
+        """In the address phase, an Incus request is due (not only a quick look)."""
+        return now >= self._polls[key].asked_at
+
+    def again(self, key: Key, now: float, asked: bool = True, quick: bool = False) -> None:
+        """The next try. In the address phase: `asked`, an Incus request was made (the next
+        one follows the backoff); `quick`, look again sooner, between Incus requests, on
+        the port phase's short backoff (a look that costs no Incus request)."""
+        poll = self._polls[key]
+        if poll.port is not None:
+            poll.due = now + poll.backoff.next()
+            return
+        if asked:
+            poll.asked_at = now + poll.backoff.next()
+        poll.due = poll.asked_at
+        if quick:
+            poll.quick = poll.quick or Backoff(*self.port_backoff)
+            poll.due = min(poll.due, now + poll.quick.next())
+
+    def drop(self, key: Key, now: float | None = None) -> Waited | None:
+        """The poll is over; how it went (None: there was none)."""
+        poll = self._polls.pop(key, None)
+        if poll is None or now is None:
+            return None
+        address = None if poll.address_at is None else poll.address_at - poll.began
+        return Waited(poll.polls, poll.probes, address, now - poll.began)

@@ -43,12 +43,20 @@ class Debouncer:
       `burst` tokens, one of which comes back every `max_wait`: up to `burst` changes are
       applied at once, each `min_wait` after its event; a sustained burst costs one reload
       per `max_wait`. With burst 1, two reloads are at least `max_wait` apart.
+    - `gap`: no cycle begins sooner than this after one that changed the file, urgent or
+      not. A reload closes the clients' idle keep-alive connections; they (browsers too)
+      send the request again at once on a new connection, and a second reload a few tens
+      of ms later closes such new connections without an answer (accepted by the config
+      it replaces): a failed request. Measured on loopback, pairs of reloads under 100
+      requests/s with keep-alive: 30 ms apart, 5 and 11 failed in 80 pairs; 150 and 250
+      ms apart, none.
     """
 
-    def __init__(self, min_wait: float, max_wait: float, burst: int = 2) -> None:
-        if not 0 <= min_wait <= max_wait:
-            raise ValueError("debounce needs 0 <= min <= max")
-        self.min_wait, self.max_wait = min_wait, max_wait
+    def __init__(self, min_wait: float, max_wait: float, burst: int = 2, gap: float = 0.0) -> None:
+        if not 0 <= min_wait <= max_wait or gap < 0:
+            raise ValueError("debounce needs 0 <= min <= max and gap >= 0")
+        self.min_wait, self.max_wait, self.gap = min_wait, max_wait, gap
+        self.changed_at = float("-inf")  # when the last cycle that changed the file ended
         self.first: float | None = None
         self.last: float | None = None
         self.urgent = False  # the next cycle does not wait for a token
@@ -63,7 +71,8 @@ class Debouncer:
         if self.first is None or self.last is None:
             return None
         quiet = min(self.last + self.min_wait, self.first + self.max_wait)
-        return quiet if self.urgent else max(quiet, self.bucket.ready_at())
+        at = quiet if self.urgent else max(quiet, self.bucket.ready_at())
+        return max(at, self.changed_at + self.gap)
 
     def due(self, now: float) -> bool:
         deadline = self.deadline()
@@ -87,6 +96,7 @@ class Debouncer:
         self.urgent = False
         if changed:
             self.bucket.take(now)
+            self.changed_at = now
 
 
 class Backoff:

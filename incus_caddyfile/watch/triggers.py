@@ -131,6 +131,17 @@ def classify_operation(event: dict[str, Any]) -> Trigger | None:
     return Trigger(Kind.OPERATION, verb, *found, detail=str(meta.get("id") or ""), phase=phase)
 
 
+def _project_event_of(action: str, meta: dict[str, Any]) -> str:
+    """The project a project's own event is about (created, updated, deleted), so that watch
+    can ignore those of projects its settings leave out; "" for any other resync event (a
+    rename may bring a project in or out; a profile may serve other projects)."""
+    source = urlparse(str(meta.get("source") or ""))
+    prefix = "/1.0/projects/"
+    if action == "project-renamed" or not source.path.startswith(prefix):
+        return ""
+    return source.path[len(prefix) :].split("/")[0]
+
+
 def classify(event: dict[str, Any]) -> Trigger | None:
     """An Incus event as a trigger, or None for noise."""
     if event.get("type") == "operation":
@@ -140,7 +151,7 @@ def classify(event: dict[str, Any]) -> Trigger | None:
     meta = event.get("metadata") or {}
     action = str(meta.get("action") or "")
     if action in FULL_RESYNC_ACTIONS:
-        return Trigger(Kind.INCUS, action)
+        return Trigger(Kind.INCUS, action, project=_project_event_of(action, meta))
     if action not in INSTANCE_ACTIONS:
         return None
     found = _instance_of(str(meta.get("source") or ""), event)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..harness import Load, WebSocket
+from ..harness import NETWORK, Load, WebSocket
 from .conftest import (
     ICF_SERVER_PORT,
     LABELS,
@@ -220,3 +220,30 @@ def test_a_stop_that_fails_brings_the_member_back(
     assert f"{address}:80" in watch.output.read_text()  # back in its pool
     assert served_by(caddy, host) == set(names)
     assert load.result.failed == 0, load.result.summary()
+
+
+def test_a_require_ready_start_is_found_in_the_hosts_neighbour_table(
+    lab: Lab, caddy: Caddy, tmp_path: Path, start_watch: StartWatch
+) -> None:
+    """On the bridge's host, a started require_ready instance is routed once its port
+    accepts, found through the host's neighbour table: its poll dials the address the table
+    resolves to its MAC and asks its live state (150-400 ms on a busy incusd) only from
+    0.5 s on. (That the start's own cycle does not ask it either is test_watch_loop's.)"""
+    if not (Path("/sys/class/net") / NETWORK).exists():
+        pytest.skip(f"the lab bridge {NETWORK} is not on this host")
+    caddy.start(caddy.stub_config(tmp_path / "stub.Caddyfile"))
+    project = lab.project()
+    name = f"rr-{project[-4:]}"
+    host = f"{name}.localhost"
+    lab.launch(project, name, {**labels(host), f"{LABELS}upstream.require_ready": "true"})
+    lab.address(project, name)
+    watch = start_watch(tmp_path / "Caddyfile", *caddy.render_args)
+    assert "hello from" in caddy.wait_body(host, "hello from")
+    incus("stop", "--force", name, "--project", project)
+    assert wait_for(lambda: host not in watch.output.read_text(), STATE_TIMEOUT)
+    before = len(watch.cycles())
+    incus("start", name, "--project", project)
+    found = watch.wait_cycle(triggered_by(f"address {project}/{name}"), after=before)
+    waited = watch.cycles()[found]["waited"][f"{project}/{name}"]
+    assert waited["probes"] >= 1 and (waited["polls"] == 0 or waited["total_ms"] >= 500), waited
+    assert "hello from" in caddy.wait_body(host, "hello from")
