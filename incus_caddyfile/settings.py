@@ -77,7 +77,7 @@ class SettingsError(ValueError):
 
 # A target's keys (`--target KEY=VALUE,...`, or a `[[targets]]` table of the settings file).
 TARGET_KEYS = ("name", "admin", "command", "instance", "output", "caddy-bin")
-_TARGET_SPLIT = re.compile(r",(?=\s*(?:" + "|".join(TARGET_KEYS) + r")\s*=)")
+_TARGET_SPLIT = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9_-]*\s*=)")  # a comma before KEY=
 # An admin option every edge fills from its own environment ({$VAR} or {$VAR:default}).
 _ENV_PLACEHOLDER = re.compile(r"\{\$[A-Za-z_][A-Za-z0-9_]*(:[^{}\s]*)?\}")
 
@@ -114,8 +114,8 @@ class TargetSpec:
 
 def parse_target(text: str, where: str) -> TargetSpec:
     """`admin=unix//run/caddy-a.sock,output=/etc/caddy/a/Caddyfile`: comma-separated
-    KEY=VALUE pairs (a comma starts a new pair only before a known key, so a command may
-    hold commas). Raises SettingsError naming the target and the key."""
+    KEY=VALUE pairs (a comma starts a new pair only before `WORD=`, so a command may hold
+    other commas). Raises SettingsError naming the target and the key."""
     values: dict[str, str] = {}
     for part in _TARGET_SPLIT.split(text.strip()):
         key, sep, value = part.partition("=")
@@ -360,9 +360,6 @@ def _validate_targets(s: Settings) -> None:
                 )
             if spec.output is not None and not spec.output.is_absolute():
                 raise SettingsError(f"{where}: output: an absolute path inside the instance")
-        if spec.label in names:
-            raise SettingsError(f"{where}: the name {spec.label!r} is {names[spec.label]}'s too")
-        names[spec.label] = spec.where
         place = _place(spec)
         if place in files:
             raise SettingsError(
@@ -370,6 +367,9 @@ def _validate_targets(s: Settings) -> None:
                 " output too: each target needs its own file"
             )
         files[place] = spec.where
+        if spec.label in names:
+            raise SettingsError(f"{where}: the name {spec.label!r} is {names[spec.label]}'s too")
+        names[spec.label] = spec.where
 
 
 def _place(spec: TargetSpec) -> str:

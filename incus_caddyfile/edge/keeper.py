@@ -171,6 +171,8 @@ class EdgeState:
             )
         if ok:
             fields.update(synced=True, last_sync=now, last_sync_wall=self.wall())
+        elif report.error == Status.PARTIAL:
+            fields.update(synced=True)  # listed and rendered; some targets lag (they say why)
         self._publish(**fields)
 
     def _targets(self, report: Report) -> tuple[TargetRecord, ...]:
