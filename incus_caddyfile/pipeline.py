@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -291,10 +292,10 @@ def apply_all(
     draining: Iterable[Key] = (),
     verify: Collection[str] | None = None,
 ) -> Report:
-    """Steps 2-5 for every target: one model, one render, the same bytes to each, one after
-    the other; a target that is down or refuses does not stop the others (its report says
-    why). `verify`: the targets to ask whether they run the file when it is unchanged (None:
-    as `mode` says). With one target this is `apply`, report for report."""
+    """Steps 2-5 for every target: one model, one render, the same bytes to each, all at
+    once; a target that is down or refuses does not stop the others (its report says why).
+    `verify`: the targets to ask whether they run the file when it is unchanged (None: as
+    `mode` says). With one target this is `apply`, report for report."""
     mode = mode or RunMode()
 
     def mode_for(target: Target) -> RunMode:
@@ -309,23 +310,28 @@ def apply_all(
     if report.error is not None:
         return report
     drained = frozenset(draining)
-    # A route one Caddy refuses is kept out of every edge's config (the same bytes on each, so
-    # a client gets the same answer from either): the edges that took the config with it get
-    # the one without it. Each pass refuses at least one more route, so this ends.
-    for _ in range(len(instances) + 2):
-        report.edges = []
-        for target in edges:
-            edge = Report(
-                mode_for(target), model=report.model, text=report.text, refused=dict(report.refused)
-            )
-            edge.target = target.name
-            _write_and_reload(settings, instances, target, edge, drained)
-            if edge.refused.keys() != report.refused.keys():
-                _refused_by(settings, instances, report, edge, target.name, drained)
+
+    def apply_to(target: Target) -> Report:
+        edge = Report(
+            mode_for(target), model=report.model, text=report.text, refused=dict(report.refused)
+        )
+        edge.target = target.name
+        return _write_and_reload(settings, instances, target, edge, drained)
+
+    # The targets are applied at the same time: one that is slow to answer (a host down
+    # without a reset) does not delay the others' reloads. A route one Caddy refuses is kept
+    # out of every edge's config (the same bytes on each, so a client gets the same answer
+    # from either): the edges that took the config with it get the one without it. Each
+    # pass refuses at least one more route, so this ends.
+    with ThreadPoolExecutor(len(edges), thread_name_prefix="target") as pool:
+        for _ in range(len(instances) + 2):
+            report.edges = list(pool.map(apply_to, edges))
+            more = [(t, e) for t, e in zip(edges, report.edges, strict=True)
+                    if e.refused.keys() - report.refused.keys()]  # fmt: skip
+            if not more:
                 break
-            report.edges.append(edge)
-        else:
-            break
+            for target, edge in more:
+                _refused_by(settings, instances, report, edge, target.name, drained)
     return _summed(report)
 
 
@@ -339,7 +345,7 @@ def _refused_by(
 ) -> None:
     """Routes this target's Caddy refused: the config without them, for every target, with
     the reason naming the target (another edge may have taken them: its Caddy differs)."""
-    for key, why in edge.refused.items():
+    for key, why in edge.refused.items():  # (those refused before keep their reason)
         report.refused.setdefault(key, f"{why} (at {name})")
     report.model = model_for(settings, instances, report.refused, draining)
     report.text = render(report.model, settings)

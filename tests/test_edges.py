@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from incus_caddyfile import pipeline, probe
+from incus_caddyfile.caddy import CaddyUnreachable
 from incus_caddyfile.cli import main
 from incus_caddyfile.edge.keeper import EdgeState
 from incus_caddyfile.pipeline import RunMode, Status, apply_all
@@ -140,6 +142,28 @@ def test_a_target_that_is_down_does_not_hold_back_the_others() -> None:
     assert second.state == "current"
     assert report.return_code() == Status.PARTIAL == 9
     assert report.message.startswith("a: ") and "fake Caddy a is down" in report.message
+
+
+def test_a_target_slow_to_answer_does_not_delay_the_others() -> None:
+    """The targets are applied at once: the first one's Caddy answers only after the second
+    one has loaded (applied one after the other, it would wait out its 2 s and fail)."""
+    (a, _fa, ca), (b, _fb, cb) = edges()
+    loaded = threading.Event()
+
+    def slow_load(text: str) -> None:
+        if not loaded.wait(2.0):
+            raise CaddyUnreachable("timed out")
+        FakeCaddy.load(ca, text)
+
+    def fast_load(text: str) -> None:
+        FakeCaddy.load(cb, text)
+        loaded.set()
+
+    ca.load = slow_load  # type: ignore[method-assign]
+    cb.load = fast_load  # type: ignore[method-assign]
+    report = apply_all(SETTINGS, FLEET, [a, b])
+    assert [e.state for e in report.edges] == ["current", "current"]
+    assert ca.loaded == cb.loaded == report.text
 
 
 def test_every_target_down_is_that_failure() -> None:
