@@ -620,6 +620,7 @@ def watch(
         incus-caddyfile watch -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
         incus-caddyfile watch --config /etc/incus-caddyfile.toml --log-format json
         incus-caddyfile watch -o /etc/caddy/Caddyfile --listen 127.0.0.1:9180
+        incus-caddyfile watch --target instance=edge/caddy1 --target instance=edge/caddy2
     """
     from .edge import serve
     from .watch.cyclelog import Log

@@ -330,3 +330,19 @@ def test_routes_reports_each_targets_state(monkeypatch: pytest.MonkeyPatch) -> N
     settings = Settings(scheme="http", targets=(spec("admin=localhost:2019,output=/a/C"),))
     _rows, _warnings, states = pipeline.routes(settings)
     assert [(s.name, s.state) for s in states] == [("a", "pending"), ("b", "failed")]
+
+
+def test_the_settings_example_s_targets_load(tmp_path: Path) -> None:
+    """examples/incus-caddyfile.toml: its commented [[targets]] switched on (and its single
+    `output` off) give two valid targets."""
+    text = (Path(__file__).resolve().parents[1] / "examples" / "incus-caddyfile.toml").read_text()
+    head, _, block = text.partition("# [[targets]]")
+    block = "# [[targets]]" + block
+    on = "\n".join(ln[2:] if ln.startswith("# ") else "" if ln == "#" else ln
+                   for ln in block.splitlines())  # fmt: skip
+    head = "\n".join(ln for ln in head.splitlines() if not ln.startswith("output ="))
+    path = tmp_path / "edges.toml"
+    path.write_text(head + "\n" + on + "\n")
+    values = load_file(path)
+    settings = Settings(caddy_admin=values["caddy_admin"], targets=values["targets"], scheme="http")
+    assert [t.label for t in settings.targets] == ["edge1", "edge2"]

@@ -171,7 +171,11 @@ class Watcher:
         return 0
 
     def begin(self) -> None:
-        self.log("start", "watching Incus events", output=str(self.settings.output))
+        if self.settings.targets:
+            names = [t.label for t in self.settings.targets]
+            self.log("start", f"watching Incus events for {len(names)} targets", targets=names)
+        else:
+            self.log("start", "watching Incus events", output=str(self.settings.output))
         self.triggers.append(Trigger(Kind.START))
 
     def step(self, item: Trigger | Signal | None = None) -> None:
