@@ -9,7 +9,10 @@ environment, so both get the same bytes), and `incus-caddyfile watch` as a proce
     `duration_ms` of each change's cycle as watch logs it (refresh, render, write and the
     `/load` of every target), interleaved: one watch per round, targets [a] and [a, b]
     alternating which goes first;
-(b) an edge stopped, a change made, the edge started again from its old config: the time
+(b) the Caddy part alone, in-process: `pipeline.apply_all` of a changed text (alternating
+    `lb_retries` 3/4) from one listing, to [a] and to [a, b], interleaved, M times each:
+    the targets' `/load` and file writes, without Incus;
+(c) an edge stopped, a change made, the edge started again from its old config: the time
     from its admin endpoint answering to its serving the change (watch's retry, no event).
 
 Prints one JSON object. Everything is removed in a `finally`.
@@ -28,8 +31,13 @@ from pathlib import Path
 
 import repo_root  # noqa: F401  (sys.path: the repository root, for tests.harness)
 
+from incus_caddyfile import pipeline
 from incus_caddyfile.caddy import find_caddy
+from incus_caddyfile.incus import connect
 from incus_caddyfile.labels import HTTP as LABELS
+from incus_caddyfile.policy import Policy
+from incus_caddyfile.settings import Settings, parse_target
+from incus_caddyfile.targets import all_for_settings
 from tests.harness import (
     Caddy,
     WatchProcess,
@@ -37,6 +45,7 @@ from tests.harness import (
     incus,
     labels,
     launch,
+    p95,
     remove_project,
     wait_for,
 )
@@ -83,6 +92,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=10)
     parser.add_argument("--changes", type=int, default=10, help="changes per round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--applies", type=int, default=30, help="in-process applies per case")
     parser.add_argument("-v", action="store_true", help="print the last watch's log")
     args = parser.parse_args()
     project = f"iceb-{uuid.uuid4().hex[:6]}"
@@ -115,6 +125,7 @@ def main() -> int:
             k: {"median": round(statistics.median(v), 1), "max": max(v), "n": len(v)}
             for k, v in times.items()
         }
+        result["apply_ms"] = in_process(a, b, project, args.applies)
         result["restarted_edge_current_s"] = restarted(a, b, policy, project, names[0])
     finally:
         for caddy in caddies:
@@ -122,6 +133,30 @@ def main() -> int:
         remove_project(project)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def in_process(a: Caddy, b: Caddy, project: str, count: int) -> dict[str, object]:
+    """(b): apply_all of a changed text to one target and to two, from one listing."""
+    specs = [parse_target(target(c)[1], f"--target {n}") for n, c in enumerate((a, b), 1)]
+    base = {
+        "scheme": "http", "caddy_admin": "{$ICF_ADMIN}",
+        "global_options": ("http_port {$ICF_HTTP_PORT:80}",),
+        "policy": Policy(include=(project,)),
+    }  # fmt: skip
+    instances = pipeline.collect(connect(Settings(**base)), Policy(include=(project,)))  # type: ignore[arg-type]
+    times: dict[str, list[float]] = {"1 target": [], "2 targets": []}
+    for n in range(count):
+        for edges in ([specs[0]], specs) if n % 2 else (specs, [specs[0]]):
+            settings = Settings(**base, targets=tuple(edges), lb_retries=3 + n % 2)  # type: ignore[arg-type]
+            started = time.perf_counter()
+            report = pipeline.apply_all(settings, instances, all_for_settings(settings))
+            took = (time.perf_counter() - started) * 1000
+            assert report.error is None and report.reloaded, report.message
+            times["1 target" if len(edges) == 1 else "2 targets"].append(took)
+    return {
+        k: {"median": round(statistics.median(v), 1), "p95": round(p95(v), 1), "n": len(v)}
+        for k, v in times.items()
+    }
 
 
 def restarted(a: Caddy, b: Caddy, policy: Path, project: str, name: str) -> float:
