@@ -143,7 +143,8 @@ def in_process(a: Caddy, b: Caddy, project: str, count: int) -> dict[str, object
         "global_options": ("http_port {$ICF_HTTP_PORT:80}",),
         "policy": Policy(include=(project,)),
     }  # fmt: skip
-    instances = pipeline.collect(connect(Settings(**base)), Policy(include=(project,)))  # type: ignore[arg-type]
+    listing = Settings(**base, targets=(specs[0],))  # type: ignore[arg-type]
+    instances = pipeline.collect(connect(listing), Policy(include=(project,)))  # type: ignore[arg-type]
     times: dict[str, list[float]] = {"1 target": [], "2 targets": []}
     for n in range(count):
         for edges in ([specs[0]], specs) if n % 2 else (specs, [specs[0]]):

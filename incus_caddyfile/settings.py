@@ -354,6 +354,13 @@ def _validate_targets(s: Settings) -> None:
                     " admin= on every target)"
                 )
         if spec.instance is not None:
+            if is_placeholder(rendered):
+                raise SettingsError(
+                    f"{where}: instance: `caddy reload` adapts the file inside the instance, in"
+                    f" its own environment, not Caddy's, so {rendered} would not be Caddy's"
+                    " admin address there: give the Caddies in instances one admin address"
+                    " (--caddy-admin)"
+                )
             if not _INSTANCE_REF.fullmatch(spec.instance):
                 raise SettingsError(
                     f"{where}: instance: expected PROJECT/NAME or NAME, got {spec.instance!r}"

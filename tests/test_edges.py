@@ -90,6 +90,9 @@ def test_edges_on_other_admin_addresses_need_the_admin_option_from_their_environ
     assert [t.name for t in all_for_settings(settings)] == ["a", "b"]
     with pytest.raises(SettingsError, match="--caddy-admin"):
         Settings(caddy_admin="{$CADDY_ADMIN}")  # one target: the tool must connect to it
+    inside = spec("instance=edge/c3", 3)
+    with pytest.raises(SettingsError, match=r"--target 3 .*: instance: `caddy reload` adapts"):
+        Settings(targets=(a, b, inside), caddy_admin="{$CADDY_ADMIN}")
 
 
 def test_targets_and_the_single_target_flags_do_not_mix() -> None:
