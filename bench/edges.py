@@ -10,7 +10,7 @@ environment, so both get the same bytes), and `incus-caddyfile watch` as a proce
     `/load` of every target), interleaved: one watch per round, targets [a] and [a, b]
     alternating which goes first;
 (b) the Caddy part alone, in-process: `pipeline.apply_all` of a changed text (alternating
-    `lb_retries` 3/4) from one listing, to [a] and to [a, b], interleaved, M times each:
+    `lb_retries`) from one listing, to [a] and to [a, b], interleaved, M times each:
     the targets' `/load` and file writes, without Incus;
 (c) an edge stopped, a change made, the edge started again from its old config: the time
     from its admin endpoint answering to its serving the change (watch's retry, no event).
@@ -81,10 +81,27 @@ def change_cycles(
         port = 8080 if port == 80 else 80
         before = len(watch.cycles())
         incus("config", "set", name, f"{LABELS}upstream.port={port}", "--project", project)
-        index = watch.wait_cycle(lambda c: bool(c.get("changed")), after=before, timeout=30)
+        index = watch.wait_cycle(
+            lambda c: (
+                bool(c.get("changed"))
+                and any(t.startswith("instance-updated") for t in c["triggers"])
+            ),
+            after=before,
+            timeout=120,
+        )
         out.append(float(watch.cycles()[index]["duration_ms"]))
         time.sleep(0.3 if n % 2 else 0.2)  # past the debounce and the reload bucket
     return out
+
+
+def addressed(project: str) -> int:
+    """How many instances of the project have an IPv4 address on eth0 now."""
+    listing = json.loads(incus("list", "--project", project, "--format", "json"))
+    return sum(
+        any(a["family"] == "inet" for a in (i.get("state") or {}).get("network", {})
+            .get("eth0", {}).get("addresses", []))
+        for i in listing
+    )  # fmt: skip
 
 
 def main() -> int:
@@ -106,6 +123,7 @@ def main() -> int:
         names = [f"ice{n:02d}-{project[-6:]}" for n in range(args.instances)]
         for name in names:
             launch(project, name, labels(f"{name}.localhost"))
+        assert wait_for(lambda: addressed(project) == len(names), 60), "instances without address"
         a, b = edge(work, "a"), edge(work, "b")
         caddies += [a, b]
         times: dict[str, list[float]] = {"1 target": [], "2 targets": []}
@@ -125,6 +143,7 @@ def main() -> int:
             k: {"median": round(statistics.median(v), 1), "max": max(v), "n": len(v)}
             for k, v in times.items()
         }
+        print(json.dumps(result), file=sys.stderr)  # what is known so far
         result["apply_ms"] = in_process(a, b, project, args.applies)
         result["restarted_edge_current_s"] = restarted(a, b, policy, project, names[0])
     finally:
@@ -146,9 +165,11 @@ def in_process(a: Caddy, b: Caddy, project: str, count: int) -> dict[str, object
     listing = Settings(**base, targets=(specs[0],))  # type: ignore[arg-type]
     instances = pipeline.collect(connect(listing), Policy(include=(project,)))  # type: ignore[arg-type]
     times: dict[str, list[float]] = {"1 target": [], "2 targets": []}
+    applied = 0
     for n in range(count):
         for edges in ([specs[0]], specs) if n % 2 else (specs, [specs[0]]):
-            settings = Settings(**base, targets=tuple(edges), lb_retries=3 + n % 2)  # type: ignore[arg-type]
+            applied += 1  # a new value each time: every target's file changes
+            settings = Settings(**base, targets=tuple(edges), lb_retries=4 + applied % 90)  # type: ignore[arg-type]
             started = time.perf_counter()
             report = pipeline.apply_all(settings, instances, all_for_settings(settings))
             took = (time.perf_counter() - started) * 1000
