@@ -13,7 +13,8 @@ environment, so both get the same bytes), and `incus-caddyfile watch` as a proce
     `lb_retries`) from one listing, to [a] and to [a, b], interleaved, M times each:
     the targets' `/load` and file writes, without Incus;
 (c) an edge stopped, a change made, the edge started again from its old config: the time
-    from its admin endpoint answering to its serving the change (watch's retry, no event).
+    from `caddy run` to its admin endpoint answering, and to its serving the change (watch's
+    retry, no event); a few times.
 
 Prints one JSON object. Everything is removed in a `finally`.
 """
@@ -104,6 +105,7 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=10, help="changes per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--applies", type=int, default=30, help="in-process applies per case")
+    parser.add_argument("--restarts", type=int, default=3, help="(c) this many times")
     parser.add_argument("-v", action="store_true", help="print the last watch's log")
     args = parser.parse_args()
     project = f"iceb-{uuid.uuid4().hex[:6]}"
@@ -136,10 +138,13 @@ def main() -> int:
         result["cycle_ms"] = {
             k: {"median": round(statistics.median(v), 1), "max": max(v), "n": len(v)}
             for k, v in times.items()
+            if v
         }
         print(json.dumps(result), file=sys.stderr)  # what is known so far
         result["apply_ms"] = in_process(a, b, project, args.applies)
-        result["restarted_edge_current_s"] = restarted(a, b, policy, project, names[0])
+        result["restarted_edge"] = [
+            restarted(a, b, policy, project, names[0]) for _ in range(args.restarts)
+        ]
     finally:
         for caddy in caddies:
             caddy.stop()
@@ -172,11 +177,13 @@ def in_process(a: Caddy, b: Caddy, project: str, count: int) -> dict[str, object
     return {
         k: {"median": round(statistics.median(v), 1), "p95": round(p95(v), 1), "n": len(v)}
         for k, v in times.items()
+        if v
     }
 
 
-def restarted(a: Caddy, b: Caddy, policy: Path, project: str, name: str) -> float:
-    """b stopped, a change, b started from its old config: seconds until b serves it."""
+def restarted(a: Caddy, b: Caddy, policy: Path, project: str, name: str) -> dict[str, float]:
+    """b stopped, a change, b started from its old config: seconds from `caddy run` until its
+    admin endpoint answers, and until it serves the change (watch's retry, no event)."""
     watch = WatchProcess(None, *SHARED, "--config", policy, *target(a), *target(b))
     try:
         watch.wait_cycles(1, timeout=60)
@@ -190,10 +197,11 @@ def restarted(a: Caddy, b: Caddy, policy: Path, project: str, name: str) -> floa
         incus("config", "set", name, f"{LABELS}upstream.port={new}", "--project", project)
         assert wait_for(lambda: f"port {new}" in a.get(host)[1], 30), "a did not get it"
         time.sleep(3)  # b stays down a while: watch's retries back off meanwhile
-        b.start(old)
-        back = time.monotonic()
+        started = time.monotonic()
+        b.start(old)  # returns once its admin endpoint answers (polled every 0.1 s)
+        up = time.monotonic() - started
         assert wait_for(lambda: f"port {new}" in b.get(host)[1], 30, interval=0.02)
-        return round(time.monotonic() - back, 2)
+        return {"admin_up_s": round(up, 2), "serves_change_s": round(time.monotonic() - started, 2)}
     finally:
         watch.stop()
         if "-v" in sys.argv:
