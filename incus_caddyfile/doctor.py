@@ -201,9 +201,9 @@ def _output_check(target: targets.Target, name: str = "output") -> Check:
             f"create it: mkdir -p {directory}",
         )
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         os.close(fd)
-        os.unlink(name)
+        os.unlink(temp)
     except OSError as exc:
         return Check(
             name,

@@ -349,3 +349,22 @@ def test_the_settings_example_s_targets_load(tmp_path: Path) -> None:
     values = load_file(path)
     settings = Settings(caddy_admin=values["caddy_admin"], targets=values["targets"], scheme="http")
     assert [t.label for t in settings.targets] == ["edge1", "edge2"]
+
+
+def test_doctor_names_each_target_s_checks(tmp_path: Path) -> None:
+    from incus_caddyfile import doctor
+    from incus_caddyfile.destinations import LocalFile
+
+    checks = [
+        doctor._output_check(
+            Target(LocalFile(tmp_path / n / "Caddyfile"), FakeCaddy(), n), f"output ({n})"
+        )
+        for n in ("a", "b")
+    ]
+    (tmp_path / "a").mkdir()
+    checks.append(
+        doctor._output_check(Target(LocalFile(tmp_path / "a" / "C"), FakeCaddy()), "output (a)")
+    )
+    assert [(c.name, c.ok) for c in checks] == [
+        ("output (a)", False), ("output (b)", False), ("output (a)", True)
+    ]  # fmt: skip
