@@ -30,9 +30,11 @@ from .settings import (
     FILE_KEYS,
     Settings,
     SettingsError,
+    TargetSpec,
     check_paths,
     load_file,
     load_policy,
+    parse_target,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,6 +70,17 @@ class _LinesType(click.ParamType):  # type: ignore[type-arg]
         return str(value).strip() if isinstance(value, str) else value
 
 
+class _TargetType(click.ParamType):  # type: ignore[type-arg]
+    """`--target KEY=VALUE,...` (parsed with the settings, so that a bad one names its key);
+    the settings file's `[[targets]]` arrive parsed already."""
+
+    name = "target"
+    envvar_list_splitter = "\n"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if isinstance(value, TargetSpec) else str(value).strip()
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """--config is eager: its values become click defaults, below flags and env variables."""
     if value:
@@ -95,8 +108,9 @@ def settings_options(func: F) -> F:
 
 
 def view_options(func: F) -> F:
-    """The options of a command that renders but writes nothing (`routes`)."""
-    return _apply(func, SOURCE_OPTIONS + RENDER_OPTIONS)
+    """The options of a command that renders but writes nothing (`routes`; its targets are
+    asked what they run)."""
+    return _apply(func, SOURCE_OPTIONS + RENDER_OPTIONS + [TARGET_OPTION])
 
 
 SOURCE_OPTIONS: list[Callable[[Any], Any]] = [
@@ -274,8 +288,20 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
 ]
 
 
+TARGET_OPTION = option(
+    "--target",
+    "targets",
+    multiple=True,
+    type=_TargetType(),
+    envvar=_env("TARGET"),
+    metavar="KEY=VALUE,...",
+    help="One Caddy edge of several, repeatable: admin=ADDR (or command=CMD, or"
+    " instance=PROJECT/NAME), output=FILE, and optionally name=, caddy-bin=. Every target"
+    " gets the same bytes. Instead of --output/--reload-command/--caddy-instance (one target).",
+)
 # What only a command that writes the file uses (not `routes`).
 WRITE_OPTIONS: list[Callable[[Any], Any]] = [
+    TARGET_OPTION,
     option(
         "--output",
         "-o",
@@ -379,6 +405,11 @@ def make_settings(**kwargs: Any) -> Settings:
     if "wildcards" in values:
         values["wildcards"] = tuple(values["wildcards"])
     try:
+        if "targets" in values:
+            values["targets"] = tuple(
+                t if isinstance(t, TargetSpec) else parse_target(t, f"--target {n}")
+                for n, t in enumerate((t for t in values["targets"] if t), 1)
+            )
         settings = Settings(**values, config_file=config, policy=load_policy(config))
         check_paths(settings)
         return settings
@@ -401,7 +432,7 @@ def print_report(report: Report, quiet: bool) -> None:
                     _say(str(skip))
     for warning in report.warnings:
         _say(f"warning: {warning}")
-    if report.error is not None:
+    if report.error is not None and not report.edges:  # several: one line per target
         _say(f"error: {report.message}")
 
 
@@ -459,7 +490,10 @@ def render(check: bool, diff: bool, quiet: bool, **kwargs: Any) -> None:
         sys.stdout.write(report.text)
     if report.diff:
         sys.stdout.write(report.diff)
-    if report.error is None and report.target is not None:
+    if report.edges:
+        for edge in report.edges:
+            _say(f"{edge.target}: {edge.state}: {edge.summary()}")
+    elif report.error is None and report.target is not None:
         _say(f"{report.target}: {report.summary()}")
     sys.exit(report.return_code())
 
@@ -597,6 +631,7 @@ def watch(
         incus-caddyfile watch -o /etc/caddy/Caddyfile --caddy-admin unix//run/caddy/admin.sock
         incus-caddyfile watch --config /etc/incus-caddyfile.toml --log-format json
         incus-caddyfile watch -o /etc/caddy/Caddyfile --listen 127.0.0.1:9180
+        incus-caddyfile watch --target instance=edge/caddy1 --target instance=edge/caddy2
     """
     from .edge import serve
     from .watch.cyclelog import Log
@@ -614,6 +649,12 @@ def watch(
     if settings.caddy_instance is None and directory is not None and not directory.is_dir():
         # fail now, so that a supervisor (Restart=on-failure) sees it, not retry forever
         raise click.UsageError(f"--output: the directory {directory} does not exist")
+    for spec in settings.targets:
+        if spec.instance is None and spec.output and not spec.output.parent.is_dir():
+            raise click.UsageError(
+                f"{spec.where} ({spec.label}): output: the directory {spec.output.parent}"
+                " does not exist"
+            )
     options = WatchOptions(
         debounce_min=debounce[0],
         debounce_max=debounce[1],
@@ -695,7 +736,7 @@ def routes(
         _routes_from(from_url, _from_token(listen_token, listen_token_file), as_json)
         return
     try:
-        rows, warnings = pipeline.routes(settings)
+        rows, warnings, states = pipeline.routes(settings)
     except IncusError as exc:
         _say(f"error: {exc}")
         sys.exit(int(Status.INCUS_ERROR))
@@ -706,6 +747,8 @@ def routes(
         sys.exit(int(Status.TEMPLATE_ERROR))
     for warning in warnings:
         _say(f"warning: {warning}")
+    for state in states:  # stdout stays the routes (the JSON is /routes' own)
+        _say(f"target {state.name}: {state.state}: {state.detail}")
     if as_json:
         click.echo(routes_json(rows), nl=False)
     else:

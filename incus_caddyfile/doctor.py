@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import pipeline, targets
-from .caddy import CaddyError
+from .caddy import CaddyError, InstanceCaddy
 from .destinations import LocalFile
 from .incus import IncusApi, IncusError, connect
 from .model import Instance
@@ -92,101 +92,121 @@ def _render_check(settings: Settings, api: IncusApi | None) -> tuple[list[Instan
 
 
 def _target_checks(settings: Settings, api: IncusApi | None) -> list[Check]:
-    """Caddy, the template, Caddy's verdict on the result, and the output file."""
+    """Caddy, the template, Caddy's verdict on the result, and the output file (of each
+    target, named after it when the settings give `--target`s)."""
     instances, rendered = _render_check(settings, api)
     try:
-        target = targets.for_settings(settings, api)
+        edges = targets.all_for_settings(settings, api)
     except ValueError:
+        where = settings.caddy_instance or "an instance"
         unreachable = Check(
             "caddy admin",
             False,
-            f"Caddy runs in {settings.caddy_instance}, reached through Incus, which is not"
-            " reachable",
+            f"Caddy runs in {where}, reached through Incus, which is not reachable",
             "see the Incus checks above",
         )
         return [unreachable, rendered]
-    if target is None:
+    if not edges:
         return [rendered, Check("output", True, "stdout (no --output)")]
-    checks = [_caddy_check(settings, target), rendered]
-    if instances is not None:
-        checks.append(_accepts_check(settings, instances, target))
-    checks.append(_output_check(target))
+
+    def named(name: str, target: targets.Target) -> str:
+        return f"{name} ({target.name})" if settings.targets else name
+
+    checks = [_caddy_check(settings, t, named("caddy admin", t)) for t in edges]
+    checks.append(rendered)
+    refused: dict[tuple[str, str], str] = {}
+    for target in edges:
+        if instances is not None:
+            check, refused = _accepts_check(
+                settings, instances, target, named("caddy accepts", target), refused
+            )
+            checks.append(check)
+        checks.append(_output_check(target, named("output", target)))
     return checks
 
 
-def _caddy_check(settings: Settings, target: targets.Target) -> Check:
+def _caddy_check(settings: Settings, target: targets.Target, name: str) -> Check:
     if not settings.reload:
-        return Check("caddy admin", True, "not used (--no-reload)")
+        return Check(name, True, "not used (--no-reload)")
     try:
-        return Check("caddy admin", True, target.caddy.ping())
+        return Check(name, True, target.caddy.ping())
     except CaddyError as exc:
-        if settings.caddy_instance:
+        if isinstance(target.caddy, InstanceCaddy):
             fix = (
-                f"start {settings.caddy_instance} with caddy installed in it (or set"
-                " --caddy-bin to its path there), or fix --caddy-instance"
+                f"start {target.caddy.shell.name} with caddy installed in it (or set"
+                " --caddy-bin to its path there), or fix the instance's name"
             )
         else:
             fix = (
                 "start Caddy with the same `admin` address, or set --caddy-admin to the one it"
                 " uses (or use --reload-command / --no-reload)"
             )
-        return Check("caddy admin", False, str(exc), fix)
+        return Check(name, False, str(exc), fix)
 
 
-def _accepts_check(settings: Settings, instances: list[Instance], target: targets.Target) -> Check:
-    """Caddy's verdict, as render would meet it: the config, and each instance's route."""
-    verdict = pipeline.ask_caddy(settings, instances, target.caddy)
+def _accepts_check(
+    settings: Settings,
+    instances: list[Instance],
+    target: targets.Target,
+    name: str = "caddy accepts",
+    already: dict[tuple[str, str], str] | None = None,
+) -> tuple[Check, dict[tuple[str, str], str]]:
+    """Caddy's verdict, as render would meet it: the config, and each instance's route
+    (without the routes an earlier target's Caddy refused: every edge gets the same bytes).
+    Also the routes refused so far."""
+    verdict = pipeline.ask_caddy(settings, instances, target.caddy, already)
+    refused = {**verdict.refused, **(already or {})}
     if verdict.whole is not None:
         return Check(
-            "caddy accepts",
+            name,
             False,
             f"Caddy rejects the config: {verdict.whole}",
             "fix the --global-option/--acme-dns values, the snippets or sites, or the template",
-        )
+        ), refused
     if verdict.unasked is not None:
         return Check(
-            "caddy accepts",
+            name,
             False,
             verdict.unasked,
             "start Caddy, or install caddy on PATH / set --caddy-bin",
-        )
+        ), refused
     if verdict.refused:
         listed = "; ".join(f"{p}/{n}: {why}" for (p, n), why in sorted(verdict.refused.items()))
         return Check(
-            "caddy accepts",
+            name,
             False,
             f"valid without the routes of {len(verdict.refused)} instance(s), which Caddy"
             f" refuses (Caddy refused its route): {listed}",
             "their labels (or the template's use of them) must change; the other routes are"
             " applied (see `incus-caddyfile routes`)",
-        )
-    return Check("caddy accepts", True, f"the rendered config is valid ({verdict.checked_by})")
+        ), refused
+    return Check(name, True, f"the rendered config is valid ({verdict.checked_by})"), refused
 
 
-def _output_check(target: targets.Target) -> Check:
+def _output_check(target: targets.Target, name: str = "output") -> Check:
     destination = target.destination
     if not isinstance(destination, LocalFile):
         try:
             destination.read()
         except OutputError as exc:
-            return Check("output", False, str(exc), "check the instance and the path in it")
-        return Check("output", True, f"{destination.name} can be read")
+            return Check(name, False, str(exc), "check the instance and the path in it")
+        return Check(name, True, f"{destination.name} can be read")
     path = destination.path
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         return Check(
-            "output",
+            name,
             False,
             f"directory {directory} does not exist",
             f"create it: mkdir -p {directory}",
         )
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         os.close(fd)
-        os.unlink(name)
+        os.unlink(temp)
     except OSError as exc:
         return Check(
-            "output",
+            name,
             False,
             f"cannot create files in {directory}: {exc.strerror}",
             "give the tool write access to that directory (the atomic write puts a"
@@ -194,6 +214,6 @@ def _output_check(target: targets.Target) -> Check:
         )
     if path.exists() and not os.access(path, os.W_OK):
         return Check(
-            "output", False, f"{path} is not writable", f"fix its permissions: chmod u+w {path}"
+            name, False, f"{path} is not writable", f"fix its permissions: chmod u+w {path}"
         )
-    return Check("output", True, f"{path} can be written")
+    return Check(name, True, f"{path} can be written")

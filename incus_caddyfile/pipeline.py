@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -43,6 +44,7 @@ class Status(IntEnum):
     RELOAD_FAILED = 6  # the file was written but Caddy could not be reloaded
     WRITE_FAILED = 7  # the output file could not be written: the previous file is intact
     TEMPLATE_ERROR = 8  # the template failed to load or render: nothing written
+    PARTIAL = 9  # several targets: some run the new config, others failed (each named)
 
 
 EXIT_MEANINGS = {
@@ -55,6 +57,7 @@ EXIT_MEANINGS = {
     Status.RELOAD_FAILED: "file written, but reloading Caddy failed",
     Status.WRITE_FAILED: "the output file could not be written: previous file intact",
     Status.TEMPLATE_ERROR: "the template failed: nothing written",
+    Status.PARTIAL: "several targets: applied to some, others failed (see stderr)",
 }
 EXIT_CODES_HELP = "\n".join(f"  {s.value}  {EXIT_MEANINGS[s]}" for s in Status)
 
@@ -95,6 +98,22 @@ class Report:
     message: str = ""
     warnings: list[str] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)  # seconds: render, load, write
+    # Several targets: what happened at each (same model and text); empty with one target.
+    edges: list[Report] = field(default_factory=list)
+    # Instances whose routes a Caddy refused (found by bisection), with Caddy's reason.
+    refused: dict[Key, str] = field(default_factory=dict)
+
+    def by_target(self) -> list[Report]:
+        """What happened at each target: the edges, or this report for a single target."""
+        return self.edges or ([self] if self.target is not None else [])
+
+    @property
+    def state(self) -> str:
+        """A target's state: current (Caddy runs the file, or --no-reload and the file is
+        written), pending (the file is written, Caddy's reload is owed and retried), failed."""
+        if self.error is None:
+            return "current"
+        return "pending" if self.error == Status.RELOAD_FAILED else "failed"
 
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:
@@ -107,6 +126,8 @@ class Report:
 
     def summary(self) -> str:
         """What happened to the file and Caddy, in the words `render` and `watch` print."""
+        if self.edges:
+            return "; ".join(f"{e.target}: {e.summary()}" for e in self.edges)
         if self.error is not None:
             return f"error: {self.message}"
         reloaded = ", Caddy reloaded" if self.reloaded else ""
@@ -173,7 +194,11 @@ def fetch(
 
 
 def state_output(settings: Settings) -> Path | None:
-    """The output file beside which the last known routes are kept (a file on this host)."""
+    """The output file beside which the last known routes are kept (a file on this host;
+    with several targets, the first that writes one)."""
+    if settings.targets:
+        local = (Path(t.output) for t in settings.targets if t.instance is None and t.output)
+        return next(local, None)
     return settings.output if settings.caddy_instance is None else None
 
 
@@ -245,17 +270,22 @@ def accepted_config(
     caddy: Caddy,
     reason: str,
     draining: Iterable[Key] = (),
+    already: Mapping[Key, str] | None = None,
 ) -> tuple[Model, str, dict[Key, str]]:
     """Caddy refused the rendered config (`reason`): find the instances whose routes cause
     it, by asking Caddy about parts of the config, and return the model and text without
     their routes, and Caddy's reason for each. Cost only on this failure path: about
     2 log2(n) checks for one culprit among n instances.
 
+    `already`: routes another Caddy refused: kept out (every edge gets the same bytes).
+
     Raises WholeConfigRejected when the config fails without any instance's route, and
     CaddyError when Caddy stops answering meanwhile.
     """
-    candidates = sorted((i.project, i.name) for i in instances if i.labels)
-    found: dict[Key, str] = {}
+    found: dict[Key, str] = dict(already or {})
+    candidates = sorted(
+        (i.project, i.name) for i in instances if i.labels and (i.project, i.name) not in found
+    )
     drained = frozenset(draining)
 
     def attempt(keep: set[Key]) -> tuple[Model, str, str | None]:
@@ -315,7 +345,7 @@ def snippet_names(settings: Settings) -> tuple[str, ...]:
 
 
 def run(settings: Settings, mode: RunMode | None = None) -> Report:
-    """The whole cycle, from the Incus listing to a reloaded Caddy."""
+    """The whole cycle, from the Incus listing to a reloaded Caddy (every target's)."""
     mode = mode or RunMode()
     notes: list[str] = []
     try:
@@ -323,8 +353,100 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
         instances = collect(api, settings.policy, notes)
     except IncusError as exc:
         return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
-    report = apply(settings, instances, targets.for_settings(settings, api), mode)
+    report = apply_all(settings, instances, targets.all_for_settings(settings, api), mode)
     report.warnings[:0] = notes
+    return report
+
+
+def apply_all(
+    settings: Settings,
+    instances: list[Instance],
+    edges: Sequence[Target],
+    mode: RunMode | None = None,
+    draining: Iterable[Key] = (),
+    verify: Collection[str] | None = None,
+) -> Report:
+    """Steps 2-5 for every target: one model, one render, the same bytes to each, all at
+    once; a target that is down or refuses does not stop the others (its report says why).
+    `verify`: the targets to ask whether they run the file when it is unchanged (None: as
+    `mode` says). With one target this is `apply`, report for report."""
+    mode = mode or RunMode()
+
+    def mode_for(target: Target) -> RunMode:
+        if verify is None:
+            return mode
+        return dataclasses.replace(mode, verify_running=target.name in verify)
+
+    if len(edges) <= 1:
+        one = edges[0] if edges else None
+        return apply(settings, instances, one, mode_for(one) if one else mode, draining)
+    drained = frozenset(draining)
+    report, instances = _rendered(settings, instances, mode, drained)
+    if report.error is not None:
+        return report
+
+    def apply_to(target: Target) -> Report:
+        edge = Report(
+            mode_for(target), model=report.model, text=report.text, refused=dict(report.refused)
+        )
+        edge.target = target.name
+        return _write_and_reload(settings, instances, target, edge, drained)
+
+    # The targets are applied at the same time: one that is slow to answer (a host down
+    # without a reset) does not delay the others' reloads. A route one Caddy refuses is kept
+    # out of every edge's config (the same bytes on each, so a client gets the same answer
+    # from either): the edges that took the config with it get the one without it. Each
+    # pass refuses at least one more route, so this ends.
+    with ThreadPoolExecutor(len(edges), thread_name_prefix="target") as pool:
+        for _ in range(len(instances) + 2):
+            report.edges = list(pool.map(apply_to, edges))
+            more = [(t, e) for t, e in zip(edges, report.edges, strict=True)
+                    if e.refused.keys() - report.refused.keys()]  # fmt: skip
+            if not more:
+                break
+            for target, edge in more:
+                _refused_by(settings, instances, report, edge, target.name, drained)
+    keeper = state_output(settings)
+    for target, edge in zip(edges, report.edges, strict=True):
+        if keeper is not None and target.destination.name == str(keeper):
+            _remember(settings, instances, edge)  # its warning is the edge's, summed below
+    return _summed(report)
+
+
+def _refused_by(
+    settings: Settings,
+    instances: list[Instance],
+    report: Report,
+    edge: Report,
+    name: str,
+    draining: frozenset[Key],
+) -> None:
+    """Routes this target's Caddy refused: the config without them, for every target, with
+    the reason naming the target (another edge may have taken them: its Caddy differs)."""
+    for key, why in edge.refused.items():  # (those refused before keep their reason)
+        report.refused.setdefault(key, f"{why} (at {name})")
+    report.model = model_for(settings, instances, report.refused, draining)
+    report.text = render(report.model, settings)
+
+
+def _summed(report: Report) -> Report:
+    """The whole cycle's outcome from its targets': errors only when one failed, PARTIAL
+    when some are current and others not."""
+    edges = report.edges
+    report.target = ", ".join(e.target or "" for e in edges)
+    report.written = any(e.written for e in edges)
+    report.reloaded = any(e.reloaded for e in edges)
+    changed = [e.changed for e in edges if e.changed is not None]
+    report.changed = Changed.YES if Changed.YES in changed else (changed[0] if changed else None)
+    diffs = [e.diff for e in edges if e.diff]
+    report.diff = "".join(diffs) if diffs else None
+    report.warnings = [f"{e.target}: {w}" for e in edges for w in e.warnings]
+    failed = [e for e in edges if e.error is not None]
+    if failed:
+        message = "; ".join(f"{e.target}: {e.message}" for e in failed)
+        status = failed[0].error if len(failed) == len(edges) else Status.PARTIAL
+        assert status is not None
+        report.fail(status, message)
     return report
 
 
@@ -338,23 +460,32 @@ def apply(
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
     `target`: where the file goes and the Caddy that runs it (None: only render);
     `draining`: instances to take out of their pools (see model.build)."""
-    report = Report(mode or RunMode())
     drained = frozenset(draining)
+    report, instances = _rendered(settings, instances, mode or RunMode(), drained)
+    if target is None or report.error is not None:
+        return report
+    report.target = target.name
+    _write_and_reload(settings, instances, target, report, drained)
+    _remember(settings, instances, report)
+    return report
+
+
+def _rendered(
+    settings: Settings, instances: list[Instance], mode: RunMode, drained: frozenset[Key]
+) -> tuple[Report, list[Instance]]:
+    """Steps 2-3: the model and the text, from the instances with the routes that the ones
+    in Error last had (the instances returned)."""
+    report = Report(mode)
     instances, report.warnings = recall(settings, instances)
     try:
         with report.timed("render"):
             report.model = model_for(settings, instances, draining=drained)
             report.text = render(report.model, settings)
     except SettingsError as exc:
-        return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
+        report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
     except TemplateError as exc:
-        return report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
-    if target is None:
-        return report
-    report.target = target.name
-    _write_and_reload(settings, instances, target, report, drained)
-    _remember(settings, instances, report)
-    return report
+        report.fail(Status.TEMPLATE_ERROR, f"template error: {exc}; nothing was written")
+    return report, instances
 
 
 def _remember(settings: Settings, instances: list[Instance], report: Report) -> None:
@@ -540,7 +671,9 @@ def _without_refused_routes(
     become the accepted config, the instances are rejected with Caddy's reason). False (the
     report failed) when the config fails as a whole, or Caddy stopped answering."""
     try:
-        report.model, report.text, _ = accepted_config(settings, instances, caddy, reason, draining)
+        report.model, report.text, report.refused = accepted_config(
+            settings, instances, caddy, reason, draining, report.refused
+        )
     except WholeConfigRejected as exc:
         report.fail(
             Status.CADDY_REJECTED,
@@ -642,24 +775,76 @@ class Verdict:
         return []
 
 
-def ask_caddy(settings: Settings, instances: list[Instance], caddy: Caddy) -> Verdict:
+def ask_caddy(
+    settings: Settings,
+    instances: list[Instance],
+    caddy: Caddy,
+    already: Mapping[Key, str] | None = None,
+) -> Verdict:
     """The model and text as Caddy would take them (for `routes` and `doctor`, which show
-    what render would apply). Raises SettingsError and TemplateError."""
-    model = model_for(settings, instances)
+    what render would apply). `already`: routes another edge's Caddy refused. Raises
+    SettingsError and TemplateError."""
+    model = model_for(settings, instances, already or None)
     text = render(model, settings)
     try:
         checked_by = caddy.check(text)
     except CaddyRejected as exc:
         try:
-            accepted, accepted_text, refused = accepted_config(settings, instances, caddy, str(exc))
+            accepted, accepted_text, refused = accepted_config(
+                settings, instances, caddy, str(exc), already=already
+            )
         except WholeConfigRejected as whole:
-            return Verdict(model, text, whole=str(whole))
+            return Verdict(model, text, dict(already or {}), whole=str(whole))
         except (CaddyError, OutputError) as error:
-            return Verdict(model, text, unasked=str(error))
+            return Verdict(model, text, dict(already or {}), unasked=str(error))
         return Verdict(accepted, accepted_text, refused, checked_by=caddy.name)
     except (CaddyError, OutputError) as exc:
-        return Verdict(model, text, unasked=str(exc))
-    return Verdict(model, text, checked_by=checked_by)
+        return Verdict(model, text, dict(already or {}), unasked=str(exc))
+    return Verdict(model, text, dict(already or {}), checked_by=checked_by)
+
+
+def ask_all(settings: Settings, instances: list[Instance], edges: Sequence[Target]) -> Verdict:
+    """`ask_caddy` of every target's Caddy, each one's refusals kept out for the next (the
+    same bytes for all); the last verdict, with every refusal, naming the target when there
+    are several."""
+    verdict: Verdict | None = None
+    refused: dict[Key, str] = {}
+    for target in edges:
+        verdict = ask_caddy(settings, instances, target.caddy, refused)
+        if len(edges) > 1:
+            refused |= {k: f"{w} (at {target.name})" if k not in refused else w
+                        for k, w in verdict.refused.items()}  # fmt: skip
+        else:
+            refused = dict(verdict.refused)
+    if verdict is None:
+        raise ValueError("no target to ask")
+    if len(edges) > 1 and refused:
+        model = model_for(settings, instances, refused)
+        verdict = dataclasses.replace(
+            verdict, model=model, text=render(model, settings), refused=refused
+        )
+    return verdict
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """Does this target's Caddy run the config render would apply? (`routes`.)"""
+
+    name: str
+    state: str  # current, pending (it runs another config), unknown, failed
+    detail: str = ""
+
+
+def target_state(target: Target, text: str) -> TargetState:
+    try:
+        running = target.caddy.running(text)
+    except CaddyError as exc:
+        return TargetState(target.name, "failed", str(exc))
+    if running is None:
+        return TargetState(target.name, "unknown", f"{target.caddy.name} cannot say what it runs")
+    if running:
+        return TargetState(target.name, "current", "runs the current config")
+    return TargetState(target.name, "pending", "runs another config: the next render loads it")
 
 
 def checker(settings: Settings, api: IncusApi | None) -> Caddy:
@@ -671,11 +856,17 @@ def checker(settings: Settings, api: IncusApi | None) -> Caddy:
     return AdminCaddy(settings.caddy_admin, settings.caddy_bin)
 
 
-def routes(settings: Settings) -> tuple[list[RouteRow], list[str]]:
-    """Every labelled instance with its verdict, Caddy's included (for `routes`), and
-    warnings. Raises IncusError, SettingsError and TemplateError."""
+def routes(settings: Settings) -> tuple[list[RouteRow], list[str], list[TargetState]]:
+    """Every labelled instance with its verdict, Caddy's included (for `routes`), warnings,
+    and with `--target`s each target's state. Raises IncusError, SettingsError and
+    TemplateError."""
     api = connect(settings)
     notes: list[str] = []
     instances, recalled = recall(settings, collect(api, settings.policy, notes))
-    verdict = ask_caddy(settings, instances, checker(settings, api))
-    return explain(instances, verdict.model), notes + recalled + verdict.warnings
+    if not settings.targets:
+        verdict = ask_caddy(settings, instances, checker(settings, api))
+        return explain(instances, verdict.model), notes + recalled + verdict.warnings, []
+    edges = targets.all_for_settings(settings, api)
+    verdict = ask_all(settings, instances, edges)
+    states = [target_state(t, verdict.text) for t in edges]
+    return explain(instances, verdict.model), notes + recalled + verdict.warnings, states

@@ -73,13 +73,100 @@ NUMBER_KEYS = ("incus-timeout",)
 # and each leases call 5 s, which would stall watch's other work that long.
 DEFAULT_INCUS_TIMEOUT = 5.0
 # Tables the file may hold that are not options (reserved for per-project policy).
-FILE_TABLES = frozenset({"projects"})
+FILE_TABLES = frozenset({"projects", "targets"})
 # Global options with a setting of their own: rendering them twice would confuse Caddy or us.
 OWNED_OPTIONS = {"admin": "--caddy-admin", "email": "--email", "acme_dns": "--acme-dns"}
 
 
 class SettingsError(ValueError):
     """A setting the operator gave is unusable; the message says which and why."""
+
+
+# A target's keys (`--target KEY=VALUE,...`, or a `[[targets]]` table of the settings file).
+TARGET_KEYS = ("name", "admin", "command", "instance", "output", "caddy-bin")
+_TARGET_SPLIT = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9_-]*\s*=)")  # a comma before KEY=
+# An admin option every edge fills from its own environment ({$VAR} or {$VAR:default}).
+_ENV_PLACEHOLDER = re.compile(r"\{\$[A-Za-z_][A-Za-z0-9_]*(:[^{}\s]*)?\}")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One Caddy edge the rendered Caddyfile goes to, as the operator wrote it: a Caddy
+    reached at its admin endpoint (`admin`), reloaded by a command (`command`, with `admin`
+    to ask what it runs), or running inside an Incus instance (`instance`); each with its
+    own `output` file. `where` names it in error messages (`--target 2`, `[[targets]] 1`)."""
+
+    where: str
+    name: str | None = None
+    admin: str | None = None
+    command: str | None = None
+    instance: str | None = None
+    output: Path | None = None
+    caddy_bin: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "instance" if self.instance else "command" if self.command else "admin"
+
+    @property
+    def label(self) -> str:
+        """How logs, metrics and pages name it: `name`, else its output (inside its
+        instance: PROJECT/NAME:path)."""
+        if self.name:
+            return self.name
+        if self.instance:
+            return f"{self.instance}:{self.output or '/etc/caddy/Caddyfile'}"
+        return str(self.output)
+
+
+def parse_target(text: str, where: str) -> TargetSpec:
+    """`admin=unix//run/caddy-a.sock,output=/etc/caddy/a/Caddyfile`: comma-separated
+    KEY=VALUE pairs (a comma starts a new pair only before `WORD=`, so a command may hold
+    other commas). Raises SettingsError naming the target and the key."""
+    values: dict[str, str] = {}
+    for part in _TARGET_SPLIT.split(text.strip()):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(
+                f"{where} {text!r}: expected KEY=VALUE pairs separated by commas"
+                f" (keys: {', '.join(TARGET_KEYS)}), got {part!r}"
+            )
+        values[key] = value.strip()
+    return target_from(values, where)
+
+
+def target_from(values: dict[str, Any], where: str) -> TargetSpec:
+    """A target from its keys (parsed from `--target`, or a `[[targets]]` table)."""
+    for key, value in values.items():
+        if key not in TARGET_KEYS:
+            raise SettingsError(
+                f"{where}: unknown key {key!r}{_did_you_mean(key, list(TARGET_KEYS))}"
+                f" (keys: {', '.join(TARGET_KEYS)})"
+            )
+        if not isinstance(value, str) or not value.strip():
+            raise SettingsError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    kinds = [k for k in ("command", "instance") if k in values]
+    if len(kinds) > 1 or ("instance" in values and "admin" in values):
+        given = ", ".join(k for k in ("admin", "command", "instance") if k in values)
+        raise SettingsError(
+            f"{where}: give one of admin, command or instance (a command may add admin, to"
+            f" ask Caddy what it runs), got {given}"
+        )
+    if not ({"admin", "command", "instance"} & values.keys()):
+        raise SettingsError(f"{where}: which Caddy? give admin=ADDR, command=CMD or instance=P/N")
+    if "output" not in values and "instance" not in values:
+        raise SettingsError(f"{where}: output=FILE is missing (every target has its own file)")
+    output = Path(values["output"]) if "output" in values else None
+    return TargetSpec(
+        where=where,
+        name=values.get("name"),
+        admin=values.get("admin"),
+        command=values.get("command"),
+        instance=values.get("instance"),
+        output=output,
+        caddy_bin=values.get("caddy-bin"),
+    )
 
 
 @dataclass(frozen=True)
@@ -110,6 +197,7 @@ class Settings:
     fail_duration: str = DEFAULT_FAIL_DURATION
     on_demand_tls: bool = False  # certificates at the first handshake, for routed hosts only
     on_demand_ask: str | None = None  # what Caddy asks first: watch's /ask (set by watch)
+    targets: tuple[TargetSpec, ...] = ()  # several edges (--target); () : the flags' one
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
@@ -166,15 +254,8 @@ def validate(s: Settings) -> None:
     """Operator settings are trusted but checked, so a typo fails here, not inside Caddy."""
     if s.email is not None and not _EMAIL.fullmatch(s.email):
         raise SettingsError(f"--email: not an email address: {s.email!r}")
-    if s.caddy_admin is not None:
-        port = s.caddy_admin.rpartition(":")[2] if not s.caddy_admin.startswith("unix/") else "1"
-        if not _ADMIN.fullmatch(s.caddy_admin) or not (
-            s.caddy_admin == "off" or 1 <= int(port) <= 65535
-        ):
-            raise SettingsError(
-                f"--caddy-admin: expected host:port (port 1-65535), unix//path or off,"
-                f" got {s.caddy_admin!r}"
-            )
+    if s.caddy_admin is not None and not (s.targets and is_placeholder(s.caddy_admin)):
+        _check_admin("--caddy-admin", s.caddy_admin)
     for option in s.global_options:
         _one_line("--global-option", option, balanced=False)
     for option, depth in zip(s.global_options, block_depths(s.global_options), strict=True):
@@ -223,6 +304,7 @@ def validate(s: Settings) -> None:
         raise SettingsError(
             f"on-demand ask URL: expected http://HOST:PORT/ask, got {s.on_demand_ask!r}"
         )
+    _validate_targets(s)
     for key in DURATION_KEYS:
         name = FILE_KEYS[key]
         value = getattr(s, name)
@@ -239,6 +321,88 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"--lb-retries: a number from 0 to 100, got {s.lb_retries!r}")
 
 
+def is_placeholder(value: str) -> bool:
+    """`{$CADDY_ADMIN}`: Caddy substitutes its own environment variable when it adapts the
+    text, so every edge fills in its own value from the same bytes."""
+    return bool(_ENV_PLACEHOLDER.fullmatch(value))
+
+
+def _check_admin(name: str, value: str) -> None:
+    port = value.rpartition(":")[2] if not value.startswith("unix/") else "1"
+    if not _ADMIN.fullmatch(value) or not (value == "off" or 1 <= int(port) <= 65535):
+        raise SettingsError(
+            f"{name}: expected host:port (port 1-65535), unix//path or off, got {value!r}"
+        )
+
+
+SINGLE_TARGET_FLAGS = {
+    "output": "--output",
+    "reload_command": "--reload-command",
+    "caddy_instance": "--caddy-instance",
+}
+
+
+def _validate_targets(s: Settings) -> None:
+    """Several edges get the same bytes: each target's file is its own, and the `admin`
+    option rendered for all must be each Caddy's own (Caddy moves its admin endpoint to the
+    one in the config it loads)."""
+    if not s.targets:
+        return
+    mixed = [flag for name, flag in SINGLE_TARGET_FLAGS.items() if getattr(s, name)]
+    if mixed:
+        raise SettingsError(
+            f"--target: give the targets alone, or {', '.join(mixed)} for a single one, not"
+            " both (put that file in a target: --target admin=ADDR,output=FILE)"
+        )
+    rendered = s.caddy_admin or "localhost:2019"
+    names: dict[str, str] = {}
+    files: dict[str, str] = {}
+    for spec in s.targets:
+        where = f"{spec.where} ({spec.label})"
+        if spec.admin is not None:
+            _check_admin(f"{where}: admin", spec.admin)
+            if spec.admin != rendered and not is_placeholder(rendered):
+                raise SettingsError(
+                    f"{where}: admin={spec.admin} is not the admin option every edge is given"
+                    f" ({rendered}; Caddy moves its admin endpoint to the one in the config it"
+                    " loads, and all edges get the same bytes): give each Caddy its address in"
+                    " its environment and set --caddy-admin '{$CADDY_ADMIN}' (or the same"
+                    " admin= on every target)"
+                )
+        if spec.instance is not None:
+            if is_placeholder(rendered):
+                raise SettingsError(
+                    f"{where}: instance: `caddy reload` adapts the file inside the instance, in"
+                    f" its own environment, not Caddy's, so {rendered} would not be Caddy's"
+                    " admin address there: give the Caddies in instances one admin address"
+                    " (--caddy-admin)"
+                )
+            if not _INSTANCE_REF.fullmatch(spec.instance):
+                raise SettingsError(
+                    f"{where}: instance: expected PROJECT/NAME or NAME, got {spec.instance!r}"
+                )
+            if spec.output is not None and not spec.output.is_absolute():
+                raise SettingsError(f"{where}: output: an absolute path inside the instance")
+        place = _place(spec)
+        if place in files:
+            raise SettingsError(
+                f"{where}: output {spec.output or '/etc/caddy/Caddyfile'} is {files[place]}'s"
+                " output too: each target needs its own file"
+            )
+        files[place] = spec.where
+        if spec.label in names:
+            raise SettingsError(f"{where}: the name {spec.label!r} is {names[spec.label]}'s too")
+        names[spec.label] = spec.where
+
+
+def _place(spec: TargetSpec) -> str:
+    """Where a target's file is, to find two targets writing one file."""
+    if spec.instance is not None:
+        project, _, name = spec.instance.rpartition("/")
+        return f"{project or 'default'}/{name}:{spec.output or '/etc/caddy/Caddyfile'}"
+    return os.path.realpath(str(spec.output))
+
+
 def check_paths(s: Settings) -> None:
     """What the settings name on this host exists and is of the right kind (called by the
     CLI: the Settings value itself stays free of file system reads)."""
@@ -246,6 +410,12 @@ def check_paths(s: Settings) -> None:
         raise SettingsError(f"--sites-dir: {s.sites_dir} is not a directory")
     if s.output is not None and s.caddy_instance is None:
         check_output_path(s.output)
+    for spec in s.targets:
+        if spec.instance is None and spec.output is not None:
+            try:
+                check_output_path(spec.output)
+            except SettingsError as exc:
+                raise SettingsError(f"{spec.where} ({spec.label}): {exc}") from None
 
 
 def check_output_path(path: Path) -> None:
@@ -336,6 +506,8 @@ def load_file(path: Path) -> dict[str, Any]:
     data = _read_toml(path)
     load_policy(path)  # fail early (as a usage error) on a bad [projects] table
     out: dict[str, Any] = {}
+    if "targets" in data:
+        out["targets"] = tuple(load_targets(path, data["targets"]))
     for key, value in data.items():
         if key in FILE_TABLES:
             continue
@@ -361,6 +533,13 @@ def load_file(path: Path) -> dict[str, Any]:
             raise SettingsError(f"{path}: {key} must be a string")
         out[FILE_KEYS[key]] = value
     return out
+
+
+def load_targets(path: Path, value: Any) -> list[TargetSpec]:
+    """`[[targets]]` tables: each with the keys of `--target`."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise SettingsError(f"{path}: targets must be [[targets]] tables")
+    return [target_from(dict(v), f"{path}: [[targets]] {n}") for n, v in enumerate(value, 1)]
 
 
 def default_incus_socket(env: dict[str, str] | None = None) -> str:

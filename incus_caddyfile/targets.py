@@ -13,7 +13,7 @@ from .caddy import AdminCaddy, Caddy, CaddyUnreachable, CommandCaddy, InstanceCa
 from .destinations import Destination, InstanceFile, LocalFile
 from .incus import IncusApi, IncusError
 from .output import OutputError
-from .settings import Settings
+from .settings import Settings, TargetSpec, is_placeholder
 
 DEFAULT_INSTANCE_PATH = "/etc/caddy/Caddyfile"
 
@@ -22,10 +22,11 @@ DEFAULT_INSTANCE_PATH = "/etc/caddy/Caddyfile"
 class Target:
     destination: Destination
     caddy: Caddy
+    label: str | None = None  # the operator's name for it (`--target name=...`)
 
     @property
     def name(self) -> str:
-        return self.destination.name
+        return self.label or self.destination.name
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,47 @@ def instance_ref(value: str) -> tuple[str, str]:
 
 def writes_file(settings: Settings) -> bool:
     """True when the settings name a file to write (else the Caddyfile goes to stdout)."""
-    return bool(settings.caddy_instance) or settings.output is not None
+    return bool(settings.caddy_instance) or settings.output is not None or bool(settings.targets)
+
+
+def all_for_settings(settings: Settings, api: IncusApi | None = None) -> list[Target]:
+    """Every target the settings name, in their order: the `--target`s, else the one of the
+    single-target flags (none: the Caddyfile goes to stdout)."""
+    if not settings.targets:
+        one = for_settings(settings, api)
+        return [] if one is None else [one]
+    return [for_spec(spec, settings, api) for spec in settings.targets]
+
+
+def for_spec(spec: TargetSpec, settings: Settings, api: IncusApi | None = None) -> Target:
+    """One `--target`: its own file and Caddy; `--caddy-admin` and `--caddy-bin` are the
+    defaults of what it does not say."""
+    caddy_bin = spec.caddy_bin or settings.caddy_bin
+    if spec.instance is not None:
+        if api is None:
+            raise ValueError("a Caddy inside an instance is reached through an Incus client")
+        access = InstanceAccess(api, *instance_ref(spec.instance))
+        path = str(spec.output or DEFAULT_INSTANCE_PATH)
+        return Target(
+            InstanceFile(access, path), InstanceCaddy(access, path, caddy_bin or "caddy"), spec.name
+        )
+    assert spec.output is not None
+    admin = spec.admin or settings.caddy_admin
+    if admin is not None and is_placeholder(admin):
+        admin = "off"  # {$VAR}: only that Caddy knows it; check with `caddy adapt` instead
+    caddy: Caddy
+    if spec.command is not None:
+        caddy = CommandCaddy(spec.command, admin, caddy_bin)
+    else:
+        caddy = AdminCaddy(admin, caddy_bin)
+    return Target(LocalFile(spec.output), caddy, spec.name)
 
 
 def for_settings(settings: Settings, api: IncusApi | None = None) -> Target | None:
     """The target the settings name, or None when the Caddyfile goes to stdout. A Caddy in
-    an instance needs the cycle's Incus client (`api`)."""
+    an instance needs the cycle's Incus client (`api`). With `--target`s: the first."""
+    if settings.targets:
+        return for_spec(settings.targets[0], settings, api)
     if settings.caddy_instance:
         if api is None:
             raise ValueError("a Caddy inside an instance is reached through an Incus client")

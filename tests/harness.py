@@ -270,6 +270,7 @@ class Caddy:
             self.admin = f"unix/{workdir}/admin.sock"
         self.log = workdir / "caddy.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # more environment variables for the process
 
     @property
     def render_args(self) -> list[str]:
@@ -290,7 +291,7 @@ class Caddy:
 
     def start(self, config: Path) -> None:
         xdg = str(self.workdir / "xdg")
-        env = {**os.environ, "XDG_CONFIG_HOME": xdg, "XDG_DATA_HOME": xdg}
+        env = {**os.environ, "XDG_CONFIG_HOME": xdg, "XDG_DATA_HOME": xdg, **self.env}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.exe, "run", "--config", str(config), "--adapter", "caddyfile"],
@@ -632,16 +633,16 @@ class WatchProcess:
     """`python -m incus_caddyfile watch -o OUTPUT --log-format json ARGS` as a real process,
     its log lines collected by a reader thread."""
 
-    def __init__(self, output: Path, *args: str | Path, code: Path = ROOT) -> None:
+    def __init__(self, output: Path | None, *args: str | Path, code: Path = ROOT) -> None:
         """`code`: the source tree whose incus_caddyfile runs (another checkout or an older
-        commit, for a baseline)."""
-        self.output = output
+        commit, for a baseline). `output` None: the args name the files (`--target`)."""
+        self.output = output or Path("/nonexistent")
         self.records: list[Record] = []
         self.raw: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "incus_caddyfile", "watch", "-o", str(output),
-             "--log-format", "json", *map(str, args)],
+            [sys.executable, "-m", "incus_caddyfile", "watch",
+             *(["-o", str(output)] if output else []), "--log-format", "json", *map(str, args)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

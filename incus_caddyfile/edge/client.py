@@ -104,6 +104,14 @@ def doctor_checks(url: str, token: str | None) -> list[Check]:
             "caddy", False, str(state.get("last_error") or "no full sync yet"),
             "see the last cycle below and the watch's log",
         ))  # fmt: skip
+    targets = state.get("targets") or []
+    for target in targets[:] if len(targets) > 1 else ():
+        current = target.get("state") == "current"
+        checks.append(Check(
+            f"target {target.get('name')}", current,
+            str(target.get("state")) + (f": {target['reason']}" if target.get("reason") else ""),
+            "" if current else "start that Caddy (or fix its admin address); the watch retries it",
+        ))  # fmt: skip
     cycles = state.get("last_cycles") or []
     if cycles:
         last = cycles[0]

@@ -13,7 +13,7 @@ from ..model import Instance, explain
 from ..pipeline import Report, Status
 from ..watch.triggers import Kind, Trigger
 from .metrics import Metrics
-from .snapshot import CYCLES_KEPT, Board, CycleRecord, Snapshot
+from .snapshot import CYCLES_KEPT, Board, CycleRecord, Snapshot, TargetRecord
 
 # A reload was asked of Caddy and did not happen, by the cycle's error.
 RELOAD_FAILURES = {Status.RELOAD_FAILED: "unreachable", Status.CADDY_REJECTED: "rejected"}
@@ -138,12 +138,13 @@ class EdgeState:
         if report is None:
             self._publish(cycles=cycles, cycle_count=self.state.cycle_count + 1)
             return
-        if report.reloaded:
-            m.reloads.inc()
-            if self.first_event is not None:
-                m.event_to_reload.observe(max(0.0, now - self.first_event))
-        if report.error in RELOAD_FAILURES:
-            m.reload_failures.labels(RELOAD_FAILURES[report.error]).inc()
+        for edge in report.by_target():
+            if edge.reloaded:
+                m.reloads.inc()
+            if edge.error in RELOAD_FAILURES:
+                m.reload_failures.labels(RELOAD_FAILURES[edge.error]).inc()
+        if report.reloaded and self.first_event is not None:
+            m.event_to_reload.observe(max(0.0, now - self.first_event))
         # The event is owed a reload until one happens: a start's own cycle often finds no
         # address yet, and the reload comes with the address (or port) a poll finds later.
         # An event that never leads to one (noise) is forgotten after EVENT_OWED_S.
@@ -153,6 +154,7 @@ class EdgeState:
             self.first_event = None
         ok = report.error is None
         fields: dict[str, object] = {
+            "targets": self._targets(report),
             "cycles": cycles,
             "cycle_count": self.state.cycle_count + 1,
             "last_error": None if ok else report.message,
@@ -169,4 +171,22 @@ class EdgeState:
             )
         if ok:
             fields.update(synced=True, last_sync=now, last_sync_wall=self.wall())
+        elif report.error == Status.PARTIAL:
+            fields.update(synced=True)  # listed and rendered; some targets lag (they say why)
         self._publish(**fields)
+
+    def _targets(self, report: Report) -> tuple[TargetRecord, ...]:
+        """Each target's state after this cycle (a target keeps its `since` while its state
+        stays); a cycle that rendered nothing (template error ...) leaves them as they were."""
+        edges = report.by_target()
+        if not edges:
+            return self.state.targets
+        before = {t.name: t for t in self.state.targets}
+        out = []
+        for edge in edges:
+            name = edge.target or ""
+            reason = "" if edge.error is None else edge.message
+            old = before.get(name)
+            since = old.since_wall if old is not None and old.state == edge.state else self.wall()
+            out.append(TargetRecord(name, edge.state, reason, since))
+        return tuple(out)

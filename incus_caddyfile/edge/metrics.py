@@ -87,6 +87,15 @@ class _SnapshotCollector:
         yield _gauge(
             "sites", "Sites in the Caddyfile (routed or with a fallback page)", len(snap.sites)
         )
+        targets = GaugeMetricFamily(
+            f"{PREFIX}_target_current",
+            "1 while the target (a Caddy edge) runs the current file; 0 when its reload is"
+            " pending or it failed",
+            labels=["target"],
+        )
+        for target in snap.targets:
+            targets.add_metric([target.name], float(target.state == "current"))
+        yield targets
         instances = GaugeMetricFamily(
             f"{PREFIX}_instances",
             "Labelled instances by verdict (routed, skipped, rejected, unknown) and project",

@@ -74,6 +74,7 @@ class InstanceView:
     css: str
 
 
+TARGET_CSS = {"current": "ok", "pending": "warn", "failed": "bad"}
 VERDICT_CSS = {"routed": "ok", "rejected": "bad", "unknown": "warn", "skipped": "muted"}
 
 
@@ -134,6 +135,11 @@ def view(
         "last_sync": ago(since),
         "counts": snap.counts(),
         "cycle_count": snap.cycle_count,
+        "targets": [
+            (t, TARGET_CSS.get(t.state, "bad"), ago(wall_now - t.since_wall)) for t in snap.targets
+        ]
+        if len(snap.targets) > 1
+        else [],
         "reconnects": snap.reconnects,
         "routes": _routes(snap),
         "instances": instances,

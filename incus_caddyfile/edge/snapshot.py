@@ -86,6 +86,25 @@ class CycleRecord:
 
 
 @dataclass(frozen=True)
+class TargetRecord:
+    """One Caddy edge as its last cycle left it: current (its Caddy runs the file), pending
+    (the file is written, the reload is owed and retried), failed (with the reason)."""
+
+    name: str
+    state: str
+    reason: str = ""
+    since_wall: float = 0.0  # when it entered this state (time.time())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "since": round(self.since_wall, 3),
+        }
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything the listener serves. `clock` values are the watch loop's clock
     (time.monotonic in a real process); `*_wall` ones are time.time()."""
@@ -107,6 +126,12 @@ class Snapshot:
     cycle_count: int = 0
     reconnects: int = 0
     hosts: frozenset[str] = field(default_factory=frozenset)  # sites' hosts: routed or fallback
+    targets: tuple[TargetRecord, ...] = ()  # each Caddy edge, in the settings' order
+
+    @property
+    def lagging(self) -> list[TargetRecord]:
+        """Several targets: those that do not run the current file."""
+        return [t for t in self.targets if t.state != "current"] if len(self.targets) > 1 else []
 
     def readiness(self) -> tuple[bool, str]:
         """Ready: the first full sync succeeded and Caddy runs the current file; else why not."""
@@ -115,6 +140,10 @@ class Snapshot:
             why = f"the Incus event stream is down: {self.incus_reason}"
         elif self.resync_pending:
             why = "reconnected to Incus; the full resync has not completed yet"
+        elif self.lagging:
+            why = "not every target runs the current file: " + "; ".join(
+                f"{t.name} {t.state}: {t.reason}" for t in self.lagging
+            )
         elif self.reload_pending:
             why = f"a reload of Caddy is pending: {self.last_error}"
         elif self.last_error:
@@ -172,6 +201,7 @@ class Snapshot:
                 "reload_pending": self.reload_pending,
                 "reloading": self.reloading,
             },
+            "targets": [t.as_json() for t in self.targets],
             "last_error": self.last_error,
             "cycles": self.cycle_count,
             "last_cycles": [c.as_json() for c in self.cycles],

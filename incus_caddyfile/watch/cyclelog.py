@@ -88,10 +88,20 @@ class CycleLog:
                 f"sites +{counts.get('added', 0)} -{counts.get('removed', 0)}"
                 f" ~{counts.get('changed', 0)}{': ' + detail if detail else ''}"
             )
+        several = (
+            {
+                "targets": {
+                    e.target: {"state": e.state, "summary": e.summary()} for e in report.edges
+                }
+            }
+            if report.edges
+            else {}
+        )
         self.log(
             "cycle",
             f"{what}; {report.summary()} (after {summarise(triggers)})",
             **changes,
+            **several,
             triggers=[str(t) for t in triggers],
             written=report.written,
             reloaded=report.reloaded,

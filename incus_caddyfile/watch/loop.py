@@ -88,6 +88,7 @@ class Signal(Enum):
 RETRIED = frozenset({Status.WRITE_FAILED, Status.RELOAD_FAILED, Status.CADDY_REJECTED})
 
 MakeTarget = Callable[[Settings, IncusApi | None], targets.Target | None]
+MakeTargets = Callable[[Settings, IncusApi | None], list[targets.Target]]
 PORT_PROBE_TIMEOUT = 0.2  # the address is configured: a closed port answers at once
 # A neighbour-table candidate may not be configured yet: its SYN is dropped, and the loop
 # waits this long for nothing (on a bridge, an answer takes well under a millisecond).
@@ -99,8 +100,13 @@ NEARBY_FIRST_ASK = 0.5
 
 class Watcher:
     """The watch loop. `connect` makes an Incus client; `load_settings` re-reads settings;
-    `make_target` names where the file goes and which Caddy runs it; `clock` is injectable,
-    and `step` runs one iteration, so the loop is testable without threads or sleeps."""
+    `make_targets` names where the files go and which Caddy runs each (`make_target`: a
+    single one); `clock` is injectable, and `step` runs one iteration, so the loop is testable
+    without threads or sleeps.
+
+    Each target is kept current on its own: a target whose write or reload failed is retried
+    with its own backoff, and asked whether its Caddy runs the file (at start, after a
+    failure, every `caddy_check_interval`), while the others, current, cost nothing."""
 
     def __init__(
         self,
@@ -109,8 +115,9 @@ class Watcher:
         connect: Callable[[Settings], IncusApi] = connect,
         clock: Callable[[], float] = time.monotonic,
         log: Log | None = None,
-        make_target: MakeTarget = targets.for_settings,
+        make_target: MakeTarget | None = None,
         observer: Observer | None = None,
+        make_targets: MakeTargets = targets.all_for_settings,
     ) -> None:
         self.load_settings = load_settings
         self.settings = load_settings()
@@ -118,7 +125,10 @@ class Watcher:
         self.clock = clock
         self.log = log or Log(options.log_format)
         self.cycle_log = CycleLog(self.log)
-        self.make_target = make_target
+        if make_target is not None:
+            one = make_target
+            make_targets = lambda settings, api: [t for t in [one(settings, api)] if t]  # noqa: E731
+        self.make_targets = make_targets
         self.observer: Observer = observer or Unobserved()  # what `watch --listen` serves
         # SimpleQueue.put is reentrant: safe to call from the signal handlers.
         self.queue: queue.SimpleQueue[Trigger | Signal] = queue.SimpleQueue()
@@ -138,14 +148,17 @@ class Watcher:
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
-        self.retry = Retry(options.retry_first, options.retry_cap)
+        self.retries: dict[str, Retry] = {}  # by target: a failed write or reload, again
         # A full listing that timed out is tried again after 5, 10, 20, 30 s; meanwhile
         # cycles refresh the instances with events on their own.
         self.listing_retry = Retry(options.listing_retry_first, options.listing_retry_cap)
         self.triggers: list[Trigger] = []
         self.waited: dict[str, dict[str, Any]] = {}  # polls that ended: the next cycle's log
-        self.model: Model | None = None  # what the file holds
-        self.verify_caddy = True  # ask Caddy what it runs: at start, after failures, on resync
+        self.model: Model | None = None  # what the files hold
+        # Targets whose Caddy runs the file, as far as we know: the others are asked what
+        # they run (at start, after failures, on resync and every caddy_check_interval).
+        self.verified: set[str] = set()
+        self.target_names: list[str] = []  # of the last cycle
         self.next_resync = 0.0
         self.next_caddy_check = 0.0
         self.next_unknown_check = 0.0
@@ -186,7 +199,11 @@ class Watcher:
         return 0
 
     def begin(self) -> None:
-        self.log("start", "watching Incus events", output=str(self.settings.output))
+        if self.settings.targets:
+            names = [t.label for t in self.settings.targets]
+            self.log("start", f"watching Incus events for {len(names)} targets", targets=names)
+        else:
+            self.log("start", "watching Incus events", output=str(self.settings.output))
         self.triggers.append(Trigger(Kind.START))
 
     def step(self, item: Trigger | Signal | None = None) -> None:
@@ -198,7 +215,7 @@ class Watcher:
         deadlines = [
             self.debounce.deadline(),
             self.link.retry.at,
-            self.retry.at,
+            *(r.at for r in self.retries.values()),
             None if self.cache.dirty else self.listing_retry.at,  # (dirty: a cycle is due)
             self.next_resync if self.link.connected else None,
             self.next_caddy_check if self.model is not None else None,
@@ -263,7 +280,7 @@ class Watcher:
         if self.link.connected and now >= self.next_resync:
             self.next_resync = now + self.options.resync_interval
             if self.cache.instances is not None:  # the first listing is the start cycle's own
-                self.verify_caddy = True
+                self.verified.clear()
                 self._want(Trigger(Kind.TIMER))
         self._recheck_unknown(now)
         if self.listing_retry.due(now) and not self.cache.dirty:  # changes first: fast
@@ -272,14 +289,16 @@ class Watcher:
         self._due_polls(now)
         for key in self.drains.expire(now):
             self._want(Trigger(Kind.WARM, project=key[0], instance=key[1], detail="timeout"))
-        if self.retry.due(now):
-            self.retry.take()
-            self.verify_caddy = True
-            self._want(Trigger(Kind.RETRY))
+        for name, retry in sorted(self.retries.items()):
+            if retry.due(now):
+                retry.take()
+                self.verified.discard(name)
+                several = len(self.target_names) > 1
+                self._want(Trigger(Kind.RETRY, detail=name if several else ""))
         if self.model is not None and now >= self.next_caddy_check:
             self.next_caddy_check = now + self.options.caddy_check_interval
             if not self.triggers:  # a cycle already due verifies through its own reload
-                self.verify_caddy = True
+                self.verified.clear()
                 self._want(Trigger(Kind.CADDY_CHECK))
         self._drain()  # events that queued up meanwhile (a slow poll) join this cycle
         if self.debounce.due(self.clock()):
@@ -303,7 +322,7 @@ class Watcher:
         self.next_resync = now + self.options.resync_interval
         if self.cache.instances is not None:
             self.log("incus", "reconnected to Incus; full resync")
-        self.verify_caddy = True
+        self.verified.clear()
         self._want(Trigger(Kind.RECONNECT))
 
     def _disconnected(self, why: str) -> None:
@@ -459,13 +478,14 @@ class Watcher:
             return False
         self._poll_waiting(fetched)
         mode = RunMode(
-            verify_running=self.verify_caddy,
             # a snippet or site file changed: the Caddyfile's bytes may not, Caddy's must
             force_reload=any(self._imported(f) for f in files),
         )
-        target = self.make_target(self.settings, client)
-        report = pipeline.apply(
-            self.settings, self.cache.listing(), target, mode, self.drains.keys()
+        edges = self.make_targets(self.settings, client)
+        self.target_names = [t.name for t in edges]
+        unverified = {t.name for t in edges if t.name not in self.verified}
+        report = pipeline.apply_all(
+            self.settings, self.cache.listing(), edges, mode, self.drains.keys(), unverified
         )
         report.warnings[:0], self.notes[:] = self.notes, []
         self._after(report, triggers, started, client.requests - requests_before, refreshed)
@@ -488,16 +508,12 @@ class Watcher:
             self.next_unknown_check = self.clock() + self.options.unknown_recheck
         self.unknowns = unknowns
         changes = site_changes(self.model, report.model) if report.model else {}
-        if report.error is None or report.error == Status.RELOAD_FAILED:
-            self.model = report.model  # the file now holds this model
-        if report.error in RETRIED:
-            # Nothing else may come to trigger the next try (the disk is writable again,
-            # Caddy is back): try again, with backoff.
-            self.retry.schedule(self.clock())
-            self.verify_caddy = True
-        elif report.error is None:
-            self.retry.clear()
-            self.verify_caddy = False
+        if report.error in (None, Status.RELOAD_FAILED, Status.PARTIAL):
+            self.model = report.model  # the file (of a target at least) holds this model
+        for edge in report.by_target():
+            self._after_target(edge)
+        for gone in self.retries.keys() - set(self.target_names):
+            del self.retries[gone]  # a target the settings no longer name
         duration = self.clock() - started
         quiet = all(t.kind is Kind.CADDY_CHECK for t in triggers) and not (
             report.error or report.written or report.reloaded or report.warnings
@@ -526,6 +542,21 @@ class Watcher:
             )
         elif not self.cache.full:
             self.listing_retry.clear()
+
+    def _after_target(self, edge: Report) -> None:
+        """One target's outcome: a failure that may pass by itself (a read-only or full disk,
+        Caddy down or restarting) is tried again with this target's own backoff, even when
+        nothing else comes to trigger it; a success ends that."""
+        name = edge.target or ""
+        if edge.error in RETRIED:
+            self.retries.setdefault(
+                name, Retry(self.options.retry_first, self.options.retry_cap)
+            ).schedule(self.clock())
+            self.verified.discard(name)
+        elif edge.error is None:
+            if name in self.retries:
+                self.retries.pop(name).clear()
+            self.verified.add(name)
 
     def _imported(self, path: Path) -> bool:
         """A file the Caddyfile imports (so Caddy reads it), not one only we read."""
