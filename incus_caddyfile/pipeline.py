@@ -11,7 +11,9 @@ the previous file back. Either way the file on disk is always a config Caddy acc
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -90,6 +92,18 @@ class Report:
     error: Status | None = None
     message: str = ""
     warnings: list[str] = field(default_factory=list)
+    # Seconds per step: "incus" (the listing), "model", "render", "caddy" (compare with the
+    # file, Caddy's check or /load, the write); for the cycle log and bench/scale.py.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - started
+            self.timings[step] = self.timings.get(step, 0.0) + spent
 
     def summary(self) -> str:
         """What happened to the file and Caddy, in the words `render` and `watch` print."""
@@ -249,12 +263,16 @@ def snippet_names(settings: Settings) -> tuple[str, ...]:
 def run(settings: Settings, mode: RunMode | None = None) -> Report:
     """The whole cycle, from the Incus listing to a reloaded Caddy."""
     mode = mode or RunMode()
+    listing = Report(mode)
     try:
-        api = connect(settings)
-        instances = collect(api, settings.policy)
+        with listing.timed("incus"):
+            api = connect(settings)
+            instances = collect(api, settings.policy)
     except IncusError as exc:
-        return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
-    return apply(settings, instances, targets.for_settings(settings, api), mode)
+        return listing.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
+    report = apply(settings, instances, targets.for_settings(settings, api), mode)
+    report.timings = listing.timings | report.timings
+    return report
 
 
 def apply(
@@ -270,8 +288,10 @@ def apply(
     report = Report(mode or RunMode())
     drained = frozenset(draining)
     try:
-        report.model = model_for(settings, instances, draining=drained)
-        report.text = render(report.model, settings)
+        with report.timed("model"):
+            report.model = model_for(settings, instances, draining=drained)
+        with report.timed("render"):
+            report.text = render(report.model, settings)
     except SettingsError as exc:
         return report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")
     except TemplateError as exc:
@@ -279,7 +299,8 @@ def apply(
     if target is None:
         return report
     report.target = target.name
-    return _write_and_reload(settings, instances, target, report, drained)
+    with report.timed("caddy"):
+        return _write_and_reload(settings, instances, target, report, drained)
 
 
 def _write_and_reload(

@@ -151,3 +151,56 @@ def test_projects_the_policy_leaves_out_cost_no_address_request(fake: FakeIncus)
     asked = {args[0] for name, *args in fake.calls if name in ("network_leases", "instance_state")}
     assert asked == {"icfrec-a"}
     assert addresses(fleet["rec-web"]) and fleet["rec-static"].nics == ()  # icfrec-b: none
+
+
+def without_leases(fake: FakeIncus) -> None:
+    """Every lease table empty, as after an incusd restart (dnsmasq starts afresh)."""
+    for project in ("icfrec-a", "icfrec-b", "icfrec-c"):
+        for network in ("icfbr0", "icfbr1"):
+            fake.set_leases(project, network, [])
+
+
+def test_without_leases_the_states_are_asked_together_for_just_the_instances_that_need_them(
+    fake: FakeIncus,
+) -> None:
+    leased = by_name(Inventory(fake).instances())
+    without_leases(fake)
+    fake.calls.clear()
+    fleet = by_name(Inventory(fake).instances())
+    def found(insts: dict[str, Instance]) -> dict[str, set[str]]:
+        return {n: {a for nic in i.nics for a in nic.addresses} for n, i in insts.items()}
+
+    assert found(fleet) == found(leased)  # the same addresses, from the live state
+    assert len(fake.state_batches) == 2  # the first listing's fallback, then this one's
+    asked = {name for _, name in fake.state_batches[-1]}
+    assert asked == {n for n, i in fleet.items() if wants_address(i)}
+    assert "rec-stopped" not in asked and "rec-plain" not in asked
+    states = [args for name, *args in fake.calls if name == "instance_state"]
+    assert sorted(states) == sorted([list(k) for k in fake.state_batches[-1]])  # once each
+
+
+def test_without_leases_an_address_the_instance_reports_must_be_inside_its_network(
+    fake: FakeIncus,
+) -> None:
+    without_leases(fake)
+    state = fake.instance_state("icfrec-a", "rec-web")
+    assert state is not None
+    state["network"]["eth0"]["addresses"] = [
+        {"family": "inet", "address": "198.18.77.1", "scope": "global"}  # the host's
+    ]
+    fake.set_state("icfrec-a", "rec-web", state)
+    fleet = by_name(Inventory(fake).instances())
+    assert addresses(fleet["rec-web"]) == {} and addresses(fleet["rec-alt"])
+
+
+def test_a_state_request_that_fails_fails_the_whole_listing(fake: FakeIncus) -> None:
+    without_leases(fake)
+    fake.fail_on = {"instance_state"}
+    with pytest.raises(IncusError):
+        Inventory(fake).instances()
+
+
+def test_with_leases_only_the_instances_they_do_not_cover_are_asked(fake: FakeIncus) -> None:
+    Inventory(fake).instances()
+    asked = {name for batch in fake.state_batches for _, name in batch}
+    assert asked == {"rec-static", "rec-ready"}  # an address set inside; require_ready

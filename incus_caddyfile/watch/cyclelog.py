@@ -94,4 +94,5 @@ class CycleLog:
             error=report.error.name.lower() if report.error is not None else None,
             incus_requests=requests,
             duration_ms=round(duration * 1000, 1),
+            split_ms={step: round(s * 1000, 1) for step, s in report.timings.items()},
         )

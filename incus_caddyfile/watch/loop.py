@@ -366,6 +366,7 @@ class Watcher:
         requests_before = client.requests
         try:
             fetched = self.cache.refresh(client)
+            listed = self.clock() - started
         except IncusError as exc:
             self.triggers = triggers + self.triggers  # they still explain the next cycle
             self._disconnected(str(exc))
@@ -381,6 +382,7 @@ class Watcher:
         report = pipeline.apply(
             self.settings, self.cache.listing(), target, mode, self.drains.keys()
         )
+        report.timings = {"incus": listed} | report.timings
         self._after(report, triggers, started, client.requests - requests_before)
         return report.written or report.reloaded
 
