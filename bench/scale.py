@@ -72,7 +72,7 @@ from incus_caddyfile import pipeline
 from incus_caddyfile.incus import connect
 from incus_caddyfile.labels import KEY_PORT
 from incus_caddyfile.settings import Settings, default_incus_socket
-from tests.harness import ROOT, Caddy, wait_for
+from tests.harness import ROOT, Caddy, HarnessError, wait_for
 
 PROJECT_PREFIX = "ics-"
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -323,22 +323,47 @@ def measure_events(run: Run, fleet: ScaleFleet) -> dict[str, Any]:
 
 class Churn:
     """Stops a running member and starts a stopped one, or changes a running member's port
-    label; the set of running members is tracked here (it starts as the fleet's shape)."""
+    label; the set of running members is tracked here (it starts as the fleet's shape).
+    A failed incus command (another user restarting incusd, say) is counted and the churn
+    goes on; MAX_FAILURES in a row stop the benchmark."""
+
+    MAX_FAILURES = 20
 
     def __init__(self, fleet: ScaleFleet, seed: int) -> None:
         self.rng = random.Random(seed)
         self.up = list(fleet.up())
         self.down = list(fleet.down())
         self.ports: dict[tuple[str, str], str] = {}
-        self.actions = {"swap": 0, "port": 0}
+        self.actions = {"swap": 0, "port": 0, "failed": 0}
+        self.failures_in_a_row = 0
 
     def step(self) -> None:
-        if self.rng.random() < 0.7:
-            i, j = self.rng.randrange(len(self.up)), self.rng.randrange(len(self.down))
-            (sp, sn), (tp, tn) = self.up[i], self.down[j]
-            incus("stop", "--force", sn, "--project", sp)
-            incus("start", tn, "--project", tp)
-            self.up[i], self.down[j] = (tp, tn), (sp, sn)
+        try:
+            self._step()
+            self.failures_in_a_row = 0
+        except HarnessError as exc:
+            self.actions["failed"] += 1
+            self.failures_in_a_row += 1
+            print(f"  churn: {exc}", flush=True)
+            if self.failures_in_a_row >= self.MAX_FAILURES:
+                raise BenchError(f"{self.MAX_FAILURES} churn actions failed in a row") from None
+
+    def _step(self) -> None:
+        if self.rng.random() < 0.7 and len(self.up) > 1 and self.down:
+            sp, sn = self.up.pop(self.rng.randrange(len(self.up)))
+            try:
+                incus("stop", "--force", sn, "--project", sp)
+            except HarnessError:
+                self.up.append((sp, sn))
+                raise
+            self.down.append((sp, sn))
+            tp, tn = self.down.pop(self.rng.randrange(len(self.down) - 1))
+            try:
+                incus("start", tn, "--project", tp)
+            except HarnessError:
+                self.down.append((tp, tn))
+                raise
+            self.up.append((tp, tn))
             self.actions["swap"] += 1
         else:
             p, n = self.rng.choice(self.up)
