@@ -83,8 +83,15 @@ def _check_free(subnet: str) -> None:
                     raise BenchError(f"{subnet} overlaps network {net['name']} ({other})")
 
 
-def delete_network(name: str) -> None:
-    incus("network", "delete", name, check=False)
+def delete_network(name: str, tries: int = 40) -> None:
+    """Incus 6.0.4 can fail to delete a bridge while veths come and go on the host ("Failed
+    to delete bridge children interfaces ... does not exist"): try again, bounded."""
+    for _ in range(tries):
+        incus("network", "delete", name, check=False)
+        if not incus("query", f"/1.0/networks/{name}", check=False).strip():
+            return
+        time.sleep(0.5)
+    print(f"bench: could not delete network {name}: remove it with incus network delete")
 
 
 def lease_file(network: str) -> Path:

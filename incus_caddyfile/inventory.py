@@ -36,6 +36,7 @@ class NicRef:
     interface: str  # its name inside the instance
     network: str | None  # the managed network whose leases can tell its address
     hwaddr: str
+    host_name: str = ""  # its host-side device, named anew by Incus at every start
 
 
 def nic_refs(raw: Mapping[str, Any]) -> list[NicRef]:
@@ -49,7 +50,8 @@ def nic_refs(raw: Mapping[str, Any]) -> list[NicRef]:
             dev.get("parent") if dev.get("nictype") == "bridged" else None
         )
         hwaddr = (dev.get("hwaddr") or config.get(f"volatile.{device}.hwaddr") or "").lower()
-        out.append(NicRef(device, dev.get("name") or device, network, hwaddr))
+        host_name = str(config.get(f"volatile.{device}.host_name") or "")
+        out.append(NicRef(device, dev.get("name") or device, network, hwaddr, host_name))
     return out
 
 
@@ -120,6 +122,42 @@ def within(addresses: Iterable[str], subnets: list[IPNetwork], own: set[IPAddres
 Bounds = dict[tuple[str, str], tuple[list[IPNetwork], set[IPAddress]]]
 
 
+class AddressMemo:
+    """Addresses found for a NIC (from its lease, or its live state inside its managed
+    network), kept for as long as that NIC stays up: Incus names a NIC's host-side device
+    anew at every start (`volatile.<nic>.host_name`), so the same name means the same boot,
+    and the instance still has the address it had. When the leases miss the NIC (an incusd
+    restart empties the lease tables; the instances renew within the hour) the memo gives
+    its address without a state request. A caller that lists often keeps one (watch)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str, str], tuple[str, tuple[str, ...]]] = {}
+
+    def recall(self, inst: Instance, ref: NicRef) -> tuple[str, ...]:
+        host_name, addresses = self._known.get((inst.project, inst.name, ref.device), ("", ()))
+        return addresses if ref.host_name and host_name == ref.host_name else ()
+
+    def note(self, inst: Instance, refs: Iterable[NicRef]) -> None:
+        by_device = {n.name: n.addresses for n in inst.nics}
+        for ref in refs:
+            key = (inst.project, inst.name, ref.device)
+            if ref.host_name and by_device.get(ref.device):
+                self._known[key] = (ref.host_name, by_device[ref.device])
+            else:
+                self._known.pop(key, None)
+
+    def keep_only(self, instances: Iterable[Instance]) -> None:
+        """Forget the NICs of instances that are gone (after a full listing)."""
+        present = {(i.project, i.name) for i in instances}
+        self._known = {k: v for k, v in self._known.items() if k[:2] in present}
+
+    def clear(self) -> None:
+        self._known.clear()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
 class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
     return a partial listing. `bounds`: managed networks' subnets already known (a caller
@@ -130,12 +168,15 @@ class Inventory:
         api: IncusApi,
         bounds: Bounds | None = None,
         considers: Callable[[str], bool] | None = None,
+        memo: AddressMemo | None = None,
     ) -> None:
         """`considers(project)`: whether the project counts (the settings' policy); the
-        instances of the others are listed without addresses, at no request of their own."""
+        instances of the others are listed without addresses, at no request of their own.
+        `memo`: addresses of NICs still up since they were found (see AddressMemo)."""
         self.api = api
         self._bounds: Bounds = {} if bounds is None else bounds
         self.considers = considers or (lambda project: True)
+        self.memo = memo
 
     def instances(self) -> list[Instance]:
         """Every instance of every project."""
@@ -147,7 +188,11 @@ class Inventory:
             if self._wants(inst) and not needs_own_address(inst)
         )
         leased = [self._leased(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
-        return self._with_states(leased, raws)
+        found = self._with_states(leased, raws)
+        self._remember(found, raws)
+        if self.memo is not None:
+            self.memo.keep_only(found)
+        return found
 
     def instance(self, project: str, name: str, own: bool = False) -> Instance | None:
         """One instance, refreshed on its own (a few requests whatever the fleet size);
@@ -160,7 +205,15 @@ class Inventory:
         own = own or needs_own_address(inst)
         wanted = [(inst, raw)] if self._wants(inst) and not own else []
         leased = self._leased(inst, raw, self._lease_maps(wanted), own)
-        return self._with_states([leased], [raw], own)[0]
+        found = self._with_states([leased], [raw], own)
+        self._remember(found, [raw])
+        return found[0]
+
+    def _remember(self, insts: list[Instance], raws: list[dict[str, Any]]) -> None:
+        if self.memo is not None:
+            for inst, raw in zip(insts, raws, strict=True):
+                if self._wants(inst):
+                    self.memo.note(inst, nic_refs(raw))
 
     def _wants(self, inst: Instance) -> bool:
         return wants_address(inst) and self.considers(inst.project)
@@ -174,17 +227,18 @@ class Inventory:
     def _leased(
         self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps, own: bool = False
     ) -> Instance:
-        """The instance with its NICs' addresses from the leases; unchanged when it wants
-        none, or when only an address it has configured will do (`own`, or require_ready:
-        `needs_own_address`)."""
+        """The instance with its NICs' addresses from the leases (or, for a NIC the leases
+        miss, from the memo); unchanged when it wants none, or when only an address it has
+        configured will do (`own`, or require_ready: `needs_own_address`)."""
         if not self._wants(inst) or own or needs_own_address(inst):
             return inst
-        nics = tuple(
-            Nic(r.device, tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, [])),
-                r.network or "", r.interface)
-            for r in nic_refs(raw)
-        )  # fmt: skip
-        return dataclasses.replace(inst, nics=nics)
+        nics = []
+        for r in nic_refs(raw):
+            found = tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, []))
+            if not found and self.memo is not None:
+                found = self.memo.recall(inst, r)
+            nics.append(Nic(r.device, found, r.network or "", r.interface))
+        return dataclasses.replace(inst, nics=tuple(nics))
 
     def _needs_state(self, inst: Instance, own: bool) -> bool:
         """The model's rule: only the live state can tell this instance's address (the

@@ -20,7 +20,7 @@ from enum import IntEnum
 from . import output, probe, targets
 from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
-from .inventory import Bounds, Inventory
+from .inventory import AddressMemo, Bounds, Inventory
 from .model import Instance, Model, RouteRow, build, explain
 from .output import Changed, OutputError
 from .policy import Policy
@@ -130,20 +130,28 @@ class Report:
         return int(Status.OK)
 
 
-def collect(api: IncusApi, policy: Policy | None = None) -> list[Instance]:
+def collect(
+    api: IncusApi, policy: Policy | None = None, memo: AddressMemo | None = None
+) -> list[Instance]:
     """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed or partial
-    listing is never rendered. Projects the policy leaves out cost no address request."""
+    listing is never rendered. Projects the policy leaves out cost no address request.
+    `memo`: addresses of NICs still up since they were found, kept by the caller."""
     considers = policy.considers if policy is not None else None
-    return probe.annotate(Inventory(api, considers=considers).instances())
+    return probe.annotate(Inventory(api, considers=considers, memo=memo).instances())
 
 
 def fetch(
-    api: IncusApi, project: str, name: str, own: bool = False, bounds: Bounds | None = None
+    api: IncusApi,
+    project: str,
+    name: str,
+    own: bool = False,
+    bounds: Bounds | None = None,
+    memo: AddressMemo | None = None,
 ) -> Instance | None:
     """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
     its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
-    managed networks' subnets the caller keeps (see Inventory)."""
-    inst = Inventory(api, bounds).instance(project, name, own)
+    managed networks' subnets the caller keeps (see Inventory); `memo`: see collect."""
+    inst = Inventory(api, bounds, memo=memo).instance(project, name, own)
     return None if inst is None else probe.annotate([inst])[0]
 
 

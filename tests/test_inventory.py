@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from incus_caddyfile.incus import IncusError
-from incus_caddyfile.inventory import Inventory, within
+from incus_caddyfile.inventory import AddressMemo, Inventory, within
 from incus_caddyfile.model import Instance, build, wants_address
 
 from .fake_incus import FakeIncus
@@ -167,6 +167,7 @@ def test_without_leases_the_states_are_asked_together_for_just_the_instances_tha
     without_leases(fake)
     fake.calls.clear()
     fleet = by_name(Inventory(fake).instances())
+
     def found(insts: dict[str, Instance]) -> dict[str, set[str]]:
         return {n: {a for nic in i.nics for a in nic.addresses} for n, i in insts.items()}
 
@@ -204,3 +205,49 @@ def test_with_leases_only_the_instances_they_do_not_cover_are_asked(fake: FakeIn
     Inventory(fake).instances()
     asked = {name for batch in fake.state_batches for _, name in batch}
     assert asked == {"rec-static", "rec-ready"}  # an address set inside; require_ready
+
+
+def state_requests(fake: FakeIncus) -> set[str]:
+    return {args[1] for name, *args in fake.calls if name == "instance_state"}
+
+
+def test_the_memo_gives_addresses_of_nics_up_since_without_a_state_request(
+    fake: FakeIncus,
+) -> None:
+    """What watch's resync after an incusd restart sees: empty lease tables, the same
+    instances still running with the addresses they had."""
+    memo = AddressMemo()
+    before = by_name(Inventory(fake, memo=memo).instances())
+    without_leases(fake)
+    fake.calls.clear()
+    after = by_name(Inventory(fake, memo=memo).instances())
+    assert {n: addresses(i) for n, i in after.items()} == {
+        n: addresses(i) for n, i in before.items()
+    }
+    # rec-static's address came from its state the first time: same boot, same address;
+    # require_ready always asks (only an address it has configured will do)
+    assert state_requests(fake) == {"rec-ready"}
+
+
+def test_a_nic_started_again_is_not_taken_from_the_memo(fake: FakeIncus) -> None:
+    memo = AddressMemo()
+    Inventory(fake, memo=memo).instances()
+    without_leases(fake)
+    fake.set_config("icfrec-a", "rec-web", "volatile.eth0.host_name", "vethrestarted")
+    fake.set_state("icfrec-a", "rec-web", {"network": {}})  # no address configured yet
+    fake.calls.clear()
+    web = by_name(Inventory(fake, memo=memo).instances())["rec-web"]
+    assert "rec-web" in state_requests(fake) and addresses(web) == {}
+
+
+def test_the_memo_forgets_instances_that_are_gone(fake: FakeIncus) -> None:
+    memo = AddressMemo()
+    Inventory(fake, memo=memo).instances()
+    remembered = len(memo)
+    fake.remove("icfrec-a", "rec-web")
+    Inventory(fake, memo=memo).instances()
+    assert len(memo) == remembered - 1
+    fake.calls.clear()
+    without_leases(fake)
+    assert Inventory(fake, memo=memo).instance("icfrec-a", "rec-alt") is not None
+    assert "rec-alt" not in state_requests(fake)  # one instance's refresh uses it too

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
-from ..inventory import Bounds
+from ..inventory import AddressMemo, Bounds
 from ..model import (
     Instance,
     Model,
@@ -111,8 +111,12 @@ class Watcher:
         self.debounce = Debouncer(options.debounce_min, options.debounce_max, options.reload_burst)
         self.link = IncusLink(connect, options.reconnect_first, options.reconnect_cap)
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
+        # Addresses of NICs up since they were found: a resync after an incusd restart (lease
+        # tables empty) asks no live state for them.
+        self.memo = AddressMemo()
         self.cache = InstanceCache(
-            pipeline.collect, lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds)
+            lambda api: pipeline.collect(api, memo=self.memo),
+            lambda api, p, n: pipeline.fetch(api, p, n, bounds=self.bounds, memo=self.memo),
         )
         self.polls = AddressPolls(options.address_poll_first, options.address_timeout)
         self.drains = Drains(options.address_timeout, enabled=options.drain)
@@ -219,6 +223,8 @@ class Watcher:
             self.drains.clear()  # operation events were missed
         if trigger.full:
             self.bounds.clear()  # a network may have changed
+        if trigger.action.startswith("network-") or trigger.kind is Kind.SIGNAL:
+            self.memo.clear()  # its subnet may have changed; SIGHUP: forget everything
         if self.drains.note(trigger, now):
             key = (trigger.project, trigger.instance)
             if trigger.phase is Phase.BEGUN:
