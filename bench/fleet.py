@@ -143,9 +143,9 @@ def run_parallel(jobs: int, tasks: Sequence[Callable[[], object]]) -> list[BaseE
 # ---------------------------------------------------------------- creating and removing
 
 
-def create_project(name: str, size: int, created: list[str]) -> None:
+def create_project(name: str, size: int, created: list[str], network: str = NETWORK) -> None:
     """A lab project of a fleet; in `created` from the moment it exists (ours to delete)."""
-    harness.create_project(name, f"{SIZE_KEY}={size}", created=created, run=incus)
+    harness.create_project(name, f"{SIZE_KEY}={size}", created=created, run=incus, network=network)
 
 
 def launch(project: str, name: str) -> None:

@@ -404,7 +404,7 @@ def readiness_round(endpoint: str, caddy: Caddy, watch: Watch, project: str, nam
 
 def cycle_span(cycle: dict[str, Any], rel: Callable[[float], float]) -> dict[str, Any]:
     """A watch cycle in ms after the port opened: when it began and was logged, its triggers,
-    its steps (refresh, render, load, write) and the polls that ended as it began."""
+    its steps (incus, model, render, caddy: load and write) and the polls that ended as it began."""
     end = float(cycle["ts"])
     return {
         "began": rel(end - float(cycle["duration_ms"]) / 1000),
@@ -438,7 +438,8 @@ def where_time_goes(sample: dict[str, Any]) -> dict[str, float | None]:
         out["address_seen"] = round(began - (waited["total_ms"] - waited["address_ms"]), 1)
     out["routing_cycle_began"] = began
     steps = routing["steps_ms"]
-    out["rendered"] = round(began + steps.get("refresh", 0) + steps.get("render", 0), 1)
+    work = steps.get("incus", 0) + steps.get("model", 0) + steps.get("render", 0)
+    out["rendered"] = round(began + work, 1)
     out["load_received"] = next((at for at in sample.get("loads") or [] if at >= began), None)
     out["routing_cycle_logged"] = routing["logged"]
     return out

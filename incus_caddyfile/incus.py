@@ -12,7 +12,8 @@ import json
 import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,13 @@ from pylxd.client import EventType, get_session_for_url
 from pylxd.client import _WebsocketClient as _PylxdWebsocket  # keeps its Origin handling
 
 from .settings import DEFAULT_INCUS_TIMEOUT, Settings, default_incus_socket
+
+# Live-state requests in flight at once when several instances need theirs (the listing's
+# fallback when the leases do not cover them, e.g. after an incusd restart). Measured with
+# 300 running instances out of 1157: 23 s one at a time, 17 s with 4, 9.7 s with 8, 11.5 s
+# with 16 (incusd gathers each state on its own; more only queue up there).
+STATE_CONCURRENCY = 8
+Key = tuple[str, str]  # (project, instance)
 
 
 class IncusError(Exception):
@@ -139,6 +147,7 @@ class IncusApi(Protocol):
     def list_instances(self) -> list[dict[str, Any]]: ...
     def get_instance(self, project: str, name: str) -> dict[str, Any] | None: ...
     def instance_state(self, project: str, name: str) -> dict[str, Any] | None: ...
+    def instance_states(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any] | None]: ...
     def network_leases(self, project: str, network: str) -> list[dict[str, Any]]: ...
     def get_network(self, project: str, network: str) -> dict[str, Any] | None: ...
     def list_projects(self) -> list[str]: ...
@@ -168,6 +177,7 @@ class PylxdApi:
         self.tls = tls or Tls()
         self.timeout = timeout
         self.requests = 0
+        self._counting = threading.Lock()  # instance_states makes requests from a pool
         self._by_project: dict[str, pylxd.Client] = {}
         try:
             if not endpoint.startswith("https://"):
@@ -195,7 +205,8 @@ class PylxdApi:
         node = self._client.api
         for part in path.split("/"):
             node = node[part]
-        self.requests += 1
+        with self._counting:
+            self.requests += 1
         try:
             response = node.get(params=params)
             return response.json()["metadata"]
@@ -224,6 +235,26 @@ class PylxdApi:
     def instance_state(self, project: str, name: str) -> dict[str, Any] | None:
         state = self._get(f"instances/{name}/state", {"project": project}, missing_ok=True)
         return state if isinstance(state, dict) else None
+
+    def instance_states(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any] | None]:
+        """The live state of each instance (None: gone), STATE_CONCURRENCY requests at a
+        time: Incus has no request for the state of just some instances, and one at a time
+        each waits for the last. Raises the first IncusError once all have answered."""
+        if len(keys) <= 1:
+            return {key: self.instance_state(*key) for key in keys}
+
+        def one(key: Key) -> dict[str, Any] | IncusError | None:
+            try:
+                return self.instance_state(*key)
+            except IncusError as exc:
+                return exc
+
+        with ThreadPoolExecutor(min(STATE_CONCURRENCY, len(keys)), "incus-state") as pool:
+            answers = dict(zip(keys, pool.map(one, keys), strict=True))
+        for answer in answers.values():
+            if isinstance(answer, IncusError):
+                raise answer
+        return {key: a for key, a in answers.items() if not isinstance(a, IncusError)}
 
     def network_leases(self, project: str, network: str) -> list[dict[str, Any]]:
         """A managed network's DHCP leases; none for an unmanaged or unknown network."""

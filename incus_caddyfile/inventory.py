@@ -5,9 +5,10 @@ expanded config without live state (~30 ms for 150 instances, against ~400 ms fo
 which gathers state for each one). Addresses of labelled instances that are up come from the
 managed bridges' DHCP leases, one request per (project, network) pair whatever the fleet size;
 only an instance the leases do not cover (a static address set inside it, an unmanaged network,
-IPv6) costs a state request of its own. Which instances want an address, and whether the one
-found is enough, is the model's rule (`wants_address`, `missing_address`); this module only
-asks it.
+IPv6) costs a state request of its own; those are asked together, a few in flight at once
+(`IncusApi.instance_states`). Which instances want an address, and whether the one found is
+enough, is the model's rule (`wants_address`, `missing_address`, `needs_own_address`); this
+module only asks it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class NicRef:
     interface: str  # its name inside the instance
     network: str | None  # the managed network whose leases can tell its address
     hwaddr: str
+    host_name: str = ""  # its host-side device, named anew by Incus at every start
 
 
 def nic_refs(raw: Mapping[str, Any]) -> list[NicRef]:
@@ -56,7 +58,8 @@ def nic_refs(raw: Mapping[str, Any]) -> list[NicRef]:
             dev.get("parent") if dev.get("nictype") == "bridged" else None
         )
         hwaddr = (dev.get("hwaddr") or config.get(f"volatile.{device}.hwaddr") or "").lower()
-        out.append(NicRef(device, dev.get("name") or device, network, hwaddr))
+        host_name = str(config.get(f"volatile.{device}.host_name") or "")
+        out.append(NicRef(device, dev.get("name") or device, network, hwaddr, host_name))
     return out
 
 
@@ -144,6 +147,42 @@ class LeaseOutage:
         self.until = now + self.pause
 
 
+class AddressMemo:
+    """Addresses found for a NIC (from its lease, or its live state inside its managed
+    network), kept for as long as that NIC stays up: Incus names a NIC's host-side device
+    anew at every start (`volatile.<nic>.host_name`), so the same name means the same boot,
+    and the instance still has the address it had. When the leases miss the NIC (an incusd
+    restart empties the lease tables; the instances renew within the hour) the memo gives
+    its address without a state request. A caller that lists often keeps one (watch)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str, str], tuple[str, tuple[str, ...]]] = {}
+
+    def recall(self, inst: Instance, ref: NicRef) -> tuple[str, ...]:
+        host_name, addresses = self._known.get((inst.project, inst.name, ref.device), ("", ()))
+        return addresses if ref.host_name and host_name == ref.host_name else ()
+
+    def note(self, inst: Instance, refs: Iterable[NicRef]) -> None:
+        by_device = {n.name: n.addresses for n in inst.nics}
+        for ref in refs:
+            key = (inst.project, inst.name, ref.device)
+            if ref.host_name and by_device.get(ref.device):
+                self._known[key] = (ref.host_name, by_device[ref.device])
+            else:
+                self._known.pop(key, None)
+
+    def keep_only(self, instances: Iterable[Instance]) -> None:
+        """Forget the NICs of instances that are gone (after a full listing)."""
+        present = {(i.project, i.name) for i in instances}
+        self._known = {k: v for k, v in self._known.items() if k[:2] in present}
+
+    def clear(self) -> None:
+        self._known.clear()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
 class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
     return a partial listing. `bounds`: managed networks' subnets already known (a caller
@@ -156,10 +195,12 @@ class Inventory:
         considers: Callable[[str], bool] | None = None,
         outage: LeaseOutage | None = None,
         clock: Callable[[], float] = time.monotonic,
+        memo: AddressMemo | None = None,
     ) -> None:
         """`considers(project)`: whether the project counts (the settings' policy); the
         instances of the others are listed without addresses, at no request of their own.
         `outage`: failed leases calls, remembered across inventories (see LeaseOutage).
+        `memo`: addresses of NICs still up since they were found (see AddressMemo).
         After a listing, `self.notes` says what it had to do without (failed requests), for
         the cycle's warnings."""
         self.api = api
@@ -167,6 +208,7 @@ class Inventory:
         self.considers = considers or (lambda project: True)
         self.outage = outage or LeaseOutage()
         self.clock = clock
+        self.memo = memo
         self.notes: list[str] = []
 
     def instances(self) -> list[Instance]:
@@ -178,7 +220,12 @@ class Inventory:
             for inst, raw in zip(bare, raws, strict=True)
             if self._wants(inst) and not needs_own_address(inst)
         )
-        return [self._addressed(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
+        leased = [self._leased(inst, raw, leases) for inst, raw in zip(bare, raws, strict=True)]
+        found = self._with_states(leased, raws)
+        self._remember(found, raws)
+        if self.memo is not None:
+            self.memo.keep_only(found)
+        return found
 
     def instance(
         self,
@@ -212,7 +259,16 @@ class Inventory:
             return dataclasses.replace(inst, nics=nics)
         own = own or needs_own_address(inst)
         wanted = [(inst, raw)] if self._wants(inst) and not own else []
-        return self._addressed(inst, raw, self._lease_maps(wanted), own)
+        leased = self._leased(inst, raw, self._lease_maps(wanted), own)
+        found = self._with_states([leased], [raw], own)
+        self._remember(found, [raw])
+        return found[0]
+
+    def _remember(self, insts: list[Instance], raws: list[dict[str, Any]]) -> None:
+        if self.memo is not None:
+            for inst, raw in zip(insts, raws, strict=True):
+                if self._wants(inst):
+                    self.memo.note(inst, nic_refs(raw))
 
     def _wants(self, inst: Instance) -> bool:
         return wants_address(inst) and self.considers(inst.project)
@@ -220,7 +276,7 @@ class Inventory:
     def _lease_maps(self, wanted: Iterable[tuple[Instance, Mapping[str, Any]]]) -> LeaseMaps:
         """Leases of each (project, network) the wanted instances use. When a leases call
         fails (a cluster member down fails them all), none is asked any more: the instances
-        then find their addresses in their own state (`_addressed`), one request each."""
+        then find their addresses in their own state (`_with_states`)."""
         pairs = sorted(
             {(inst.project, n.network) for inst, raw in wanted for n in nic_refs(raw) if n.network}
         )
@@ -240,34 +296,52 @@ class Inventory:
                 break
         return maps
 
-    def _addressed(
+    def _leased(
         self, inst: Instance, raw: Mapping[str, Any], leases: LeaseMaps, own: bool = False
     ) -> Instance:
-        """The instance with its NICs' addresses, from the leases, or from its live state
-        when the leases do not give the address its labels ask for, or when only an address
-        it has configured will do (`own`, or require_ready: `needs_own_address`)."""
-        if not self._wants(inst):
+        """The instance with its NICs' addresses from the leases (or, for a NIC the leases
+        miss, from the memo); unchanged when it wants none, or when only an address it has
+        configured will do (`own`, or require_ready: `needs_own_address`)."""
+        if not self._wants(inst) or own or needs_own_address(inst):
             return inst
-        refs = nic_refs(raw)
-        try:
-            return self._addresses(inst, refs, leases, own)
-        except IncusError as exc:
-            return self._unreachable(inst, exc)
+        nics = []
+        for r in nic_refs(raw):
+            found = tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, []))
+            if not found and self.memo is not None:
+                found = self.memo.recall(inst, r)
+            nics.append(Nic(r.device, found, r.network or "", r.interface, r.hwaddr))
+        return dataclasses.replace(inst, nics=tuple(nics))
 
-    def _addresses(
-        self, inst: Instance, refs: list[NicRef], leases: LeaseMaps, own: bool
-    ) -> Instance:
-        if own or needs_own_address(inst):
-            return dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
-        nics = tuple(
-            Nic(r.device, tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, [])),
-                r.network or "", r.interface, r.hwaddr)
-            for r in refs
-        )  # fmt: skip
-        inst = dataclasses.replace(inst, nics=nics)
-        if missing_address(inst):
-            inst = dataclasses.replace(inst, nics=self._nics_from_state(inst, refs))
-        return inst
+    def _needs_state(self, inst: Instance, own: bool) -> bool:
+        """The model's rule: only the live state can tell this instance's address (the
+        leases do not give the one its labels ask for, or only a configured one will do)."""
+        return self._wants(inst) and (own or needs_own_address(inst) or missing_address(inst))
+
+    def _with_states(
+        self, insts: list[Instance], raws: list[dict[str, Any]], own: bool = False
+    ) -> list[Instance]:
+        """Addresses from the live state for the instances that need it, asked of Incus
+        together (a few requests in flight at once: after an incusd restart the leases
+        cover almost nobody, and one at a time took 2.5 s for 150 instances). When that
+        fails, each is asked on its own, and one whose state fails is unknown."""
+        needing = [i for i, inst in enumerate(insts) if self._needs_state(inst, own)]
+        if not needing:
+            return insts
+        keys = [(insts[i].project, insts[i].name) for i in needing]
+        try:
+            states: Mapping[tuple[str, str], Any] = self.api.instance_states(keys)
+        except IncusError:
+            states = {}  # (a cluster member down fails some: each on its own below)
+        out = list(insts)
+        for i, key in zip(needing, keys, strict=True):
+            inst, refs = insts[i], nic_refs(raws[i])
+            try:
+                state = states[key] if key in states else self.api.instance_state(*key)
+            except IncusError as exc:
+                out[i] = self._unreachable(inst, exc)
+                continue
+            out[i] = dataclasses.replace(inst, nics=self._state_nics(inst, refs, state))
+        return out
 
     def own(self, inst: Instance) -> Instance | None:
         """The instance with the addresses it reports itself now, from its live state alone
@@ -296,13 +370,6 @@ class Inventory:
             return None
         return dataclasses.replace(inst, nics=tuple(nics))
 
-    def _nics_from_state(self, inst: Instance, refs: list[NicRef]) -> tuple[Nic, ...]:
-        """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
-        these, so on a managed network only addresses inside its subnets count, and never
-        the network's own (gateway) address: a tenant cannot point a route at the host or at
-        another network. Interfaces Incus did not create are ignored."""
-        return self._state_nics(inst, refs, self.api.instance_state(inst.project, inst.name))
-
     def _unreachable(self, inst: Instance, exc: IncusError) -> Instance:
         """Its state could not be had (its cluster member went down meanwhile): Incus cannot
         tell now, which is what the unknown status says; the model keeps its last route."""
@@ -312,6 +379,10 @@ class Inventory:
     def _state_nics(
         self, inst: Instance, refs: list[NicRef], state: Mapping[str, Any] | None
     ) -> tuple[Nic, ...]:
+        """Addresses the instance reports for its Incus NICs. Whoever runs the instance sets
+        these, so on a managed network only addresses inside its subnets count, and never
+        the network's own (gateway) address: a tenant cannot point a route at the host or at
+        another network. Interfaces Incus did not create are ignored."""
         by_ifname = state_addresses(state)
         nics = []
         for ref in refs:

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import lastknown, output, probe, targets
 from .caddy import AdminCaddy, Caddy, CaddyError, CaddyRejected, CaddyUnreachable
 from .incus import IncusApi, IncusError, connect
-from .inventory import Bounds, Inventory, LeaseOutage
+from .inventory import AddressMemo, Bounds, Inventory, LeaseOutage
 from .model import Instance, Model, RouteRow, build, explain, reach_target
 from .output import Changed, OutputError
 from .policy import Policy
@@ -97,7 +97,10 @@ class Report:
     error: Status | None = None
     message: str = ""
     warnings: list[str] = field(default_factory=list)
-    steps: dict[str, float] = field(default_factory=dict)  # seconds: render, load, write
+    # Seconds per step, where a cycle's time goes: "incus" (the listing), "model", "render",
+    # "caddy" (compare with the file, Caddy's check or /load, the write; within it "load"
+    # and "write"). For the cycle log, bench/scale.py and bench/traffic.py.
+    steps: dict[str, float] = field(default_factory=dict)
     # Several targets: what happened at each (same model and text); empty with one target.
     edges: list[Report] = field(default_factory=list)
     # Instances whose routes a Caddy refused (found by bisection), with Caddy's reason.
@@ -156,13 +159,15 @@ def collect(
     policy: Policy | None = None,
     notes: list[str] | None = None,
     outage: LeaseOutage | None = None,
+    memo: AddressMemo | None = None,
 ) -> list[Instance]:
     """Step 1 (and the readiness probes it asks for). Raises IncusError: a failed listing is
     never rendered. Projects the policy leaves out cost no address request. What had to be
     done without (leases that failed; an instance whose state failed, then unknown) is
-    added to `notes`; `outage`: failed leases remembered across cycles (watch)."""
+    added to `notes`; `outage`: failed leases remembered across cycles (watch); `memo`:
+    addresses of NICs still up since they were found, kept by the caller (watch)."""
     considers = policy.considers if policy is not None else None
-    inventory = Inventory(api, considers=considers, outage=outage)
+    inventory = Inventory(api, considers=considers, outage=outage, memo=memo)
     try:
         return probe.annotate(inventory.instances())
     finally:
@@ -179,12 +184,13 @@ def fetch(
     notes: list[str] | None = None,
     outage: LeaseOutage | None = None,
     just_up: Callable[[str], bool] | None = None,
+    memo: AddressMemo | None = None,
 ) -> Instance | None:
     """One instance refreshed (and probed, if it asks to be); None when it is gone. `own`:
     its addresses as it reports them itself (configured), not its DHCP lease; `bounds`:
-    managed networks' subnets the caller keeps (see Inventory); `notes`, `outage`: as for
-    collect; `just_up`: it was down (see Inventory.instance)."""
-    inventory = Inventory(api, bounds, outage=outage)
+    managed networks' subnets the caller keeps (see Inventory); `notes`, `outage`, `memo`:
+    as for collect; `just_up`: it was down (see Inventory.instance)."""
+    inventory = Inventory(api, bounds, outage=outage, memo=memo)
     try:
         inst = inventory.instance(project, name, own, just_up)
     finally:
@@ -348,13 +354,16 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     """The whole cycle, from the Incus listing to a reloaded Caddy (every target's)."""
     mode = mode or RunMode()
     notes: list[str] = []
+    listing = Report(mode)
     try:
-        api = connect(settings)
-        instances = collect(api, settings.policy, notes)
+        with listing.timed("incus"):
+            api = connect(settings)
+            instances = collect(api, settings.policy, notes)
     except IncusError as exc:
-        return Report(mode).fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
+        return listing.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
     report = apply_all(settings, instances, targets.all_for_settings(settings, api), mode)
     report.warnings[:0] = notes
+    report.steps = listing.steps | report.steps
     return report
 
 
@@ -465,7 +474,8 @@ def apply(
     if target is None or report.error is not None:
         return report
     report.target = target.name
-    _write_and_reload(settings, instances, target, report, drained)
+    with report.timed("caddy"):
+        _write_and_reload(settings, instances, target, report, drained)
     _remember(settings, instances, report)
     return report
 
@@ -478,8 +488,9 @@ def _rendered(
     report = Report(mode)
     instances, report.warnings = recall(settings, instances)
     try:
-        with report.timed("render"):
+        with report.timed("model"):
             report.model = model_for(settings, instances, draining=drained)
+        with report.timed("render"):
             report.text = render(report.model, settings)
     except SettingsError as exc:
         report.fail(Status.USAGE, f"settings error: {exc}; nothing was written")

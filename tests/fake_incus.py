@@ -198,6 +198,7 @@ class FakeIncus:
         self.exec_result: ExecResult | ExecHandler = (0, "", "")
         self.event_sources: list[FakeEventSource] = []
         self.calls: list[tuple[str, ...]] = []  # (method, *arguments) of every request
+        self.state_batches: list[list[Key]] = []  # the keys of each instance_states call
 
     @classmethod
     def from_recording(cls, path: str | Path = RECORDING) -> FakeIncus:
@@ -238,6 +239,12 @@ class FakeIncus:
             if status in _NO_NETWORK:
                 state["network"] = None
             return state
+
+    def instance_states(self, keys: list[Key]) -> dict[Key, dict[str, Any] | None]:
+        """One instance_state request per key (the real one has a few in flight at once);
+        `state_batches` records each call's keys."""
+        self.state_batches.append(list(keys))
+        return {key: self.instance_state(*key) for key in keys}
 
     def network_leases(self, project: str, network: str) -> list[dict[str, Any]]:
         self._request("network_leases", project, network)

@@ -113,9 +113,11 @@ def create_project(
     *config: str,
     created: list[str] | None = None,
     run: Callable[..., str] = incus,
+    network: str = NETWORK,
 ) -> None:
     """A project without images of its own (it uses the lab image), whose default profile has
-    a root disk on the lab pool and eth0 on the lab bridge. `config`: more `key=value`.
+    a root disk on the lab pool and eth0 on the lab bridge (or `network`). `config`: more
+    `key=value`.
     `created` gets the name as soon as the project exists, so that a caller can remove it
     even when the profile changes fail."""
     run("project", "create", name, "-c", "features.images=false",
@@ -124,7 +126,7 @@ def create_project(
         created.append(name)
     run("profile", "device", "add", "default", "root", "disk", "path=/", f"pool={POOL}",
         "--project", name)  # fmt: skip
-    run("profile", "device", "add", "default", "eth0", "nic", f"network={NETWORK}", "name=eth0",
+    run("profile", "device", "add", "default", "eth0", "nic", f"network={network}", "name=eth0",
         "--project", name)  # fmt: skip
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from incus_caddyfile.incus import IncusError
-from incus_caddyfile.inventory import Inventory, within
+from incus_caddyfile.inventory import AddressMemo, Inventory, within
 from incus_caddyfile.model import Instance, build, wants_address
 
 from .fake_incus import FakeIncus
@@ -152,3 +152,107 @@ def test_projects_the_policy_leaves_out_cost_no_address_request(fake: FakeIncus)
     asked = {args[0] for name, *args in fake.calls if name in ("network_leases", "instance_state")}
     assert asked == {"icfrec-a"}
     assert addresses(fleet["rec-web"]) and fleet["rec-static"].nics == ()  # icfrec-b: none
+
+
+def without_leases(fake: FakeIncus) -> None:
+    """Every lease table empty, as after an incusd restart (dnsmasq starts afresh)."""
+    for project in ("icfrec-a", "icfrec-b", "icfrec-c"):
+        for network in ("icfbr0", "icfbr1"):
+            fake.set_leases(project, network, [])
+
+
+def test_without_leases_the_states_are_asked_together_for_just_the_instances_that_need_them(
+    fake: FakeIncus,
+) -> None:
+    leased = by_name(Inventory(fake).instances())
+    without_leases(fake)
+    fake.calls.clear()
+    fleet = by_name(Inventory(fake).instances())
+
+    def found(insts: dict[str, Instance]) -> dict[str, set[str]]:
+        return {n: {a for nic in i.nics for a in nic.addresses} for n, i in insts.items()}
+
+    assert found(fleet) == found(leased)  # the same addresses, from the live state
+    assert len(fake.state_batches) == 2  # the first listing's fallback, then this one's
+    asked = {name for _, name in fake.state_batches[-1]}
+    assert asked == {n for n, i in fleet.items() if wants_address(i)}
+    assert "rec-stopped" not in asked and "rec-plain" not in asked
+    states = [args for name, *args in fake.calls if name == "instance_state"]
+    assert sorted(states) == sorted([list(k) for k in fake.state_batches[-1]])  # once each
+
+
+def test_without_leases_an_address_the_instance_reports_must_be_inside_its_network(
+    fake: FakeIncus,
+) -> None:
+    without_leases(fake)
+    state = fake.instance_state("icfrec-a", "rec-web")
+    assert state is not None
+    state["network"]["eth0"]["addresses"] = [
+        {"family": "inet", "address": "198.18.77.1", "scope": "global"}  # the host's
+    ]
+    fake.set_state("icfrec-a", "rec-web", state)
+    fleet = by_name(Inventory(fake).instances())
+    assert addresses(fleet["rec-web"]) == {} and addresses(fleet["rec-alt"])
+
+
+def test_a_state_request_that_fails_makes_those_instances_unknown(fake: FakeIncus) -> None:
+    """Asked together, then each on its own: one whose state fails (its cluster member went
+    down) is unknown, said in a note; the listing itself stands."""
+    without_leases(fake)
+    fake.fail_on = {"instance_state"}
+    inventory = Inventory(fake)
+    fleet = by_name(inventory.instances())
+    assert fleet["rec-web"].status == "Error" and not fleet["rec-web"].nics
+    assert any("icfrec-a/rec-web" in note and "unknown" in note for note in inventory.notes)
+
+
+def test_with_leases_only_the_instances_they_do_not_cover_are_asked(fake: FakeIncus) -> None:
+    Inventory(fake).instances()
+    asked = {name for batch in fake.state_batches for _, name in batch}
+    assert asked == {"rec-static", "rec-ready"}  # an address set inside; require_ready
+
+
+def state_requests(fake: FakeIncus) -> set[str]:
+    return {args[1] for name, *args in fake.calls if name == "instance_state"}
+
+
+def test_the_memo_gives_addresses_of_nics_up_since_without_a_state_request(
+    fake: FakeIncus,
+) -> None:
+    """What watch's resync after an incusd restart sees: empty lease tables, the same
+    instances still running with the addresses they had."""
+    memo = AddressMemo()
+    before = by_name(Inventory(fake, memo=memo).instances())
+    without_leases(fake)
+    fake.calls.clear()
+    after = by_name(Inventory(fake, memo=memo).instances())
+    assert {n: addresses(i) for n, i in after.items()} == {
+        n: addresses(i) for n, i in before.items()
+    }
+    # rec-static's address came from its state the first time: same boot, same address;
+    # require_ready always asks (only an address it has configured will do)
+    assert state_requests(fake) == {"rec-ready"}
+
+
+def test_a_nic_started_again_is_not_taken_from_the_memo(fake: FakeIncus) -> None:
+    memo = AddressMemo()
+    Inventory(fake, memo=memo).instances()
+    without_leases(fake)
+    fake.set_config("icfrec-a", "rec-web", "volatile.eth0.host_name", "vethrestarted")
+    fake.set_state("icfrec-a", "rec-web", {"network": {}})  # no address configured yet
+    fake.calls.clear()
+    web = by_name(Inventory(fake, memo=memo).instances())["rec-web"]
+    assert "rec-web" in state_requests(fake) and addresses(web) == {}
+
+
+def test_the_memo_forgets_instances_that_are_gone(fake: FakeIncus) -> None:
+    memo = AddressMemo()
+    Inventory(fake, memo=memo).instances()
+    remembered = len(memo)
+    fake.remove("icfrec-a", "rec-web")
+    Inventory(fake, memo=memo).instances()
+    assert len(memo) == remembered - 1
+    fake.calls.clear()
+    without_leases(fake)
+    assert Inventory(fake, memo=memo).instance("icfrec-a", "rec-alt") is not None
+    assert "rec-alt" not in state_requests(fake)  # one instance's refresh uses it too

@@ -336,3 +336,14 @@ def test_a_load_refused_for_running_it_not_its_text_keeps_everything_as_it_was()
     assert caddy.calls == ["load", "check"] and file.writes == 0 and file.data == b"old\n"
     assert report.return_code() == Status.CADDY_REJECTED
     assert "keeps running the old one" in report.message and "in use" in report.message
+
+
+def test_a_cycle_reports_the_time_of_each_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeIncus.from_recording()
+    monkeypatch.setattr(pipeline, "connect", lambda settings: fake)
+    report = pipeline.run(Settings(scheme="http"))
+    assert report.error is None and set(report.steps) == {"incus", "model", "render"}
+    assert all(s >= 0 for s in report.steps.values())
+    target, _, _ = fake_target()
+    applied = apply(SETTINGS, FLEET, target)
+    assert {"model", "render", "caddy"} <= set(applied.steps)

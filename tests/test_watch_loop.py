@@ -602,3 +602,27 @@ def test_a_ready_instance_answering_at_a_resolved_address_is_routed_without_its_
     assert WEB_ADDRESS in loop.text  # routed, its state still without the address
     assert "(after address icfrec-a/rec-web)" in loop.cycle_lines[-1]
     assert not any(c[0] == "instance_state" for c in loop.incus.calls)
+
+
+def test_after_an_incusd_restart_the_resync_asks_no_state_of_instances_still_up(
+    loop: Loop,
+) -> None:
+    """The lease tables are empty after an incusd restart; the instances kept running (and
+    their addresses): the resync after the reconnect finds them without a state request."""
+    loop.run_for(0.1)
+    good = loop.text
+    stream = loop.incus.last_events
+    assert stream is not None
+    loop.incus.fail_on = {"events"}
+    stream.drop()
+    loop.run_for(0.2)
+    for project in ("icfrec-a", "icfrec-b", "icfrec-c"):
+        for network in ("icfbr0", "icfbr1"):
+            loop.incus.set_leases(project, network, [])
+    loop.incus.fail_on = set()
+    loop.incus.calls.clear()
+    loop.run_for(1.5)
+    assert loop.watcher.link.connected and ("list_instances",) in loop.incus.calls
+    assert loop.text == good
+    asked = {args[1] for name, *args in loop.incus.calls if name == "instance_state"}
+    assert asked == {"rec-ready"}  # require_ready: only an address it configured will do

@@ -71,9 +71,10 @@ class CycleLog:
         waited: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """One line; the first cycle of a process says what the file holds (there is no
-        "before" to compare with), later ones what changed. `steps` (seconds: refresh from
-        Incus, render, load into Caddy, write) and `waited` (the polls for an address or an
-        open port that ended before it) say where its time went, in the JSON record."""
+        "before" to compare with), later ones what changed. `steps` (seconds: incus (the
+        refresh), model, render, caddy, and within it load and write) and `waited` (the polls
+        for an address or an open port that ended before it) say where its time went, in the
+        JSON record."""
         if report.model is not None:
             self.rejections(report.model)
         for warning in report.warnings:

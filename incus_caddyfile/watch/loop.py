@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import pipeline, probe, targets
 from ..incus import IncusApi, IncusError, connect
-from ..inventory import Bounds, LeaseOutage
+from ..inventory import AddressMemo, Bounds, LeaseOutage
 from ..model import (
     Instance,
     Model,
@@ -139,10 +139,13 @@ class Watcher:
         self.bounds: Bounds = {}  # managed networks' subnets, for single-instance refreshes
         self.outage = LeaseOutage()  # leases calls failing (a cluster member down)
         self.notes: list[str] = []  # what this cycle's refresh had to do without
+        # Addresses of NICs up since they were found: a resync after an incusd restart (lease
+        # tables empty) asks no live state for them.
+        self.memo = AddressMemo()
         self.cache = InstanceCache(
             # the projects the policy leaves out cost nothing
             lambda api: pipeline.collect(
-                api, self.settings.policy, notes=self.notes, outage=self.outage
+                api, self.settings.policy, notes=self.notes, outage=self.outage, memo=self.memo
             ),
             self._fetch,
         )
@@ -266,6 +269,8 @@ class Watcher:
             self.drains.clear()  # operation events were missed
         if trigger.full:
             self.bounds.clear()  # a network may have changed
+        if trigger.action.startswith("network-") or trigger.kind is Kind.SIGNAL:
+            self.memo.clear()  # its subnet may have changed; SIGHUP: forget everything
         if self.drains.note(trigger, now):
             key = (trigger.project, trigger.instance)
             if trigger.phase is Phase.BEGUN:
@@ -435,7 +440,7 @@ class Watcher:
         just_up = probe.bridged_here if known is not None and not is_up(known) else None
         return pipeline.fetch(
             client, project, name, bounds=self.bounds, notes=self.notes, outage=self.outage,
-            just_up=just_up,
+            just_up=just_up, memo=self.memo,
         )  # fmt: skip
 
     @staticmethod
@@ -521,7 +526,7 @@ class Watcher:
         if quiet:
             return  # Caddy runs the current file: nothing to tell, every 10 s
         self.cycles += 1
-        steps = {"refresh": refreshed, **report.steps}
+        steps = {"incus": refreshed, **report.steps}
         waited, self.waited = self.waited, {}
         self.cycle_log.cycle(
             report, triggers, changes, duration, requests, first=first, steps=steps, waited=waited
