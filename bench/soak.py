@@ -372,6 +372,11 @@ def incusd_pids() -> list[int]:
         except OSError:
             continue
         if argv[0] == INCUSD.encode() and not (len(argv) > 1 and argv[1].startswith(b"fork")):
+            try:  # a cluster member of scripts/cluster runs with an INCUS_DIR of its own
+                if b"\0INCUS_DIR=" in b"\0" + (entry / "environ").read_bytes():
+                    continue
+            except OSError:
+                continue
             pids.append(int(entry.name))
     return pids
 

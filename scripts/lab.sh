@@ -3,6 +3,7 @@
 #   scripts/lab.sh up      install Incus if needed, start incusd, create storage, bridge, image
 #   scripts/lab.sh start   start incusd only (after it was stopped or killed)
 #   scripts/lab.sh status  exit 0 when the lab is ready
+#   scripts/lab.sh kill    kill the lab's incusd at once (a crash; the cluster's are left alone)
 #   scripts/lab.sh down    stop incusd (instances and projects created by tests are theirs to remove)
 #   scripts/lab.sh cluster up|down|status
 #                          a 3-member Incus cluster next to the main incusd (scripts/cluster/)
@@ -190,6 +191,11 @@ case "${1:-up}" in
     ;;
   start)
     start_daemon
+    ;;
+  kill)  # (tests, the soak) kill the lab's incusd at once, as a crash would; instances keep
+         # running; the cluster's member daemons are left alone
+    pids=$(incusd_pids)
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
     ;;
   status)
     daemon_up && incus image info "$IMAGE" >/dev/null 2>&1 && incus network show "$NET" >/dev/null 2>&1 \

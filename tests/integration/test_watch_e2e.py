@@ -170,7 +170,8 @@ def test_incusd_restart_keeps_routes_and_resyncs(
     name, host = launch_routed(running, "r")
     good = watch.output.read_bytes()
 
-    subprocess.run(["pkill", "-KILL", "-f", "/usr/libexec/incus/incusd"], check=False)
+    # the lab's daemon only: a cluster's member daemons (test_cluster.py) are not the lab's
+    subprocess.run(["bash", str(ROOT / "scripts" / "lab.sh"), "kill"], check=True, timeout=30)
     try:
         watch.wait_log("keeping the last good Caddyfile")
         for _ in range(5):  # served from the last good config while Incus is down
