@@ -125,7 +125,8 @@ def oracle_routed(inst: Instance) -> bool:
         return False
     if "import" in v and not all(n in DEFINED for n in v["import"].split()):
         return False
-    if inst.status not in ("Running", "Ready", "Frozen"):
+    # Error: its cluster member cannot be asked; it keeps the route to what it last had
+    if inst.status not in ("Running", "Ready", "Frozen", "Error"):
         return False
     if oracle_address(inst, v.get("upstream.network"), family) is None:
         return False
