@@ -9,6 +9,8 @@ render    `pipeline.run` in-process (the whole path of `render`) against the nai
           (bench/render.py's two paths). Goal: median ratio <= 0.15.
 noleases  the same, with the bridge's lease table emptied before every round (as after an
           incusd restart), so the tool must find addresses without leases. Goal: <= 0.15.
+          Also timed: watch's full listing with its memo, and `render -o FILE` after a run
+          (with the leases) that kept its memo beside FILE.
 events    `watch` (a real process, a real Caddy): the Incus requests of the cycle that one
           `incus config set` (one instance-updated event) causes. Goal: the same count
           whatever the fleet size (compare the results of a 150 and a 1000 run).
@@ -218,10 +220,13 @@ def measure_render(run: Run, fleet: ScaleFleet, no_leases: bool) -> dict[str, An
     base: list[float] = []
     splits: list[dict[str, float]] = []
     others_changed = 0
-    memo, memo_times = AddressMemo(), []
+    memo, memo_times, file_times = AddressMemo(), [], []
+    out = Path(tempfile.mkdtemp(prefix="ics-render-o-")) / "Caddyfile"
+    with_file = Settings(scheme="http", output=out, reload=False)
     if no_leases:  # what a running watch found before the lease tables were emptied
         refill_leases(run.endpoint, fleet, args.network)
         pipeline.collect(connect(settings), memo=memo)
+        tool_report(with_file)  # `render -o`: its memo kept beside the file
     for attempt in range(args.rounds + 1):
         if no_leases:
             empty_leases(args.network)
@@ -233,6 +238,7 @@ def measure_render(run: Run, fleet: ScaleFleet, no_leases: bool) -> dict[str, An
         others_changed += not same
         if no_leases:
             memo_times.append(resync_with_memo(settings, memo, fleet, a))
+            file_times.append(render_to_file(with_file, fleet, a))
         tool.append(a.seconds)
         base.append(b.seconds)
         splits.append(split)
@@ -250,7 +256,11 @@ def measure_render(run: Run, fleet: ScaleFleet, no_leases: bool) -> dict[str, An
         pipeline.collect(api, memo=memo)
         refill_leases(run.endpoint, fleet, args.network)
         memo_ratio = statistics.median(memo_times) / statistics.median(base)
+        file_ratio = statistics.median(file_times) / statistics.median(base)
         memo_figures = {
+            "render_o_with_kept_memo": render_bench.summary(file_times),
+            "render_o_with_kept_memo_ratio": round(file_ratio, 4),
+            "render_o_target_met": file_ratio <= TARGET_RATIO,
             "with_memo": render_bench.summary(memo_times),
             "with_memo_requests": api.requests,
             "with_memo_ratio": round(memo_ratio, 4),
@@ -285,6 +295,18 @@ def resync_with_memo(
     assert report.model is not None
     if render_bench.bench_sites(report.model, fleet) != render_bench.bench_sites(tool.built, fleet):
         raise BenchError("the listing with the memo routes the fleet differently")
+    return seconds
+
+
+def render_to_file(settings: Settings, fleet: ScaleFleet, tool: render_bench.Render) -> float:
+    """`render -o FILE` (no reload) with the lease tables empty, after a run that kept its
+    memo beside FILE: the whole path, timed; checked against the tool's routes."""
+    started = time.perf_counter()
+    report = tool_report(settings)
+    seconds = time.perf_counter() - started
+    assert report.model is not None
+    if render_bench.bench_sites(report.model, fleet) != render_bench.bench_sites(tool.built, fleet):
+        raise BenchError("render -o with its kept memo routes the fleet differently")
     return seconds
 
 
@@ -499,6 +521,11 @@ def report(figures: dict[str, Any]) -> None:
                 f"  with watch's memo: {f['with_memo']['median_ms']} ms,"
                 f" {f['with_memo_requests']} requests: ratio {f['with_memo_ratio']}"
                 f" ({'met' if f['with_memo_target_met'] else 'MISSED'})"
+            )
+            print(
+                f"  render -o with its kept memo: {f['render_o_with_kept_memo']['median_ms']}"
+                f" ms: ratio {f['render_o_with_kept_memo_ratio']}"
+                f" ({'met' if f['render_o_target_met'] else 'MISSED'})"
             )
     ev = figures.get("events")
     if ev:

@@ -182,6 +182,25 @@ class AddressMemo:
     def __len__(self) -> int:
         return len(self._known)
 
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """What it holds, as plain data (`render` keeps it beside its output: lastknown)."""
+        return {
+            "/".join(key): {"host_name": host_name, "addresses": list(addresses)}
+            for key, (host_name, addresses) in sorted(self._known.items())
+        }
+
+    @classmethod
+    def of(cls, entries: Mapping[str, Any]) -> AddressMemo:
+        """The memo `entries` gave. Raises ValueError on anything else."""
+        memo = cls()
+        for key, entry in entries.items():
+            project, name, device = str(key).split("/")
+            addresses = entry["addresses"]
+            if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+                raise ValueError("addresses must be a list of strings")
+            memo._known[(project, name, device)] = (str(entry["host_name"]), tuple(addresses))
+        return memo
+
 
 class Inventory:
     """The fleet as model data, read through an IncusApi. Raises IncusError rather than
@@ -309,6 +328,8 @@ class Inventory:
             found = tuple(leases.get((inst.project, r.network or ""), {}).get(r.hwaddr, []))
             if not found and self.memo is not None:
                 found = self.memo.recall(inst, r)
+                if found and r.network:  # (kept in a file too: checked as a state is)
+                    found = tuple(within(found, *self._network_bounds(inst.project, r.network)))
             nics.append(Nic(r.device, found, r.network or "", r.interface, r.hwaddr))
         return dataclasses.replace(inst, nics=tuple(nics))
 

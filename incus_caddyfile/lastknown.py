@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import output
+from .inventory import AddressMemo
 from .model import PREFIX, Instance, Nic, is_unknown, keeps_route, with_last_known
 from .output import OutputError
 
@@ -37,10 +38,10 @@ def _owner(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def encode(path: Path, instances: Iterable[Instance]) -> bytes:
+def encode(path: Path, instances: Iterable[Instance], memo: AddressMemo | None = None) -> bytes:
     """The labels, creation time and addresses of the labelled instances that are up (or
     unknown, with what they last had), sorted: equal fleets give equal bytes, so an
-    unchanged state is not written again."""
+    unchanged state is not written again; and `memo`'s addresses of NICs by boot."""
     known: dict[str, Any] = {}
     for inst in sorted(instances, key=lambda i: (i.project, i.name)):
         if inst.labels and keeps_route(inst) and any(n.addresses for n in inst.nics):
@@ -55,6 +56,8 @@ def encode(path: Path, instances: Iterable[Instance]) -> bytes:
                 "ready": inst.ready,
             }  # fmt: skip
     data = {"version": VERSION, "output": _owner(path), "instances": known}
+    if memo is not None:
+        data["memo"] = memo.entries()
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -130,10 +133,25 @@ def recall(path: Path, instances: list[Instance]) -> tuple[list[Instance], list[
     )
 
 
-def remember(path: Path, instances: Iterable[Instance]) -> str | None:
+def memo(path: Path) -> AddressMemo:
+    """The addresses of NICs by boot kept beside `path` (see inventory.AddressMemo): after an
+    incusd restart empties the lease tables, `render` finds the instances still running on
+    the boot it saw without a state request each. Empty when there is none to trust."""
+    try:
+        doc = json.loads(state_path(path).read_bytes())
+        if not isinstance(doc, dict) or doc.get("output") != _owner(path):
+            return AddressMemo()
+        return AddressMemo.of(dict(doc.get("memo") or {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return AddressMemo()
+
+
+def remember(
+    path: Path, instances: Iterable[Instance], memo: AddressMemo | None = None
+) -> str | None:
     """Replace the state beside `path` when it changed; a warning when it cannot be written
     (the output itself is fine: only a later run's memory of routes is lost)."""
-    data = encode(path, instances)
+    data = encode(path, instances, memo)
     target = state_path(path)
     try:
         if output.read_current(target) == data:

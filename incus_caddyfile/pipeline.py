@@ -355,13 +355,16 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     mode = mode or RunMode()
     notes: list[str] = []
     listing = Report(mode)
+    keeper = state_output(settings)
+    memo = lastknown.memo(keeper) if keeper is not None else None  # what the last run saw
     try:
         with listing.timed("incus"):
             api = connect(settings)
-            instances = collect(api, settings.policy, notes)
+            instances = collect(api, settings.policy, notes, memo=memo)
     except IncusError as exc:
         return listing.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
-    report = apply_all(settings, instances, targets.all_for_settings(settings, api), mode)
+    edges = targets.all_for_settings(settings, api)
+    report = apply_all(settings, instances, edges, mode, memo=memo)
     report.warnings[:0] = notes
     report.steps = listing.steps | report.steps
     return report
@@ -374,11 +377,13 @@ def apply_all(
     mode: RunMode | None = None,
     draining: Iterable[Key] = (),
     verify: Collection[str] | None = None,
+    memo: AddressMemo | None = None,
 ) -> Report:
     """Steps 2-5 for every target: one model, one render, the same bytes to each, all at
     once; a target that is down or refuses does not stop the others (its report says why).
     `verify`: the targets to ask whether they run the file when it is unchanged (None: as
-    `mode` says). With one target this is `apply`, report for report."""
+    `mode` says); `memo`: kept with the last known routes (see apply). With one target this
+    is `apply`, report for report."""
     mode = mode or RunMode()
 
     def mode_for(target: Target) -> RunMode:
@@ -388,7 +393,7 @@ def apply_all(
 
     if len(edges) <= 1:
         one = edges[0] if edges else None
-        return apply(settings, instances, one, mode_for(one) if one else mode, draining)
+        return apply(settings, instances, one, mode_for(one) if one else mode, draining, memo)
     drained = frozenset(draining)
     report, instances = _rendered(settings, instances, mode, drained)
     if report.error is not None:
@@ -418,7 +423,7 @@ def apply_all(
     keeper = state_output(settings)
     for target, edge in zip(edges, report.edges, strict=True):
         if keeper is not None and target.destination.name == str(keeper):
-            _remember(settings, instances, edge)  # its warning is the edge's, summed below
+            _remember(settings, instances, edge, memo)  # its warning: the edge's, summed below
     return _summed(report)
 
 
@@ -465,10 +470,13 @@ def apply(
     target: Target | None,
     mode: RunMode | None = None,
     draining: Iterable[Key] = (),
+    memo: AddressMemo | None = None,
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
     `target`: where the file goes and the Caddy that runs it (None: only render);
-    `draining`: instances to take out of their pools (see model.build)."""
+    `draining`: instances to take out of their pools (see model.build); `memo`: the
+    addresses of NICs by boot, kept with the last known routes for the next run (render:
+    watch keeps its own in memory)."""
     drained = frozenset(draining)
     report, instances = _rendered(settings, instances, mode or RunMode(), drained)
     if target is None or report.error is not None:
@@ -476,7 +484,7 @@ def apply(
     report.target = target.name
     with report.timed("caddy"):
         _write_and_reload(settings, instances, target, report, drained)
-    _remember(settings, instances, report)
+    _remember(settings, instances, report, memo)
     return report
 
 
@@ -499,16 +507,18 @@ def _rendered(
     return report, instances
 
 
-def _remember(settings: Settings, instances: list[Instance], report: Report) -> None:
+def _remember(
+    settings: Settings, instances: list[Instance], report: Report, memo: AddressMemo | None
+) -> None:
     """Keep the addresses of this listing beside the output once the output holds it (so
     the next run can keep the route of an instance whose member becomes unreachable)."""
     path = state_output(settings)
     holds = report.error is None or report.error is Status.RELOAD_FAILED
     if path is None or report.mode.dry_run or not holds:
         return
-    if not report.written and lastknown.state_path(path).exists():
+    if memo is None and not report.written and lastknown.state_path(path).exists():
         return  # the output, and so the routes it was kept for, did not change
-    warning = lastknown.remember(path, instances)
+    warning = lastknown.remember(path, instances, memo)  # (written only when it changed)
     if warning:
         report.warnings.append(warning)
 
