@@ -45,6 +45,19 @@ class IncusTimeout(IncusError):
     others: a listing that waits for a cluster member cut off from the network."""
 
 
+class StatesFailed(IncusError):
+    """Some of several live states could not be had: the first failure's message, and what
+    every instance answered (`answers`) or why it did not (`errors`), so that a caller need
+    not ask the others again."""
+
+    def __init__(
+        self, answers: dict[Key, dict[str, Any] | None], errors: dict[Key, IncusError]
+    ) -> None:
+        super().__init__(str(next(iter(errors.values()))))
+        self.answers = answers
+        self.errors = errors
+
+
 def _check_socket(path: str) -> None:
     """Say plainly what is wrong with a local socket path (pylxd's message is about URLs)."""
     if not os.path.exists(path):
@@ -239,7 +252,8 @@ class PylxdApi:
     def instance_states(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any] | None]:
         """The live state of each instance (None: gone), STATE_CONCURRENCY requests at a
         time: Incus has no request for the state of just some instances, and one at a time
-        each waits for the last. Raises the first IncusError once all have answered."""
+        each waits for the last. Raises StatesFailed (an IncusError) once all have answered,
+        when any failed."""
         if len(keys) <= 1:
             return {key: self.instance_state(*key) for key in keys}
 
@@ -251,10 +265,11 @@ class PylxdApi:
 
         with ThreadPoolExecutor(min(STATE_CONCURRENCY, len(keys)), "incus-state") as pool:
             answers = dict(zip(keys, pool.map(one, keys), strict=True))
-        for answer in answers.values():
-            if isinstance(answer, IncusError):
-                raise answer
-        return {key: a for key, a in answers.items() if not isinstance(a, IncusError)}
+        errors = {key: a for key, a in answers.items() if isinstance(a, IncusError)}
+        states = {key: a for key, a in answers.items() if not isinstance(a, IncusError)}
+        if errors:
+            raise StatesFailed(states, errors)
+        return states
 
     def network_leases(self, project: str, network: str) -> list[dict[str, Any]]:
         """A managed network's DHCP leases; none for an unmanaged or unknown network."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .incus import IncusApi, IncusError
+from .incus import IncusApi, IncusError, StatesFailed
 from .labels import PREFIX
 from .model import (
     UNKNOWN,
@@ -343,20 +343,26 @@ class Inventory:
     ) -> list[Instance]:
         """Addresses from the live state for the instances that need it, asked of Incus
         together (a few requests in flight at once: after an incusd restart the leases
-        cover almost nobody, and one at a time took 2.5 s for 150 instances). When that
-        fails, each is asked on its own, and one whose state fails is unknown."""
+        cover almost nobody, and one at a time took 2.5 s for 150 instances). One whose
+        state fails (its cluster member went down) is unknown; when the whole request fails
+        without saying which, each is asked on its own."""
         needing = [i for i, inst in enumerate(insts) if self._needs_state(inst, own)]
         if not needing:
             return insts
         keys = [(insts[i].project, insts[i].name) for i in needing]
+        failed: Mapping[tuple[str, str], IncusError] = {}
         try:
             states: Mapping[tuple[str, str], Any] = self.api.instance_states(keys)
+        except StatesFailed as exc:
+            states, failed = exc.answers, exc.errors
         except IncusError:
-            states = {}  # (a cluster member down fails some: each on its own below)
+            states = {}
         out = list(insts)
         for i, key in zip(needing, keys, strict=True):
             inst, refs = insts[i], nic_refs(raws[i])
             try:
+                if key in failed:
+                    raise failed[key]
                 state = states[key] if key in states else self.api.instance_state(*key)
             except IncusError as exc:
                 out[i] = self._unreachable(inst, exc)

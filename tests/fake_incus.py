@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from incus_caddyfile.incus import IncusError
+from incus_caddyfile.incus import IncusError, StatesFailed
 
 RECORDING = Path(__file__).resolve().parent / "fixtures" / "incus" / "lab.json"
 
@@ -244,7 +244,16 @@ class FakeIncus:
         """One instance_state request per key (the real one has a few in flight at once);
         `state_batches` records each call's keys."""
         self.state_batches.append(list(keys))
-        return {key: self.instance_state(*key) for key in keys}
+        answers: dict[Key, dict[str, Any] | None] = {}
+        errors: dict[Key, IncusError] = {}
+        for key in keys:
+            try:
+                answers[key] = self.instance_state(*key)
+            except IncusError as exc:
+                errors[key] = exc
+        if errors:
+            raise StatesFailed(answers, errors)
+        return answers
 
     def network_leases(self, project: str, network: str) -> list[dict[str, Any]]:
         self._request("network_leases", project, network)

@@ -55,9 +55,13 @@ def test_states_are_asked_a_bounded_number_at_a_time() -> None:
 def test_one_failed_state_fails_them_all_after_every_answer() -> None:
     states = SlowStates(fail="i3")
     keys = [("p", f"i{n}") for n in range(10)]
-    with pytest.raises(IncusError, match="i3"):
+    with pytest.raises(IncusError, match="i3") as failed:
         api_with(states).instance_states(keys)
     assert len(states.asked) == 10 and states.running == 0
+    # what the others answered comes along, so that nobody asks them again
+    assert isinstance(failed.value, incus.StatesFailed)
+    assert set(failed.value.errors) == {("p", "i3")}
+    assert set(failed.value.answers) == set(keys) - {("p", "i3")}
 
 
 def test_nothing_to_ask_makes_no_request() -> None:

@@ -204,6 +204,8 @@ def test_a_state_request_that_fails_makes_those_instances_unknown(fake: FakeIncu
     fleet = by_name(inventory.instances())
     assert fleet["rec-web"].status == "Error" and not fleet["rec-web"].nics
     assert any("icfrec-a/rec-web" in note and "unknown" in note for note in inventory.notes)
+    asked = [args[1] for name, *args in fake.calls if name == "instance_state"]
+    assert sorted(asked) == sorted(set(asked))  # each once: a failure is not asked again
 
 
 def test_with_leases_only_the_instances_they_do_not_cover_are_asked(fake: FakeIncus) -> None:
