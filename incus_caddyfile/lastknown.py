@@ -64,10 +64,12 @@ def encode(path: Path, instances: Iterable[Instance], memo: AddressMemo | None =
 @dataclass
 class Known:
     """What a state file holds: key -> an instance (status Running) with the addresses it
-    had; `problem`: why the file gave nothing (missing is no problem)."""
+    had, and `render -o`'s memo; `problem`: why the file gave nothing (missing is no
+    problem)."""
 
     instances: dict[Key, Instance] = field(default_factory=dict)
     problem: str | None = None
+    memo: AddressMemo = field(default_factory=AddressMemo)
 
 
 def _nic(raw: Mapping[str, Any]) -> Nic:
@@ -103,7 +105,7 @@ def decode(path: Path, data: bytes) -> Known:
                 nics=tuple(_nic(n) for n in entry["nics"]),
                 ready=ready if isinstance(ready, bool) else None,
             )  # fmt: skip
-        return Known(known)
+        return Known(known, memo=AddressMemo.of(dict(doc.get("memo") or {})))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return Known(problem=f"{where} is not a state this tool wrote ({exc}); ignored")
 
@@ -137,13 +139,7 @@ def memo(path: Path) -> AddressMemo:
     """The addresses of NICs by boot kept beside `path` (see inventory.AddressMemo): after an
     incusd restart empties the lease tables, `render` finds the instances still running on
     the boot it saw without a state request each. Empty when there is none to trust."""
-    try:
-        doc = json.loads(state_path(path).read_bytes())
-        if not isinstance(doc, dict) or doc.get("output") != _owner(path):
-            return AddressMemo()
-        return AddressMemo.of(dict(doc.get("memo") or {}))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return AddressMemo()
+    return load(path).memo
 
 
 def remember(
