@@ -32,6 +32,7 @@ from .settings import (
     SettingsError,
     TargetSpec,
     check_paths,
+    default_cache_dir,
     load_file,
     load_policy,
     parse_target,
@@ -279,6 +280,23 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         " this long (fail_duration); 0: off.",
     ),
     option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=_env("CACHE_DIR"),
+        metavar="DIR",
+        help="For an output that is not a file on this host (stdout, --caddy-instance), the"
+        " routes and addresses the last run saw are kept here (an output file keeps them"
+        " beside itself): an instance whose cluster member is unreachable keeps its route,"
+        " and an address the lease tables lost costs no request. Default:"
+        " $XDG_CACHE_HOME/incus-caddyfile, else ~/.cache/incus-caddyfile.",
+    ),
+    option(
+        "--no-cache",
+        is_flag=True,
+        envvar=_env("NO_CACHE"),
+        help="Keep nothing in --cache-dir (render to stdout then remembers nothing).",
+    ),
+    option(
         "--caddy-bin",
         envvar=_env("CADDY_BIN"),
         metavar="PATH",
@@ -391,7 +409,14 @@ def _from_token(token: str | None, token_file: Path | None) -> str | None:
 def make_settings(**kwargs: Any) -> Settings:
     """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
     config = Path(kwargs.pop("config_file")) if kwargs.get("config_file") else None
+    no_cache = bool(kwargs.pop("no_cache", False))
     values = {k: v for k, v in kwargs.items() if v is not None}
+    if no_cache:
+        values["cache_dir"] = None
+    elif values.get("cache_dir"):
+        values["cache_dir"] = Path(os.path.abspath(values["cache_dir"]))
+    else:
+        values["cache_dir"] = default_cache_dir()
     if str(values.get("output")) == "-":  # -o - : stdout, as if no --output
         del values["output"]
     for name in ("template", "output", "snippets", "sites_dir"):

@@ -1,19 +1,23 @@
-"""The addresses instances last had, kept beside the output file for the next run.
+"""The addresses instances last had, kept for the next run.
 
 An instance whose cluster member is unreachable lists as status Error, without addresses,
 while its containers keep serving; the model then keeps the route it last had
 (`model.with_last_known`). `watch` knows that route from its cache; `render` runs once, so
 it keeps the labels, creation times and addresses of the instances that could be routed in
-`.NAME.state.json` beside the output NAME, replaced atomically right after the output (and
-only when they changed).
+a state file, replaced atomically right after the output (and only when they changed):
+`.NAME.state.json` beside an output file NAME, or, for an output that is not a file on this
+host (stdout, a Caddy inside an instance), a file of its own in the cache directory
+(`Keeper`).
 
 The file is a cache, never a source of routes by itself: it is read only for an instance in
-Error, and a missing, unreadable or corrupt file, or one written for another output (copied
-along with it), only means no route is known to keep (said in a warning).
+Error, and for addresses of NICs still up on the boot it saw (`inventory.AddressMemo`); a
+missing, unreadable or corrupt file, or one written for another output (copied along with
+it), only means nothing is known to keep (said in a warning).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -34,11 +38,29 @@ def state_path(path: Path) -> Path:
     return path.parent / f".{path.name}.state.json"
 
 
-def _owner(path: Path) -> str:
-    return os.path.abspath(path)
+@dataclass(frozen=True)
+class Keeper:
+    """Where one output's state is kept (`file`), and the output it is for (`owner`: written
+    into the file and checked on reading, so a state copied along with another output, or
+    one for another Incus, is not taken for this one's)."""
+
+    file: Path
+    owner: str
+
+    @classmethod
+    def beside(cls, output: Path) -> Keeper:
+        """For an output file on this host: `.NAME.state.json` beside it."""
+        return cls(state_path(output), os.path.abspath(output))
+
+    @classmethod
+    def cached(cls, directory: Path, owner: str) -> Keeper:
+        """For an output that is not a file here: a file in the cache directory, named by
+        a digest of `owner` (which says what is rendered, from which Incus)."""
+        digest = hashlib.sha256(owner.encode()).hexdigest()[:20]
+        return cls(directory / f"state-{digest}.json", owner)
 
 
-def encode(path: Path, instances: Iterable[Instance], memo: AddressMemo | None = None) -> bytes:
+def encode(keeper: Keeper, instances: Iterable[Instance], memo: AddressMemo | None = None) -> bytes:
     """The labels, creation time and addresses of the labelled instances that are up (or
     unknown, with what they last had), sorted: equal fleets give equal bytes, so an
     unchanged state is not written again; and `memo`'s addresses of NICs by boot."""
@@ -55,7 +77,7 @@ def encode(path: Path, instances: Iterable[Instance], memo: AddressMemo | None =
                 ],
                 "ready": inst.ready,
             }  # fmt: skip
-    data = {"version": VERSION, "output": _owner(path), "instances": known}
+    data = {"version": VERSION, "output": keeper.owner, "instances": known}
     if memo is not None:
         data["memo"] = memo.entries()
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
@@ -82,15 +104,15 @@ def _nic(raw: Mapping[str, Any]) -> Nic:
     )  # fmt: skip
 
 
-def decode(path: Path, data: bytes) -> Known:
+def decode(keeper: Keeper, data: bytes) -> Known:
     """A state file's content, checked (the addresses still go through the model's
     allowlist like any other: `labels.usable_address`)."""
-    where = state_path(path)
+    where = keeper.file
     try:
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("version") != VERSION:
             raise ValueError(f"not a version {VERSION} state")
-        if doc.get("output") != _owner(path):
+        if doc.get("output") != keeper.owner:
             return Known(problem=f"{where} was written for {doc.get('output')!r}; ignored")
         known = {}
         for key, entry in dict(doc["instances"]).items():
@@ -110,23 +132,23 @@ def decode(path: Path, data: bytes) -> Known:
         return Known(problem=f"{where} is not a state this tool wrote ({exc}); ignored")
 
 
-def load(path: Path) -> Known:
+def load(keeper: Keeper) -> Known:
     try:
-        data = state_path(path).read_bytes()
+        data = keeper.file.read_bytes()
     except FileNotFoundError:
         return Known(problem=None)
     except OSError as exc:
-        return Known(problem=f"cannot read {state_path(path)}: {exc.strerror}")
-    return decode(path, data)
+        return Known(problem=f"cannot read {keeper.file}: {exc.strerror}")
+    return decode(keeper, data)
 
 
-def recall(path: Path, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
+def recall(keeper: Keeper, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
     """The instances, those in Error without addresses given the ones they last had (the
     file is read only when there is such an instance); and warnings."""
     lost = [i for i in instances if is_unknown(i) and not i.nics]
     if not lost:
         return instances, []
-    known = load(path)
+    known = load(keeper)
     warnings = [known.problem] if known.problem else []
     if not known.instances:
         return instances, warnings
@@ -135,24 +157,28 @@ def recall(path: Path, instances: list[Instance]) -> tuple[list[Instance], list[
     )
 
 
-def memo(path: Path) -> AddressMemo:
-    """The addresses of NICs by boot kept beside `path` (see inventory.AddressMemo): after an
-    incusd restart empties the lease tables, `render` finds the instances still running on
-    the boot it saw without a state request each. Empty when there is none to trust."""
-    return load(path).memo
+def memo(keeper: Keeper) -> AddressMemo:
+    """The addresses of NICs by boot the last run kept (see inventory.AddressMemo): after
+    an incusd restart empties the lease tables, `render` finds the instances still running
+    on the boot it saw without a state request each. Empty when there is none to trust."""
+    return load(keeper).memo
 
 
 def remember(
-    path: Path, instances: Iterable[Instance], memo: AddressMemo | None = None
+    keeper: Keeper, instances: Iterable[Instance], memo: AddressMemo | None = None
 ) -> str | None:
-    """Replace the state beside `path` when it changed; a warning when it cannot be written
-    (the output itself is fine: only a later run's memory of routes is lost)."""
-    data = encode(path, instances, memo)
-    target = state_path(path)
+    """Replace the kept state when it changed; a warning when it cannot be written (the
+    output itself is fine: only a later run's memory of routes is lost). A cache directory
+    is made when missing, readable by its owner only (it holds every tenant's labels)."""
+    data = encode(keeper, instances, memo)
     try:
-        if output.read_current(target) == data:
+        if output.read_current(keeper.file) == data:
             return None
-        output.write_atomic(target, data)
+        if not keeper.file.parent.is_dir():
+            keeper.file.parent.mkdir(mode=0o700, parents=True)
+        output.write_atomic(keeper.file, data)
+    except OSError as exc:
+        return f"last known routes not kept: cannot make {keeper.file.parent}: {exc.strerror}"
     except OutputError as exc:
         return f"last known routes not kept: {exc}"
     return None

@@ -28,7 +28,7 @@ from .model import Instance, Model, RouteRow, build, explain, reach_target
 from .output import Changed, OutputError
 from .policy import Policy
 from .render import TemplateError, render
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, TargetSpec, default_incus_socket, place
 from .targets import Target
 
 
@@ -199,20 +199,51 @@ def fetch(
     return None if inst is None else probe.annotate([inst])[0]
 
 
-def state_output(settings: Settings) -> Path | None:
-    """The output file beside which the last known routes are kept (a file on this host;
-    with several targets, the first that writes one)."""
+def state_keeper(settings: Settings) -> lastknown.Keeper | None:
+    """Where the last known routes are kept: beside the output file on this host (with
+    several targets, the first that writes one); for an output that is not a file here
+    (stdout, a Caddy inside an instance), in the cache directory, under a name that says
+    what is rendered from which Incus; None with no cache directory (--no-cache)."""
+    output = local_output(settings)
+    if output is not None:
+        return lastknown.Keeper.beside(output)
+    if settings.cache_dir is None:
+        return None
+    incus = settings.incus or default_incus_socket()
+    return lastknown.Keeper.cached(settings.cache_dir, f"{rendered_to(settings)} from {incus}")
+
+
+def local_output(settings: Settings) -> Path | None:
+    """The output file on this host (with several targets, the first that writes one)."""
     if settings.targets:
         local = (Path(t.output) for t in settings.targets if t.instance is None and t.output)
         return next(local, None)
     return settings.output if settings.caddy_instance is None else None
 
 
+def rendered_to(settings: Settings) -> str:
+    """What an output that is not a file on this host is: stdout, or files in instances."""
+    if settings.targets:
+        return ", ".join(place(t) for t in settings.targets)
+    if settings.caddy_instance is not None:
+        spec = TargetSpec(
+            "--caddy-instance", instance=settings.caddy_instance, output=settings.output
+        )
+        return place(spec)
+    return "stdout"
+
+
+def kept_memo(settings: Settings) -> AddressMemo | None:
+    """The addresses of NICs by boot the last run kept (inventory.AddressMemo)."""
+    keeper = state_keeper(settings)
+    return lastknown.memo(keeper) if keeper is not None else None
+
+
 def recall(settings: Settings, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
     """Instances in Error (cluster member unreachable) with the addresses they last had, as
-    kept beside the output; warnings when that memory is unusable."""
-    path = state_output(settings)
-    return lastknown.recall(path, instances) if path is not None else (instances, [])
+    the last run kept them; warnings when that memory is unusable."""
+    keeper = state_keeper(settings)
+    return lastknown.recall(keeper, instances) if keeper is not None else (instances, [])
 
 
 def own_addresses(api: IncusApi, inst: Instance, bounds: Bounds | None = None) -> Instance | None:
@@ -355,8 +386,7 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     mode = mode or RunMode()
     notes: list[str] = []
     listing = Report(mode)
-    keeper = state_output(settings)
-    memo = lastknown.memo(keeper) if keeper is not None else None  # what the last run saw
+    memo = kept_memo(settings)
     try:
         with listing.timed("incus"):
             api = connect(settings)
@@ -420,9 +450,9 @@ def apply_all(
                 break
             for target, edge in more:
                 _refused_by(settings, instances, report, edge, target.name, drained)
-    keeper = state_output(settings)
-    for target, edge in zip(edges, report.edges, strict=True):
-        if keeper is not None and target.destination.name == str(keeper):
+    output = local_output(settings)  # the state is kept once, with that file or the first
+    for n, (target, edge) in enumerate(zip(edges, report.edges, strict=True)):
+        if target.destination.name == str(output) or (output is None and n == 0):
             _remember(settings, instances, edge, memo)  # its warning: the edge's, summed below
     return _summed(report)
 
@@ -479,12 +509,13 @@ def apply(
     watch keeps its own in memory)."""
     drained = frozenset(draining)
     report, instances = _rendered(settings, instances, mode or RunMode(), drained)
-    if target is None or report.error is not None:
+    if report.error is not None:
         return report
-    report.target = target.name
-    with report.timed("caddy"):
-        _write_and_reload(settings, instances, target, report, drained)
-    _remember(settings, instances, report, memo)
+    if target is not None:
+        report.target = target.name
+        with report.timed("caddy"):
+            _write_and_reload(settings, instances, target, report, drained)
+    _remember(settings, instances, report, memo)  # (stdout: in the cache directory)
     return report
 
 
@@ -512,13 +543,13 @@ def _remember(
 ) -> None:
     """Keep the addresses of this listing beside the output once the output holds it (so
     the next run can keep the route of an instance whose member becomes unreachable)."""
-    path = state_output(settings)
+    keeper = state_keeper(settings)
     holds = report.error is None or report.error is Status.RELOAD_FAILED
-    if path is None or report.mode.dry_run or not holds:
+    if keeper is None or report.mode.dry_run or not holds:
         return
-    if memo is None and not report.written and lastknown.state_path(path).exists():
+    if memo is None and not report.written and keeper.file.exists():
         return  # the output, and so the routes it was kept for, did not change
-    warning = lastknown.remember(path, instances, memo)  # (written only when it changed)
+    warning = lastknown.remember(keeper, instances, memo)  # (written only when it changed)
     if warning:
         report.warnings.append(warning)
 
@@ -883,7 +914,8 @@ def routes(settings: Settings) -> tuple[list[RouteRow], list[str], list[TargetSt
     TemplateError."""
     api = connect(settings)
     notes: list[str] = []
-    instances, recalled = recall(settings, collect(api, settings.policy, notes))
+    listed = collect(api, settings.policy, notes, memo=kept_memo(settings))
+    instances, recalled = recall(settings, listed)
     if not settings.targets:
         verdict = ask_caddy(settings, instances, checker(settings, api))
         return explain(instances, verdict.model), notes + recalled + verdict.warnings, []

@@ -59,6 +59,8 @@ FILE_KEYS = {
     "dial-timeout": "dial_timeout",
     "fail-duration": "fail_duration",
     "on-demand-tls": "on_demand_tls",
+    "cache-dir": "cache_dir",
+    "no-cache": "no_cache",
 }
 # Keys only `watch` reads (its own options, not part of Settings): checked here all the same.
 WATCH_KEYS = {"reload-burst": "reload_burst", "drain": "drain"}
@@ -198,6 +200,9 @@ class Settings:
     on_demand_tls: bool = False  # certificates at the first handshake, for routed hosts only
     on_demand_ask: str | None = None  # what Caddy asks first: watch's /ask (set by watch)
     targets: tuple[TargetSpec, ...] = ()  # several edges (--target); () : the flags' one
+    # Where state is kept for an output that is not a file on this host (stdout, a Caddy in
+    # an instance): the last known routes and addresses (lastknown). None: kept nowhere.
+    cache_dir: Path | None = None
     config_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
 
@@ -383,20 +388,21 @@ def _validate_targets(s: Settings) -> None:
                 )
             if spec.output is not None and not spec.output.is_absolute():
                 raise SettingsError(f"{where}: output: an absolute path inside the instance")
-        place = _place(spec)
-        if place in files:
+        spot = place(spec)
+        if spot in files:
             raise SettingsError(
-                f"{where}: output {spec.output or '/etc/caddy/Caddyfile'} is {files[place]}'s"
+                f"{where}: output {spec.output or '/etc/caddy/Caddyfile'} is {files[spot]}'s"
                 " output too: each target needs its own file"
             )
-        files[place] = spec.where
+        files[spot] = spec.where
         if spec.label in names:
             raise SettingsError(f"{where}: the name {spec.label!r} is {names[spec.label]}'s too")
         names[spec.label] = spec.where
 
 
-def _place(spec: TargetSpec) -> str:
-    """Where a target's file is, to find two targets writing one file."""
+def place(spec: TargetSpec) -> str:
+    """Where a target's file is (to find two targets writing one file; to name the state
+    of files in instances)."""
     if spec.instance is not None:
         project, _, name = spec.instance.rpartition("/")
         return f"{project or 'default'}/{name}:{spec.output or '/etc/caddy/Caddyfile'}"
@@ -520,7 +526,7 @@ def load_file(path: Path) -> dict[str, Any]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SettingsError(f"{path}: {key} must be a string or a list of strings")
-        elif key in ("reload", "drain", "on-demand-tls"):
+        elif key in ("reload", "drain", "on-demand-tls", "no-cache"):
             if not isinstance(value, bool):
                 raise SettingsError(f"{path}: {key} must be true or false")
         elif key in INTEGER_KEYS:
@@ -540,6 +546,17 @@ def load_targets(path: Path, value: Any) -> list[TargetSpec]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise SettingsError(f"{path}: targets must be [[targets]] tables")
     return [target_from(dict(v), f"{path}: [[targets]] {n}") for n, v in enumerate(value, 1)]
+
+
+def default_cache_dir(env: dict[str, str] | None = None) -> Path | None:
+    """$XDG_CACHE_HOME/incus-caddyfile, else ~/.cache/incus-caddyfile; None without a home
+    (a service account may have none: then nothing is kept)."""
+    env = dict(os.environ) if env is None else env
+    base = env.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(base):
+        return Path(base) / "incus-caddyfile"
+    home = env.get("HOME", "")
+    return Path(home) / ".cache" / "incus-caddyfile" if os.path.isabs(home) else None
 
 
 def default_incus_socket(env: dict[str, str] | None = None) -> str:

@@ -40,3 +40,14 @@ def no_host_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "net").mkdir()
     monkeypatch.setattr(probe, "NET_DEVICES", tmp_path / "net")  # no bridge is on this host
     return table
+
+
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's commands keep their state (render to stdout: lastknown) in a cache
+    directory of the test's own, never the user's nor another test's."""
+    cache = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("INCUS_CADDYFILE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("INCUS_CADDYFILE_NO_CACHE", raising=False)
+    return cache / "incus-caddyfile"

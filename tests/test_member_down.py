@@ -17,6 +17,7 @@ import pytest
 from incus_caddyfile import lastknown, pipeline
 from incus_caddyfile.incus import IncusError, IncusTimeout, PylxdApi
 from incus_caddyfile.inventory import Inventory, LeaseOutage
+from incus_caddyfile.lastknown import Keeper
 from incus_caddyfile.model import LAST_ROUTE_KEPT, Instance, build, explain, with_last_known
 from incus_caddyfile.settings import Settings, SettingsError, load_file
 
@@ -160,20 +161,20 @@ def test_render_keeps_an_unknown_instances_route_from_the_state_beside_the_outpu
 
 def test_a_state_from_another_output_is_ignored(tmp_path: Path) -> None:
     web = inst("web", address="198.18.103.5")
-    lastknown.remember(tmp_path / "other", [web])
+    lastknown.remember(Keeper.beside(tmp_path / "other"), [web])
     (tmp_path / ".other.state.json").rename(tmp_path / ".Caddyfile.state.json")
     lost = Instance("default", "web", "Error", config=web.config)
-    instances, warnings = lastknown.recall(tmp_path / "Caddyfile", [lost])
+    instances, warnings = lastknown.recall(Keeper.beside(tmp_path / "Caddyfile"), [lost])
     assert instances == [lost] and "was written for" in warnings[0]
 
 
 def test_the_state_is_written_only_when_it_changes_and_only_read_for_unknowns(
     tmp_path: Path,
 ) -> None:
-    out = tmp_path / "Caddyfile"
+    out = Keeper.beside(tmp_path / "Caddyfile")
     web = inst("web", address="198.18.103.5")
     assert lastknown.remember(out, [web, inst("down", status="Stopped")]) is None
-    state = lastknown.state_path(out)
+    state = out.file
     before = state.stat().st_ino
     lastknown.remember(out, [web])  # the stopped one was not in it anyway
     assert state.stat().st_ino == before
@@ -182,8 +183,8 @@ def test_the_state_is_written_only_when_it_changes_and_only_read_for_unknowns(
 
 
 def test_a_state_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path: Path) -> None:
-    out = tmp_path / "Caddyfile"
-    lastknown.state_path(out).mkdir()  # a directory where the file should be
+    out = Keeper.beside(tmp_path / "Caddyfile")
+    out.file.mkdir()  # a directory where the file should be
     warning = lastknown.remember(out, [inst("web")])
     assert warning is not None and "last known routes not kept" in warning
 

@@ -20,7 +20,11 @@ from typing import Any
 
 import pytest
 
+from incus_caddyfile import pipeline
+from incus_caddyfile.incus import PylxdApi, connect
 from incus_caddyfile.labels import KEY_PORT
+from incus_caddyfile.policy import Policy
+from incus_caddyfile.settings import Settings
 
 from ..harness import HarnessError, create_project
 from ..helpers import skip_or_fail
@@ -185,3 +189,48 @@ def timer_resync(watch: WatchProcess) -> dict[str, Any]:
     after = len(watch.cycles())
     index = watch.wait_cycle(lambda c: c.get("triggers") == ["timer"], after)
     return watch.cycles()[index]
+
+
+def test_stdout_render_keeps_its_memo_in_the_cache_and_asks_no_state_after_the_leases_go(
+    lab: Lab,
+    bridge: str,
+    caddy: Caddy,
+    tmp_path: Path,
+    own_cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`render > Caddyfile` keeps nothing beside a file, so it keeps its memo in the cache
+    directory: after the lease tables are emptied, the next run prints the same Caddyfile
+    without one state request per instance (counted in-process against the same Incus)."""
+    project, names = fleet(lab, bridge)
+    first = run_cli("render", *caddy.render_args)
+    assert first.returncode == 0, first.stderr
+    assert len(list(own_cache_dir.glob("state-*.json"))) == 1
+    empty_leases(bridge, project)
+
+    again = run_cli("render", *caddy.render_args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    out = tmp_path / "Caddyfile"
+    out.write_text(again.stdout)
+    caddy.start(out)
+    for name in names:
+        assert f"reverse_proxy {lab.address(project, name)}:80" in again.stdout
+        assert "hello from" in caddy.wait_body(f"{name}.localhost", f"hello from {name}")
+
+    def requests(cache: Path | None) -> int:
+        apis: list[PylxdApi] = []
+
+        def counted(settings: Settings) -> PylxdApi:
+            apis.append(connect(settings))
+            return apis[-1]
+
+        monkeypatch.setattr(pipeline, "connect", counted)
+        settings = Settings(scheme="http", cache_dir=cache, policy=Policy(include=(project,)))
+        report = pipeline.run(settings)
+        assert report.error is None and report.text, report.message
+        return apis[0].requests
+
+    with_memo, without = requests(own_cache_dir), requests(None)
+    assert without - with_memo >= len(names), (with_memo, without)  # one state each
+    assert lease_file(bridge).read_text() == ""  # no lease came back meanwhile
