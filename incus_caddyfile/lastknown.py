@@ -46,6 +46,7 @@ class Keeper:
 
     file: Path
     owner: str
+    shared_place: bool = False  # in a directory others may also write to (checked on reading)
 
     @classmethod
     def beside(cls, output: Path) -> Keeper:
@@ -57,7 +58,17 @@ class Keeper:
         """For an output that is not a file here: a file in the cache directory, named by
         a digest of `owner` (which says what is rendered, from which Incus)."""
         digest = hashlib.sha256(owner.encode()).hexdigest()[:20]
-        return cls(directory / f"state-{digest}.json", owner)
+        return cls(directory / f"state-{digest}.json", owner, shared_place=True)
+
+    def untrusted(self) -> str | None:
+        """Why a file in the cache directory is not to be read: someone else could have
+        written it (a cache directory under /tmp, say). Its routes would be believed for
+        instances in Error, so the directory and the file must be this user's alone."""
+        for path in (self.file.parent, self.file):
+            st = path.stat()
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return f"{path} may be written by others than this user; ignored"
+        return None
 
 
 def encode(keeper: Keeper, instances: Iterable[Instance], memo: AddressMemo | None = None) -> bytes:
@@ -135,11 +146,12 @@ def decode(keeper: Keeper, data: bytes) -> Known:
 def load(keeper: Keeper) -> Known:
     try:
         data = keeper.file.read_bytes()
+        distrust = keeper.untrusted() if keeper.shared_place else None
     except FileNotFoundError:
         return Known(problem=None)
     except OSError as exc:
         return Known(problem=f"cannot read {keeper.file}: {exc.strerror}")
-    return decode(keeper, data)
+    return Known(problem=distrust) if distrust else decode(keeper, data)
 
 
 def recall(keeper: Keeper, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
@@ -157,11 +169,13 @@ def recall(keeper: Keeper, instances: list[Instance]) -> tuple[list[Instance], l
     )
 
 
-def memo(keeper: Keeper) -> AddressMemo:
+def memo(keeper: Keeper) -> tuple[AddressMemo, str | None]:
     """The addresses of NICs by boot the last run kept (see inventory.AddressMemo): after
     an incusd restart empties the lease tables, `render` finds the instances still running
-    on the boot it saw without a state request each. Empty when there is none to trust."""
-    return load(keeper).memo
+    on the boot it saw without a state request each. Empty when there is none to trust,
+    with the reason."""
+    known = load(keeper)
+    return known.memo, known.problem
 
 
 def remember(
@@ -172,13 +186,16 @@ def remember(
     is made when missing, readable by its owner only (it holds every tenant's labels)."""
     data = encode(keeper, instances, memo)
     try:
-        if output.read_current(keeper.file) == data:
-            return None
         if not keeper.file.parent.is_dir():
             keeper.file.parent.mkdir(mode=0o700, parents=True)
-        output.write_atomic(keeper.file, data)
+        if output.read_current(keeper.file) != data:
+            output.write_atomic(keeper.file, data)
+        distrust = None
+        if keeper.shared_place:
+            keeper.file.chmod(0o600)  # (write_atomic keeps an old file's mode)
+            distrust = keeper.untrusted()
     except OSError as exc:
-        return f"last known routes not kept: cannot make {keeper.file.parent}: {exc.strerror}"
+        return f"last known routes not kept: {exc.filename or keeper.file}: {exc.strerror}"
     except OutputError as exc:
         return f"last known routes not kept: {exc}"
-    return None
+    return f"last known routes kept, but not to be read: {distrust}" if distrust else None

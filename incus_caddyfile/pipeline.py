@@ -233,10 +233,16 @@ def rendered_to(settings: Settings) -> str:
     return "stdout"
 
 
-def kept_memo(settings: Settings) -> AddressMemo | None:
-    """The addresses of NICs by boot the last run kept (inventory.AddressMemo)."""
+def kept_memo(settings: Settings, notes: list[str] | None = None) -> AddressMemo | None:
+    """The addresses of NICs by boot the last run kept (inventory.AddressMemo); why none
+    could be taken from there is added to `notes`."""
     keeper = state_keeper(settings)
-    return lastknown.memo(keeper) if keeper is not None else None
+    if keeper is None:
+        return None
+    memo, problem = lastknown.memo(keeper)
+    if problem and notes is not None:
+        notes.append(problem)
+    return memo
 
 
 def recall(settings: Settings, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
@@ -386,7 +392,7 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     mode = mode or RunMode()
     notes: list[str] = []
     listing = Report(mode)
-    memo = kept_memo(settings)
+    memo = kept_memo(settings, notes)
     try:
         with listing.timed("incus"):
             api = connect(settings)
@@ -395,7 +401,8 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
         return listing.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
     edges = targets.all_for_settings(settings, api)
     report = apply_all(settings, instances, edges, mode, memo=memo)
-    report.warnings[:0] = notes
+    report.warnings[:0] = [n for n in notes if n not in report.warnings]  # (a state file's
+    # problem is seen by the memo and by the last known routes alike)
     report.steps = listing.steps | report.steps
     return report
 
@@ -484,7 +491,8 @@ def _summed(report: Report) -> Report:
     report.changed = Changed.YES if Changed.YES in changed else (changed[0] if changed else None)
     diffs = [e.diff for e in edges if e.diff]
     report.diff = "".join(diffs) if diffs else None
-    report.warnings = [f"{e.target}: {w}" for e in edges for w in e.warnings]
+    report.warnings += [f"{e.target}: {w}" for e in edges for w in e.warnings]  # (after the
+    # cycle's own: the last known routes recalled for every target)
     failed = [e for e in edges if e.error is not None]
     if failed:
         message = "; ".join(f"{e.target}: {e.message}" for e in failed)
@@ -914,7 +922,7 @@ def routes(settings: Settings) -> tuple[list[RouteRow], list[str], list[TargetSt
     TemplateError."""
     api = connect(settings)
     notes: list[str] = []
-    listed = collect(api, settings.policy, notes, memo=kept_memo(settings))
+    listed = collect(api, settings.policy, notes, memo=kept_memo(settings, notes))
     instances, recalled = recall(settings, listed)
     if not settings.targets:
         verdict = ask_caddy(settings, instances, checker(settings, api))

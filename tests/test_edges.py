@@ -390,3 +390,30 @@ def test_with_several_targets_an_unknown_instance_keeps_its_route(tmp_path: Path
     report = apply_all(settings, [lost, api], two)
     assert report.error is None, report.message
     assert "198.18.103.5:80" in out.read_text() and "198.18.103.5:80" in far.data.decode()
+
+
+def test_with_several_targets_all_in_instances_the_state_is_kept_in_the_cache(
+    tmp_path: Path,
+) -> None:
+    """No target writes a file here: the last known routes are kept in the cache directory
+    (once), and a state that cannot be used is said in the cycle's warnings, not lost among
+    the targets' own."""
+    from incus_caddyfile.model import Instance
+
+    cache = tmp_path / "cache"
+    settings = Settings(
+        scheme="http", cache_dir=cache,
+        targets=(spec("instance=edge/caddy", 1), spec("instance=edge/caddy2", 2)),
+    )  # fmt: skip
+    pair = [t for t, _, _ in edges(2)]
+    web, api = inst("web", address="198.18.103.5"), inst("api", host="api.example.org")
+    assert apply_all(settings, [web, api], pair).error is None
+    [kept] = list(cache.glob("state-*.json"))
+    assert "edge/caddy:/etc/caddy/Caddyfile, edge/caddy2:" in json.loads(kept.read_text())["output"]
+    lost = Instance("default", "web", "Error", config=web.config)
+    report = apply_all(settings, [lost, api], pair)
+    assert "198.18.103.5:80" in (report.text or "")
+    kept.write_text("{not json")
+    report = apply_all(settings, [lost, api], pair)
+    assert "198.18.103.5:80" not in (report.text or "")
+    assert any("is not a state this tool wrote" in w for w in report.warnings), report.warnings

@@ -101,7 +101,7 @@ def test_each_incus_and_output_has_its_own_file_and_a_foreign_one_is_ignored(
     a, b = (pipeline.state_keeper(s) for s in (here, there))
     assert a is not None and b is not None and a.file != b.file
     b.file.write_bytes(a.file.read_bytes())  # a copy of another Incus's state: not trusted
-    assert lastknown.load(b).problem is not None and not lastknown.memo(b)
+    assert lastknown.load(b).problem is not None and not lastknown.memo(b)[0]
     without_leases(fake)
     stdout(fake, there)
     assert "rec-web" in state_requests(fake)  # its memo was not taken
@@ -158,3 +158,40 @@ def test_cli_render_to_stdout_uses_the_cache_dir_and_no_cache_keeps_nothing(
     result = runner.invoke(cli.main, ["render", "--scheme", "http"], env=env)
     assert result.exit_code == 3, result.output  # (the recording has rejected labels)
     assert len(kept_files(mine)) == 1
+
+
+def test_a_cache_others_may_write_is_not_read(fake: FakeIncus, tmp_path: Path) -> None:
+    """Its routes would be believed for instances in Error, and its addresses after the
+    leases go: a state file in a directory another user may write to (a group- or
+    world-writable cache directory) is never read, and every run says so."""
+    cache = tmp_path / "cache"
+    settings = Settings(scheme="http", cache_dir=cache)
+    first = stdout(fake, settings).text
+    cache.chmod(0o777)
+    without_leases(fake)
+    report = stdout(fake, settings)
+    assert report.text == first
+    assert "rec-web" in state_requests(fake)  # the memo was not taken
+    assert any("may be written by others" in w for w in report.warnings), report.warnings
+    assert any("kept, but not to be read" in w for w in report.warnings), report.warnings
+    fake.set_status("icfrec-a", "rec-web", "Error")
+    for key in fake.recorded("icfrec-a", "rec-web").get("expanded_config", {}):
+        fake.set_config("icfrec-a", "rec-web", key, None)
+    assert stdout(fake, settings).text != first  # no route kept from it
+
+
+def test_a_state_file_others_may_write_is_not_read_and_is_made_private(
+    fake: FakeIncus, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    settings = Settings(scheme="http", cache_dir=cache)
+    first = stdout(fake, settings).text
+    [kept] = kept_files(cache)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    kept.chmod(0o666)
+    without_leases(fake)
+    report = stdout(fake, settings)
+    assert report.text == first and "rec-web" in state_requests(fake)
+    assert any("may be written by others" in w for w in report.warnings), report.warnings
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600  # written again, its own
+    assert stdout(fake, settings).text == first and state_requests(fake) <= {"rec-ready"}
