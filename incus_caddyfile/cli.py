@@ -281,7 +281,6 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
     ),
     option(
         "--cache-dir",
-        type=click.Path(file_okay=False, path_type=Path),
         envvar=_env("CACHE_DIR"),
         metavar="DIR",
         help="For an output that is not a file on this host (stdout, --caddy-instance), the"
@@ -291,10 +290,13 @@ RENDER_OPTIONS: list[Callable[[Any], Any]] = [
         " $XDG_CACHE_HOME/incus-caddyfile, else ~/.cache/incus-caddyfile.",
     ),
     option(
-        "--no-cache",
-        is_flag=True,
-        envvar=_env("NO_CACHE"),
-        help="Keep nothing in --cache-dir (render to stdout then remembers nothing).",
+        "--cache/--no-cache",
+        default=True,
+        envvar=_env("CACHE"),
+        show_default=True,
+        help="--no-cache: keep nothing in --cache-dir (a render to stdout then remembers"
+        " nothing). A --cache-dir from a stronger source (flag, then variable, then settings"
+        " file) turns it back on, as does --cache.",
     ),
     option(
         "--caddy-bin",
@@ -409,14 +411,8 @@ def _from_token(token: str | None, token_file: Path | None) -> str | None:
 def make_settings(**kwargs: Any) -> Settings:
     """Options to the frozen Settings value; invalid settings are usage errors (exit 2)."""
     config = Path(kwargs.pop("config_file")) if kwargs.get("config_file") else None
-    no_cache = bool(kwargs.pop("no_cache", False))
+    cache = bool(kwargs.pop("cache", True))
     values = {k: v for k, v in kwargs.items() if v is not None}
-    if no_cache:
-        values["cache_dir"] = None
-    elif values.get("cache_dir"):
-        values["cache_dir"] = Path(os.path.abspath(values["cache_dir"]))
-    else:
-        values["cache_dir"] = default_cache_dir()
     if str(values.get("output")) == "-":  # -o - : stdout, as if no --output
         del values["output"]
     for name in ("template", "output", "snippets", "sites_dir"):
@@ -435,11 +431,36 @@ def make_settings(**kwargs: Any) -> Settings:
                 t if isinstance(t, TargetSpec) else parse_target(t, f"--target {n}")
                 for n, t in enumerate((t for t in values["targets"] if t), 1)
             )
+        values["cache_dir"] = _cache_dir(cache, values.get("cache_dir"))
         settings = Settings(**values, config_file=config, policy=load_policy(config))
         check_paths(settings)
         return settings
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+# Where a value came from, weakest first: the precedence of flags, variables and the file.
+_SOURCE_RANK = {
+    click.core.ParameterSource.DEFAULT_MAP: 1,
+    click.core.ParameterSource.ENVIRONMENT: 2,
+    click.core.ParameterSource.COMMANDLINE: 3,
+}
+
+
+def _rank(name: str) -> int:
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return _SOURCE_RANK.get(source, 0) if source is not None else 0
+
+
+def _cache_dir(cache: bool, given: Path | str | None) -> Path | None:
+    """--cache-dir (made absolute), else the default; None with --no-cache, unless the
+    directory was given by a stronger source than it (one option, two names)."""
+    if given is not None and not str(given).strip():
+        raise SettingsError("--cache-dir: an empty path (use --no-cache to keep nothing)")
+    if not cache and _rank("cache") >= _rank("cache_dir"):
+        return None
+    return Path(os.path.abspath(given)) if given else default_cache_dir()
 
 
 def _say(message: str) -> None:
@@ -733,7 +754,9 @@ ROUTES_EPILOG = (
     envvar=_env("OUTPUT"),
     metavar="FILE",
     help="The file render writes (nothing is written): an instance whose cluster member is"
-    " unreachable is shown with the route it last had, as render keeps it beside that file.",
+    " unreachable is shown with the route it last had, as render keeps it beside that file."
+    " Default: the settings file's output; without one, what a render to stdout keeps in"
+    " --cache-dir.",
 )
 @option("--json", "as_json", is_flag=True, help="One JSON array on stdout, for scripts.")
 @from_options
@@ -756,6 +779,9 @@ def routes(
         incus-caddyfile routes --json | jq '.[] | select(.state != "routed")'
         incus-caddyfile routes --from 127.0.0.1:9180
     """
+    if state_of is None:  # the settings file's output: the file whose state is read
+        file_output = (click.get_current_context().default_map or {}).get("output")
+        state_of = Path(file_output) if file_output else None
     settings = make_settings(**kwargs, output=state_of)
     if from_url:
         _routes_from(from_url, _from_token(listen_token, listen_token_file), as_json)

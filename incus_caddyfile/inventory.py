@@ -44,7 +44,7 @@ class NicRef:
     interface: str  # its name inside the instance
     network: str | None  # the managed network whose leases can tell its address
     hwaddr: str
-    host_name: str = ""  # its host-side device, named anew by Incus at every start
+    host_name: str = ""  # its host-side device, named anew by Incus at every start ("": not)
 
 
 def nic_refs(raw: Mapping[str, Any]) -> list[NicRef]:
@@ -58,7 +58,11 @@ def nic_refs(raw: Mapping[str, Any]) -> list[NicRef]:
             dev.get("parent") if dev.get("nictype") == "bridged" else None
         )
         hwaddr = (dev.get("hwaddr") or config.get(f"volatile.{device}.hwaddr") or "").lower()
-        host_name = str(config.get(f"volatile.{device}.host_name") or "")
+        # Only a name Incus makes up at each start tells one boot from the next: none for a
+        # NIC whose host-side name the operator set (the same at every start), nor for one
+        # off a managed network (no subnet to check a remembered address against).
+        pinned = bool(dev.get("host_name")) or network is None
+        host_name = "" if pinned else str(config.get(f"volatile.{device}.host_name") or "")
         out.append(NicRef(device, dev.get("name") or device, network, hwaddr, host_name))
     return out
 

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Any
 
 from . import output
@@ -42,11 +43,12 @@ def state_path(path: Path) -> Path:
 class Keeper:
     """Where one output's state is kept (`file`), and the output it is for (`owner`: written
     into the file and checked on reading, so a state copied along with another output, or
-    one for another Incus, is not taken for this one's)."""
+    one for another Incus, is not taken for this one's). `cached`: in the cache directory,
+    whose trust is checked before every read and write (see `distrust`)."""
 
     file: Path
     owner: str
-    shared_place: bool = False  # in a directory others may also write to (checked on reading)
+    cached_here: bool = False
 
     @classmethod
     def beside(cls, output: Path) -> Keeper:
@@ -56,19 +58,38 @@ class Keeper:
     @classmethod
     def cached(cls, directory: Path, owner: str) -> Keeper:
         """For an output that is not a file here: a file in the cache directory, named by
-        a digest of `owner` (which says what is rendered, from which Incus)."""
-        digest = hashlib.sha256(owner.encode()).hexdigest()[:20]
-        return cls(directory / f"state-{digest}.json", owner, shared_place=True)
+        a digest of `owner` (which says what is rendered, from which Incus, on which
+        host, under which project policy)."""
+        digest = hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+        return cls(directory / f"state-{digest}.json", owner, cached_here=True)
 
-    def untrusted(self) -> str | None:
-        """Why a file in the cache directory is not to be read: someone else could have
-        written it (a cache directory under /tmp, say). Its routes would be believed for
-        instances in Error, so the directory and the file must be this user's alone."""
-        for path in (self.file.parent, self.file):
-            st = path.stat()
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                return f"{path} may be written by others than this user; ignored"
-        return None
+    def distrust(self) -> tuple[str | None, bool]:
+        """Why the cache directory's file must not be read (None: it may), and whether the
+        directory itself is to blame. Its routes are believed for instances in Error, so
+        only this user may have written it: the directory must be this user's and not
+        writable by others (a cache under /tmp is not), and the file a regular file (not
+        a link, a FIFO ...) of this user's that others cannot write. A missing file is
+        fine (FileNotFoundError for a missing directory)."""
+        where = self.file.parent
+        st = where.stat()
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not S_ISDIR(st.st_mode):
+            return f"{where} may be written by others than this user", True
+        try:
+            st = os.lstat(self.file)
+        except FileNotFoundError:
+            return None, False
+        if not S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return f"{self.file} is not a file only this user may write", False
+        if st.st_size > MAX_STATE_BYTES:
+            return f"{self.file} is larger than a state this tool writes", False
+        return None, False
+
+
+# A state of 1000 instances is ~0.2 MB; a file far larger was not written by this tool.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+# Warnings about keeping the state already said by this process: watch would repeat an
+# unwritable cache directory's every cycle (and log every idle check for it).
+_said: set[str] = set()
 
 
 def encode(keeper: Keeper, instances: Iterable[Instance], memo: AddressMemo | None = None) -> bytes:
@@ -139,19 +160,22 @@ def decode(keeper: Keeper, data: bytes) -> Known:
                 ready=ready if isinstance(ready, bool) else None,
             )  # fmt: skip
         return Known(known, memo=AddressMemo.of(dict(doc.get("memo") or {})))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         return Known(problem=f"{where} is not a state this tool wrote ({exc}); ignored")
 
 
 def load(keeper: Keeper) -> Known:
     try:
+        if keeper.cached_here:
+            why, _ = keeper.distrust()
+            if why:
+                return Known(problem=f"{why}; ignored")
         data = keeper.file.read_bytes()
-        distrust = keeper.untrusted() if keeper.shared_place else None
     except FileNotFoundError:
         return Known(problem=None)
     except OSError as exc:
         return Known(problem=f"cannot read {keeper.file}: {exc.strerror}")
-    return Known(problem=distrust) if distrust else decode(keeper, data)
+    return decode(keeper, data)
 
 
 def recall(keeper: Keeper, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
@@ -182,20 +206,31 @@ def remember(
     keeper: Keeper, instances: Iterable[Instance], memo: AddressMemo | None = None
 ) -> str | None:
     """Replace the kept state when it changed; a warning when it cannot be written (the
-    output itself is fine: only a later run's memory of routes is lost). A cache directory
-    is made when missing, readable by its owner only (it holds every tenant's labels)."""
+    output itself is fine: only a later run's memory of routes is lost), said once per
+    process. A cache directory is made (mode 0700) when missing; nothing is written into
+    one others may write to, and a file there that is not to be trusted is replaced."""
     data = encode(keeper, instances, memo)
     try:
-        if not keeper.file.parent.is_dir():
-            keeper.file.parent.mkdir(mode=0o700, parents=True)
+        if keeper.cached_here:
+            keeper.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            why, whole_place = keeper.distrust()
+            if whole_place:
+                return _once(f"last known routes not kept: {why}")
+            if why:
+                keeper.file.unlink()  # (the directory is this user's: so is the name)
         if output.read_current(keeper.file) != data:
             output.write_atomic(keeper.file, data)
-        distrust = None
-        if keeper.shared_place:
-            keeper.file.chmod(0o600)  # (write_atomic keeps an old file's mode)
-            distrust = keeper.untrusted()
+            if keeper.cached_here:
+                keeper.file.chmod(0o600)  # (a new file is 0644)
     except OSError as exc:
-        return f"last known routes not kept: {exc.filename or keeper.file}: {exc.strerror}"
+        return _once(f"last known routes not kept: {exc.filename or keeper.file}: {exc.strerror}")
     except OutputError as exc:
-        return f"last known routes not kept: {exc}"
-    return f"last known routes kept, but not to be read: {distrust}" if distrust else None
+        return _once(f"last known routes not kept: {exc}")
+    return None
+
+
+def _once(warning: str) -> str | None:
+    if warning in _said:
+        return None
+    _said.add(warning)
+    return warning

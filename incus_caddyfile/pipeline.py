@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -209,8 +210,20 @@ def state_keeper(settings: Settings) -> lastknown.Keeper | None:
         return lastknown.Keeper.beside(output)
     if settings.cache_dir is None:
         return None
-    incus = settings.incus or default_incus_socket()
-    return lastknown.Keeper.cached(settings.cache_dir, f"{rendered_to(settings)} from {incus}")
+    return lastknown.Keeper.cached(settings.cache_dir, cache_owner(settings))
+
+
+def cache_owner(settings: Settings) -> str:
+    """Whose state a file in the cache directory is: what is rendered, from which Incus (a
+    unix socket's path is the same on every host: a cache on a shared home must not mix
+    two hosts'), and, when the policy leaves projects out, which ones count (two renders
+    that list different projects would otherwise replace each other's)."""
+    incus = settings.incus or f"{default_incus_socket()} on {socket.gethostname()}"
+    owner = f"{rendered_to(settings)} from {incus}"
+    policy = settings.policy
+    if policy.include or policy.exclude:
+        owner += f", projects {list(policy.include) or ['*']} but not {list(policy.exclude)}"
+    return owner
 
 
 def local_output(settings: Settings) -> Path | None:
@@ -457,10 +470,13 @@ def apply_all(
                 break
             for target, edge in more:
                 _refused_by(settings, instances, report, edge, target.name, drained)
-    output = local_output(settings)  # the state is kept once, with that file or the first
-    for n, (target, edge) in enumerate(zip(edges, report.edges, strict=True)):
-        if target.destination.name == str(output) or (output is None and n == 0):
+    # The state is kept once: with the target whose file it sits beside, or (kept in the
+    # cache directory) with the first target that holds the new config.
+    output = local_output(settings)
+    for target, edge in zip(edges, report.edges, strict=True):
+        if target.destination.name == str(output) or (output is None and _holds(edge)):
             _remember(settings, instances, edge, memo)  # its warning: the edge's, summed below
+            break
     return _summed(report)
 
 
@@ -552,14 +568,18 @@ def _remember(
     """Keep the addresses of this listing beside the output once the output holds it (so
     the next run can keep the route of an instance whose member becomes unreachable)."""
     keeper = state_keeper(settings)
-    holds = report.error is None or report.error is Status.RELOAD_FAILED
-    if keeper is None or report.mode.dry_run or not holds:
+    if keeper is None or report.mode.dry_run or not _holds(report):
         return
     if memo is None and not report.written and keeper.file.exists():
         return  # the output, and so the routes it was kept for, did not change
     warning = lastknown.remember(keeper, instances, memo)  # (written only when it changed)
     if warning:
         report.warnings.append(warning)
+
+
+def _holds(report: Report) -> bool:
+    """Its output holds the new config (written; Caddy may have failed to reload it)."""
+    return report.error is None or report.error is Status.RELOAD_FAILED
 
 
 def _write_and_reload(
@@ -924,6 +944,7 @@ def routes(settings: Settings) -> tuple[list[RouteRow], list[str], list[TargetSt
     notes: list[str] = []
     listed = collect(api, settings.policy, notes, memo=kept_memo(settings, notes))
     instances, recalled = recall(settings, listed)
+    recalled = [w for w in recalled if w not in notes]  # (one state file, read twice)
     if not settings.targets:
         verdict = ask_caddy(settings, instances, checker(settings, api))
         return explain(instances, verdict.model), notes + recalled + verdict.warnings, []

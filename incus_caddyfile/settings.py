@@ -60,7 +60,7 @@ FILE_KEYS = {
     "fail-duration": "fail_duration",
     "on-demand-tls": "on_demand_tls",
     "cache-dir": "cache_dir",
-    "no-cache": "no_cache",
+    "cache": "cache",
 }
 # Keys only `watch` reads (its own options, not part of Settings): checked here all the same.
 WATCH_KEYS = {"reload-burst": "reload_burst", "drain": "drain"}
@@ -526,7 +526,7 @@ def load_file(path: Path) -> dict[str, Any]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SettingsError(f"{path}: {key} must be a string or a list of strings")
-        elif key in ("reload", "drain", "on-demand-tls", "no-cache"):
+        elif key in ("reload", "drain", "on-demand-tls", "cache"):
             if not isinstance(value, bool):
                 raise SettingsError(f"{path}: {key} must be true or false")
         elif key in INTEGER_KEYS:

@@ -99,3 +99,24 @@ def test_an_unusable_memo_only_costs_state_requests(
     without_leases(fake)
     assert render(fake, settings) == first
     assert "rec-web" in state_requests(fake)
+
+
+def test_a_nic_whose_host_side_name_is_pinned_is_never_taken_from_the_memo(
+    setup: tuple[FakeIncus, Settings],
+) -> None:
+    """With the NIC's `host_name` set by the operator, Incus gives its host-side device the
+    same name at every start: the name no longer tells one boot from the next, so an
+    address found before a restart could be another instance's by now. Its state is asked."""
+    fake, settings = setup
+    raw = fake.recorded("icfrec-a", "rec-web")
+    state = fake.instance_state("icfrec-a", "rec-web")
+    raw["expanded_devices"]["eth0"]["host_name"] = "vethpinned"
+    raw["expanded_config"]["volatile.eth0.host_name"] = "vethpinned"
+    fake.add(raw, state)
+    first = render(fake, settings)
+    assert settings.output is not None
+    kept = json.loads(lastknown.state_path(settings.output).read_text())["memo"]
+    assert "icfrec-a/rec-web/eth0" not in kept and kept  # the others are kept
+    without_leases(fake)
+    assert render(fake, settings) == first
+    assert "rec-web" in state_requests(fake)
