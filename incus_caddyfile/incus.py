@@ -164,6 +164,7 @@ class IncusApi(Protocol):
     def network_leases(self, project: str, network: str) -> list[dict[str, Any]]: ...
     def get_network(self, project: str, network: str) -> dict[str, Any] | None: ...
     def list_projects(self) -> list[str]: ...
+    def network_projects(self) -> set[str]: ...
     def server_version(self) -> str: ...
     def exec(self, project: str, name: str, argv: list[str]) -> tuple[int, str, str]: ...
     def read_file(self, project: str, name: str, path: str) -> bytes | None: ...
@@ -289,6 +290,17 @@ class PylxdApi:
         """Names of the projects this client may see."""
         urls = self._get("projects", {})
         return sorted(str(u).rsplit("/", 1)[-1] for u in urls or [])
+
+    def network_projects(self) -> set[str]:
+        """The projects with networks of their own (features.networks); every other project
+        uses the default project's networks."""
+        projects = self._get("projects", {"recursion": "1"})
+        own = {"default"}
+        for project in projects if isinstance(projects, list) else []:
+            config = project.get("config") or {} if isinstance(project, dict) else {}
+            if str(config.get("features.networks", "")).lower() == "true":
+                own.add(str(project.get("name")))
+        return own
 
     def server_version(self) -> str:
         env = (self._client.host_info or {}).get("environment") or {}

@@ -233,6 +233,7 @@ class Inventory:
         self.clock = clock
         self.memo = memo
         self.notes: list[str] = []
+        self._network_projects: set[str] | None = None  # (see _network_home)
 
     def instances(self) -> list[Instance]:
         """Every instance of every project."""
@@ -424,9 +425,28 @@ class Inventory:
         return tuple(nics)
 
     def _network_bounds(self, project: str, network: str) -> tuple[list[IPNetwork], set[IPAddress]]:
-        """Cached per inventory: a network's subnets do not change within a cycle."""
+        """Cached per inventory: a network's subnets do not change within a cycle. Asked
+        once per network, not per project using it: Incus answers each with the network's
+        `used_by`, which it finds among every instance (~40 ms at 1000 instances)."""
         key = (project, network)
         if key not in self._bounds:
-            raw = self.api.get_network(project, network) or {}
-            self._bounds[key] = network_bounds(raw.get("config") or {})
+            home = (self._network_home(project), network)
+            if home not in self._bounds:
+                raw = self.api.get_network(*home) or {}
+                self._bounds[home] = network_bounds(raw.get("config") or {})
+            self._bounds[key] = self._bounds[home]
         return self._bounds[key]
+
+    def _network_home(self, project: str) -> str:
+        """The project whose networks `project` uses: its own (features.networks), else the
+        default project's. Asked once per inventory, and only for a project other than the
+        default; when that fails, the network is asked of the project itself."""
+        if project == "default":
+            return project
+        if self._network_projects is None:
+            try:
+                self._network_projects = self.api.network_projects()
+            except IncusError:
+                self._network_projects = set()
+        owns = project in self._network_projects or not self._network_projects
+        return project if owns else "default"

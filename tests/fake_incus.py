@@ -272,6 +272,12 @@ class FakeIncus:
         self._request("list_projects")
         return sorted(self.projects)
 
+    def network_projects(self) -> set[str]:
+        """A project with a network recorded under its own name has networks of its own."""
+        self._request("network_projects")
+        with self._lock:
+            return {"default"} | {project for project, _ in self._networks}
+
     def server_version(self) -> str:
         """From the server answer read at connect time: no request of its own."""
         self._check("server_version")

@@ -258,3 +258,32 @@ def test_the_memo_forgets_instances_that_are_gone(fake: FakeIncus) -> None:
     without_leases(fake)
     assert Inventory(fake, memo=memo).instance("icfrec-a", "rec-alt") is not None
     assert "rec-alt" not in state_requests(fake)  # one instance's refresh uses it too
+
+
+def network_requests(fake: FakeIncus) -> list[tuple[str, ...]]:
+    return [tuple(args) for name, *args in fake.calls if name == "get_network"]
+
+
+def test_a_network_projects_share_is_asked_once_not_per_project(fake: FakeIncus) -> None:
+    """Projects without networks of their own (no features.networks) use the default
+    project's: its subnets are asked once, whatever the number of projects (each answer
+    costs Incus a search of every instance for the network's used_by)."""
+    shared = fake.get_network("icfrec-a", "icfbr0")
+    fake._networks = {("default", "icfbr0"): shared, ("icfrec-c", "icfbr1"): shared}
+    without_leases(fake)
+    fake.calls.clear()
+    fleet = by_name(Inventory(fake).instances())
+    assert addresses(fleet["rec-web"]) and addresses(fleet["rec-alt"])
+    asked = network_requests(fake)
+    assert ("default", "icfbr0") in asked and len(asked) == len(set(asked))
+    assert not [a for a in asked if a[0] in ("icfrec-a", "icfrec-b") and a[1] == "icfbr0"]
+    assert ("icfrec-c", "icfbr1") in asked  # its own network, asked of it
+
+
+def test_when_the_projects_cannot_be_listed_each_project_is_asked(fake: FakeIncus) -> None:
+    without_leases(fake)
+    fake.fail_on = {"network_projects"}
+    fake.calls.clear()
+    fleet = by_name(Inventory(fake).instances())
+    assert addresses(fleet["rec-web"])
+    assert {a[0] for a in network_requests(fake)} >= {"icfrec-a", "icfrec-b"}
