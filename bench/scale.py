@@ -274,7 +274,8 @@ def measure_render(run: Run, fleet: ScaleFleet, no_leases: bool) -> dict[str, An
         pipeline.collect(api, memo=kept)
         return api.requests
 
-    tool_requests = leaseless(partial(requests_of, pipeline.kept_memo(settings)))
+    kept = pipeline.kept_state(settings, [])
+    tool_requests = leaseless(partial(requests_of, kept.memo if kept else None))
     memo_figures = {}
     if no_leases:
         memo_requests = leaseless(partial(requests_of, memo))

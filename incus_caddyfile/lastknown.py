@@ -178,28 +178,24 @@ def load(keeper: Keeper) -> Known:
     return decode(keeper, data)
 
 
-def recall(keeper: Keeper, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
+def recall(
+    keeper: Keeper, instances: list[Instance], known: Known | None = None
+) -> tuple[list[Instance], list[str]]:
     """The instances, those in Error without addresses given the ones they last had (the
-    file is read only when there is such an instance); and warnings."""
+    file is read only when there is such an instance); and warnings. `known`: the file as
+    the caller read it already (it said its problem)."""
     lost = [i for i in instances if is_unknown(i) and not i.nics]
     if not lost:
         return instances, []
-    known = load(keeper)
-    warnings = [known.problem] if known.problem else []
+    warnings = []
+    if known is None:
+        known = load(keeper)
+        warnings = [known.problem] if known.problem else []
     if not known.instances:
         return instances, warnings
     return [with_last_known(i, known.instances.get((i.project, i.name))) for i in instances], (
         warnings
     )
-
-
-def memo(keeper: Keeper) -> tuple[AddressMemo, str | None]:
-    """The addresses of NICs by boot the last run kept (see inventory.AddressMemo): after
-    an incusd restart empties the lease tables, `render` finds the instances still running
-    on the boot it saw without a state request each. Empty when there is none to trust,
-    with the reason."""
-    known = load(keeper)
-    return known.memo, known.problem
 
 
 def remember(

@@ -246,23 +246,27 @@ def rendered_to(settings: Settings) -> str:
     return "stdout"
 
 
-def kept_memo(settings: Settings, notes: list[str] | None = None) -> AddressMemo | None:
-    """The addresses of NICs by boot the last run kept (inventory.AddressMemo); why none
-    could be taken from there is added to `notes`."""
+def kept_state(settings: Settings, notes: list[str]) -> lastknown.Known | None:
+    """What the last run kept (last known routes, the addresses of NICs by boot), read
+    once per run; why nothing could be taken from there is added to `notes`. None when
+    nothing is kept for these settings."""
     keeper = state_keeper(settings)
     if keeper is None:
         return None
-    memo, problem = lastknown.memo(keeper)
-    if problem and notes is not None:
-        notes.append(problem)
-    return memo
+    known = lastknown.load(keeper)
+    if known.problem:
+        notes.append(known.problem)
+    return known
 
 
-def recall(settings: Settings, instances: list[Instance]) -> tuple[list[Instance], list[str]]:
+def recall(
+    settings: Settings, instances: list[Instance], known: lastknown.Known | None = None
+) -> tuple[list[Instance], list[str]]:
     """Instances in Error (cluster member unreachable) with the addresses they last had, as
-    the last run kept them; warnings when that memory is unusable."""
+    the last run kept them (`known`: as read already); warnings when that memory is
+    unusable."""
     keeper = state_keeper(settings)
-    return lastknown.recall(keeper, instances) if keeper is not None else (instances, [])
+    return lastknown.recall(keeper, instances, known) if keeper is not None else (instances, [])
 
 
 def own_addresses(api: IncusApi, inst: Instance, bounds: Bounds | None = None) -> Instance | None:
@@ -405,17 +409,16 @@ def run(settings: Settings, mode: RunMode | None = None) -> Report:
     mode = mode or RunMode()
     notes: list[str] = []
     listing = Report(mode)
-    memo = kept_memo(settings, notes)
+    kept = kept_state(settings, notes)
     try:
         with listing.timed("incus"):
             api = connect(settings)
-            instances = collect(api, settings.policy, notes, memo=memo)
+            instances = collect(api, settings.policy, notes, memo=kept.memo if kept else None)
     except IncusError as exc:
         return listing.fail(Status.INCUS_ERROR, f"{exc}; nothing was written")
     edges = targets.all_for_settings(settings, api)
-    report = apply_all(settings, instances, edges, mode, memo=memo)
-    report.warnings[:0] = [n for n in notes if n not in report.warnings]  # (a state file's
-    # problem is seen by the memo and by the last known routes alike)
+    report = apply_all(settings, instances, edges, mode, kept=kept)
+    report.warnings[:0] = notes
     report.steps = listing.steps | report.steps
     return report
 
@@ -427,12 +430,12 @@ def apply_all(
     mode: RunMode | None = None,
     draining: Iterable[Key] = (),
     verify: Collection[str] | None = None,
-    memo: AddressMemo | None = None,
+    kept: lastknown.Known | None = None,
 ) -> Report:
     """Steps 2-5 for every target: one model, one render, the same bytes to each, all at
     once; a target that is down or refuses does not stop the others (its report says why).
     `verify`: the targets to ask whether they run the file when it is unchanged (None: as
-    `mode` says); `memo`: kept with the last known routes (see apply). With one target this
+    `mode` says); `kept`: what the last run kept (see apply). With one target this
     is `apply`, report for report."""
     mode = mode or RunMode()
 
@@ -443,9 +446,9 @@ def apply_all(
 
     if len(edges) <= 1:
         one = edges[0] if edges else None
-        return apply(settings, instances, one, mode_for(one) if one else mode, draining, memo)
+        return apply(settings, instances, one, mode_for(one) if one else mode, draining, kept)
     drained = frozenset(draining)
-    report, instances = _rendered(settings, instances, mode, drained)
+    report, instances = _rendered(settings, instances, mode, drained, kept)
     if report.error is not None:
         return report
 
@@ -475,7 +478,7 @@ def apply_all(
     output = local_output(settings)
     for target, edge in zip(edges, report.edges, strict=True):
         if target.destination.name == str(output) or (output is None and _holds(edge)):
-            _remember(settings, instances, edge, memo)  # its warning: the edge's, summed below
+            _remember(settings, instances, edge, kept)  # its warning: the edge's, summed below
             break
     return _summed(report)
 
@@ -524,32 +527,36 @@ def apply(
     target: Target | None,
     mode: RunMode | None = None,
     draining: Iterable[Key] = (),
-    memo: AddressMemo | None = None,
+    kept: lastknown.Known | None = None,
 ) -> Report:
     """Steps 2-5 from a listing already made (watch keeps its own cache of instances).
     `target`: where the file goes and the Caddy that runs it (None: only render);
-    `draining`: instances to take out of their pools (see model.build); `memo`: the
-    addresses of NICs by boot, kept with the last known routes for the next run (render:
-    watch keeps its own in memory)."""
+    `draining`: instances to take out of their pools (see model.build); `kept`: what the
+    last run kept, as `render` read it (watch keeps its own in memory): its last known
+    routes, and its memo of the addresses of NICs by boot, kept again for the next run."""
     drained = frozenset(draining)
-    report, instances = _rendered(settings, instances, mode or RunMode(), drained)
+    report, instances = _rendered(settings, instances, mode or RunMode(), drained, kept)
     if report.error is not None:
         return report
     if target is not None:
         report.target = target.name
         with report.timed("caddy"):
             _write_and_reload(settings, instances, target, report, drained)
-    _remember(settings, instances, report, memo)  # (stdout: in the cache directory)
+    _remember(settings, instances, report, kept)  # (stdout: in the cache directory)
     return report
 
 
 def _rendered(
-    settings: Settings, instances: list[Instance], mode: RunMode, drained: frozenset[Key]
+    settings: Settings,
+    instances: list[Instance],
+    mode: RunMode,
+    drained: frozenset[Key],
+    kept: lastknown.Known | None = None,
 ) -> tuple[Report, list[Instance]]:
     """Steps 2-3: the model and the text, from the instances with the routes that the ones
-    in Error last had (the instances returned)."""
+    in Error last had (the instances returned; `kept`: as read already)."""
     report = Report(mode)
-    instances, report.warnings = recall(settings, instances)
+    instances, report.warnings = recall(settings, instances, kept)
     try:
         with report.timed("model"):
             report.model = model_for(settings, instances, draining=drained)
@@ -563,10 +570,12 @@ def _rendered(
 
 
 def _remember(
-    settings: Settings, instances: list[Instance], report: Report, memo: AddressMemo | None
+    settings: Settings, instances: list[Instance], report: Report, kept: lastknown.Known | None
 ) -> None:
     """Keep the addresses of this listing beside the output once the output holds it (so
-    the next run can keep the route of an instance whose member becomes unreachable)."""
+    the next run can keep the route of an instance whose member becomes unreachable), with
+    the memo `kept` brought (render; watch keeps its own)."""
+    memo = kept.memo if kept is not None else None
     keeper = state_keeper(settings)
     if keeper is None or report.mode.dry_run or not _holds(report):
         return
@@ -942,9 +951,9 @@ def routes(settings: Settings) -> tuple[list[RouteRow], list[str], list[TargetSt
     TemplateError."""
     api = connect(settings)
     notes: list[str] = []
-    listed = collect(api, settings.policy, notes, memo=kept_memo(settings, notes))
-    instances, recalled = recall(settings, listed)
-    recalled = [w for w in recalled if w not in notes]  # (one state file, read twice)
+    kept = kept_state(settings, notes)
+    listed = collect(api, settings.policy, notes, memo=kept.memo if kept else None)
+    instances, recalled = recall(settings, listed, kept)
     if not settings.targets:
         verdict = ask_caddy(settings, instances, checker(settings, api))
         return explain(instances, verdict.model), notes + recalled + verdict.warnings, []

@@ -110,7 +110,7 @@ def test_each_incus_and_output_has_its_own_file_and_a_foreign_one_is_ignored(
     a, b = (pipeline.state_keeper(s) for s in (here, there))
     assert a is not None and b is not None and a.file != b.file
     b.file.write_bytes(a.file.read_bytes())  # a copy of another Incus's state: not trusted
-    assert lastknown.load(b).problem is not None and not lastknown.memo(b)[0]
+    assert lastknown.load(b).problem is not None and not lastknown.load(b).memo
     without_leases(fake)
     stdout(fake, there)
     assert "rec-web" in state_requests(fake)  # its memo was not taken
@@ -362,3 +362,22 @@ def test_routes_reads_the_state_beside_the_settings_file_s_output(
     shown = routes_cli(["--config", str(config)])
     assert LAST_ROUTE_KEPT not in shown.output  # nothing kept beside `out` yet
     assert lastknown.state_path(out).exists() is False
+
+
+def test_a_run_reads_the_kept_state_once(
+    fake: FakeIncus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memo and the last known routes come from one read of the file, whose problem is
+    said once: with an instance in Error, both are needed in the same run."""
+    settings = Settings(scheme="http", cache_dir=tmp_path / "cache")
+    first = stdout(fake, settings).text
+    member_down(fake, "icfrec-a", "rec-web")
+    reads: list[lastknown.Keeper] = []
+    load = lastknown.load
+    monkeypatch.setattr(lastknown, "load", lambda keeper: reads.append(keeper) or load(keeper))
+    assert stdout(fake, settings).text == first and len(reads) == 1
+    [kept] = kept_files(tmp_path / "cache")
+    kept.write_text("{not json")
+    report = stdout(fake, settings)
+    assert len(reads) == 2
+    assert sum("is not a state this tool wrote" in w for w in report.warnings) == 1
